@@ -1,0 +1,26 @@
+"""Device side of edgeadapt: trains and runs bundles with onnxruntime-training and numpy only (never torch).
+
+Public API (imported lazily by name): `Bundle`, `Trainer`, `evaluate`, `predict`, `deploy`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {
+    "Bundle": "edgeadapt.runtime.bundle",
+    "Manifest": "edgeadapt.runtime.manifest",
+    "Trainer": "edgeadapt.runtime.trainer",
+    "TrainConfig": "edgeadapt.runtime.trainer",
+    "evaluate": "edgeadapt.runtime.inference",
+    "predict": "edgeadapt.runtime.inference",
+    "deploy": "edgeadapt.runtime.deploy",
+    "load_dataset": "edgeadapt.runtime.data",
+    "EdgeAdaptError": "edgeadapt.runtime.errors",
+}
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(_PUBLIC[name]), name)

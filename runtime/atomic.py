@@ -1,0 +1,87 @@
+"""Crash-safe file operations: write to a temp file in the same folder, fsync, rename, fsync the folder."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+from edgeadapt.runtime.errors import EdgeAdaptError
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Let `write(tmp)` produce the file, then move it over `path` in one step; on any failure `path` is untouched."""
+    path = Path(path)
+    tmp = _temp_name(path)
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise EdgeAdaptError(f"cannot write {path} ({exc.strerror or exc}); the previous file is intact: free space "
+                             "or fix permissions and retry.") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise EdgeAdaptError(f"{out} exists and is not empty; choose another --out or pass --force to replace it.")
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """Yield an empty sibling folder to fill; on success it replaces `out` in one rename, on failure it vanishes."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        for file in staging.rglob("*"):
+            if file.is_file():
+                fsync_file(file)
+        _swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.rename(out, old)
+    os.rename(staging, out)
+    fsync_dir(out.parent)
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif old.exists():
+        old.unlink()

@@ -1,0 +1,146 @@
+"""The one contract from host to device: `manifest.json`, a versioned frozen dataclass with file hashes.
+
+Compatibility promise (see runtime/COMPATIBILITY.md): a runtime reads every manifest whose `schema_version` it
+knows; new optional fields only ever get added within a schema version; anything else bumps the version, and a
+runtime refuses a version it does not know with a message saying so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeadapt.runtime.errors import BundleError
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMAS = (1,)
+MANIFEST_NAME = "manifest.json"
+TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT = (
+    "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+LOSSES = ("cross_entropy", "bce_with_logits", "mse", "l1")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The model input and how raw samples become it."""
+
+    name: str
+    shape: list[int]  # -1 for the batch dimension
+    dtype: str
+    layout: str  # "NCHW" for images, "NC" for feature rows
+    channels: str  # "RGB", "L" or "" for non-images
+    mean: list[float]
+    std: list[float]
+    resize: list[int] = field(default_factory=list)  # [H, W] for images
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int
+    edgeadapt_version: str
+    backbone: str
+    weights: str
+    preset: str
+    bn_policy: str
+    input: InputSpec
+    output_name: str
+    labels: list[str]
+    loss: str
+    optimizer: str
+    hyperparameters: dict[str, float]
+    trainable: list[str]
+    frozen: list[str]
+    buffers: list[str]
+    trainable_params: int
+    frozen_params: int
+    opset: int
+    ir_version: int
+    onnxruntime_version: str
+    files: dict[str, str]
+    validation: dict[str, float] = field(default_factory=dict)
+    created: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.labels)
+
+    @property
+    def is_classification(self) -> bool:
+        return self.loss in ("cross_entropy", "bce_with_logits")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = MANIFEST_NAME) -> "Manifest":
+        try:
+            raw = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{source} is not valid JSON ({exc}); re-export the bundle.") from None
+        if not isinstance(raw, dict):
+            raise BundleError(f"{source} must hold a JSON object; re-export the bundle.")
+        version = raw.get("schema_version")
+        if version not in SUPPORTED_SCHEMAS:
+            raise BundleError(
+                f"{source} has schema_version {version!r}, this runtime reads {list(SUPPORTED_SCHEMAS)}; "
+                "update edgeadapt on the device or re-export with a matching version.")
+        return _build(cls, raw, source)
+
+    @classmethod
+    def read(cls, bundle_dir: Path) -> "Manifest":
+        path = Path(bundle_dir) / MANIFEST_NAME
+        if not path.is_file():
+            raise BundleError(f"{bundle_dir} has no {MANIFEST_NAME}: it is not an edgeadapt bundle; "
+                              "create one with `edgeadapt export`.")
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"), str(path))
+        except UnicodeDecodeError:
+            raise BundleError(f"{path} is not UTF-8 text; re-export the bundle.") from None
+
+
+def _build(cls, raw: dict, source: str):
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise BundleError(f"{source} misses the field '{f.name}'; re-export the bundle.")
+            continue
+        values[f.name] = _check(raw[f.name], hints[f.name], f"{source}: {f.name}")
+    return cls(**values)
+
+
+def _check(value, hint, where: str):
+    """Check `value` against a simple type hint (str, int, float, list[X], dict[str, X], dataclass)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise BundleError(f"{where} must be an object; re-export the bundle.")
+        return _build(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise BundleError(f"{where} must be a list; re-export the bundle.")
+        return [_check(v, args[0], where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise BundleError(f"{where} must be an object; re-export the bundle.")
+        return {str(k): _check(v, args[1], where) for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise BundleError(f"{where} must be {hint.__name__}, got {type(value).__name__}; re-export the bundle.")
+    return value
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,68 @@
+"""Step 3 of export: ONNX Runtime training artifacts (training, eval and optimizer graphs + checkpoint)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from edgeadapt.runtime.errors import ExportError
+
+LOSS_TYPES = {"cross_entropy": "CrossEntropyLoss", "bce_with_logits": "BCEWithLogitsLoss", "mse": "MSELoss",
+              "l1": "L1Loss"}
+ADAMW = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+
+def optimizer_block(name: str, weight_decay: float):
+    from onnxruntime.training import onnxblock
+
+    if name == "adamw":
+        return onnxblock.optim.AdamW(betas=ADAMW["betas"], eps=ADAMW["eps"], weight_decay=weight_decay)
+    return onnxblock.optim.SGD()
+
+
+def generate(model: onnx.ModelProto, trainable: list[str], frozen: list[str], loss: str, optimizer: str,
+             weight_decay: float, out_dir: Path, ort_format: bool, output_name: str) -> None:
+    import onnxruntime
+    from onnxruntime.training import artifacts
+
+    onnxruntime.set_default_logger_severity(3)
+    try:
+        with native_stderr_captured():
+            artifacts.generate_artifacts(
+                model, requires_grad=trainable, frozen_params=frozen,
+                loss=getattr(artifacts.LossType, LOSS_TYPES[loss]), optimizer=optimizer_block(optimizer, weight_decay),
+                artifact_directory=str(out_dir), ort_format=ort_format, additional_output_names=[output_name])
+    except Exception as exc:  # ORT raises RuntimeError/Fail with the C++ message
+        raise _explain(exc, model) from None
+
+
+@contextlib.contextmanager
+def native_stderr_captured():
+    """ORT's gradient builder logs every graph pass at info level from C++; keep it off the user's terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _explain(exc: Exception, model: onnx.ModelProto) -> Exception:
+    """Turn ORT's 'no gradient builder' failure into a one-line error that names the op and node."""
+    text = str(exc)
+    match = re.search(r"(?:gradient builder|gradient definition)[^:]*:\s*([\w.]+)", text, re.IGNORECASE)
+    if not match:
+        return ExportError(f"ONNX Runtime could not build the training graph: {text.splitlines()[0][:200]}")
+    op = match.group(1)
+    nodes = [n.name or n.output[0] for n in model.graph.node if n.op_type == op]
+    return ExportError(f"op {op} (node {nodes[0] if nodes else '?'}) has no gradient in ONNX Runtime and lies on the "
+                       "trainable path; freeze the layers before it (e.g. --trainable head) or replace the op.")

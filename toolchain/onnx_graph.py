@@ -1,0 +1,38 @@
+"""Step 2 of export: the torch model (BN policy applied) as an eval-mode ONNX graph with a dynamic batch."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from edgeadapt.toolchain.bn import bn_policy_applied
+
+OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def export_eval_onnx(module: torch.nn.Module, input_size: tuple[int, ...], bn_policy: str, path: Path) -> onnx.ModelProto:
+    """Export with every parameter its own initializer. (Without keep_initializers_as_inputs the exporter merges
+    initializers of equal value in eval mode — e.g. all fresh BN scales of one width — so they would share one
+    gradient in training.) The initializers are then taken back out of the graph inputs."""
+    example = torch.randn(2, *input_size)
+    with bn_policy_applied(module.eval(), example, bn_policy), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=OPSET,
+            dynamo=False, do_constant_folding=False, training=torch.onnx.TrainingMode.EVAL,
+            keep_initializers_as_inputs=True)
+    model = onnx.load(str(path))
+    initializers = set(initializer_names(model))
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    return model
+
+
+def initializer_names(model: onnx.ModelProto) -> list[str]:
+    return [init.name for init in model.graph.initializer]
