@@ -76,6 +76,26 @@ class Engine:
             else None
 
     @staticmethod
+    def without_optimizer_state(checkpoint: Path, target: Path) -> None:
+        """Copy `checkpoint` to `target` with parameters and properties only (a fresh optimizer starts from it)."""
+        api = training_api()
+        api.CheckpointState.save_checkpoint(Engine._load_state(api, checkpoint), str(target),
+                                            include_optimizer_state=False)
+
+    @staticmethod
+    def read_properties(checkpoint: Path) -> dict:
+        state = Engine._load_state(training_api(), checkpoint)
+        return {key: state.properties[key] for key in state.properties}
+
+    @staticmethod
+    def rewrite_properties(checkpoint: Path, target: Path, values: dict) -> None:
+        api = training_api()
+        state = Engine._load_state(api, checkpoint)
+        for key, value in values.items():
+            state.properties[key] = value
+        api.CheckpointState.save_checkpoint(state, str(target), include_optimizer_state=False)
+
+    @staticmethod
     def _load_state(api, checkpoint: Path):
         try:
             return api.CheckpointState.load_checkpoint(str(checkpoint))
@@ -84,13 +104,18 @@ class Engine:
                               "it is truncated or corrupt: restore it from the bundle's last good copy or re-export.") \
                 from None
 
-    def train_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        """Forward + backward + optimizer step; returns (loss, logits)."""
+    def train_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """Forward + backward (gradients accumulate); call `apply_update` or `discard_gradients` next."""
         self.module.train()
         loss, logits = self.module(x, y)
+        return float(loss), logits
+
+    def apply_update(self) -> None:
         self.optimizer.step()
         self.module.lazy_reset_grad()
-        return float(loss), logits
+
+    def discard_gradients(self) -> None:
+        self.module.lazy_reset_grad()
 
     def forward_backward(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, dict[str, np.ndarray]]:
         """One forward and backward pass without an optimizer step; returns (loss, logits, gradients)."""

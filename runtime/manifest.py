@@ -37,6 +37,7 @@ class InputSpec:
     mean: list[float]
     std: list[float]
     resize: list[int] = field(default_factory=list)  # [H, W] for images
+    crop: float = 0.875  # images: shorter side resized to H / crop, then an H×W centre crop (1.0: no crop)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,124 @@
+"""`deploy`: the adapted model as a plain inference ONNX file or OpenVINO IR, each checked against the eval graph."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeadapt.runtime.atomic import atomic_write, fsync_dir
+from edgeadapt.runtime.bundle import Bundle
+from edgeadapt.runtime.engine import Engine
+from edgeadapt.runtime.errors import BackendError, ConfigError, EdgeAdaptError, InternalError
+from edgeadapt.runtime.metrics import dummy_targets
+
+FORMATS = ("onnx", "openvino")
+TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    path: Path
+    format: str
+    max_abs_diff: float
+    same_predictions: bool
+
+
+def check_batch(bundle: Bundle, batch: int = 4, seed: int = 0) -> np.ndarray:
+    """Standard-normal samples in the model's input shape (i.e. preprocessed inputs)."""
+    shape = [batch, *bundle.manifest.input.shape[1:]]
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def eval_logits(bundle: Bundle, x: np.ndarray) -> np.ndarray:
+    engine = Engine(bundle.path, bundle.checkpoint, with_optimizer=False)
+    return engine.eval_step(x, dummy_targets(bundle.manifest, len(x)))[1]
+
+
+def export_onnx(bundle: Bundle, path: Path) -> None:
+    engine = Engine(bundle.path, bundle.checkpoint, with_optimizer=False)
+    atomic_write(path, lambda tmp: engine.export_inference(tmp, [bundle.manifest.output_name]))
+
+
+def onnx_logits(model: Path, x: np.ndarray, input_name: str) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return session.run(None, {input_name: x})[0]
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise BackendError("OpenVINO is not installed; `pip install openvino` (or use --format onnx / "
+                           "--backend onnxruntime).") from None
+    return openvino
+
+
+def openvino_device(device: str):
+    openvino = _openvino()
+    core = openvino.Core()
+    if device not in core.available_devices:
+        raise BackendError(f"OpenVINO device {device} is not present on this machine (available: "
+                           f"{', '.join(core.available_devices)}); use --device CPU.")
+    return core
+
+
+def openvino_logits_from(model_path: Path, x: np.ndarray, device: str = "CPU") -> np.ndarray:
+    # f32 explicitly: the CPU plugin otherwise runs bf16 where the processor has it
+    compiled = openvino_device(device).compile_model(str(model_path), device, {"INFERENCE_PRECISION_HINT": "f32"})
+    return np.asarray(compiled(x)[compiled.output(0)])
+
+
+def openvino_logits(bundle: Bundle, x: np.ndarray, device: str = "CPU") -> np.ndarray:
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model.onnx"
+        export_onnx(bundle, model)
+        return openvino_logits_from(model, x, device)
+
+
+def save_openvino(onnx_model: Path, xml: Path) -> None:
+    """Convert to IR and place model.xml/.bin atomically (the .bin first, the .xml that names it last)."""
+    openvino = _openvino()
+    with tempfile.TemporaryDirectory(dir=xml.parent) as tmp:
+        staged = Path(tmp) / xml.name
+        openvino.save_model(openvino.convert_model(str(onnx_model)), str(staged), compress_to_fp16=False)
+        os.replace(staged.with_suffix(".bin"), xml.with_suffix(".bin"))
+        os.replace(staged, xml)
+        fsync_dir(xml.parent)
+
+
+def deploy(bundle: Bundle | str | Path, fmt: str, out: str | Path, check: bool = True) -> DeployResult:
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown --format '{fmt}'; choose one of {', '.join(FORMATS)}.")
+    out = Path(out)
+    if out.is_dir():
+        out = out / ("model.onnx" if fmt == "onnx" else "model.xml")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EdgeAdaptError(f"cannot create {out.parent} ({exc.strerror}); choose a writable --out.") from None
+    if fmt == "onnx":
+        export_onnx(bundle, out)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            export_onnx(bundle, Path(tmp) / "model.onnx")
+            save_openvino(Path(tmp) / "model.onnx", out.with_suffix(".xml"))
+        out = out.with_suffix(".xml")
+    return _checked(bundle, out, fmt) if check else DeployResult(out, fmt, float("nan"), True)
+
+
+def _checked(bundle: Bundle, out: Path, fmt: str) -> DeployResult:
+    x = check_batch(bundle)
+    expected = eval_logits(bundle, x)
+    actual = onnx_logits(out, x, bundle.manifest.input.name) if fmt == "onnx" else openvino_logits_from(out, x)
+    diff = float(np.abs(actual - expected).max())
+    same = bool((actual.argmax(1) == expected.argmax(1)).all())
+    if diff > TOLERANCE:
+        raise InternalError(f"deployed {fmt} model differs from the eval graph by {diff:.2e}")
+    return DeployResult(out, fmt, diff, same)

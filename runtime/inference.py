@@ -1,0 +1,85 @@
+"""`evaluate` (metrics on labelled data) and `predict` (top-k labels for inputs) over a bundle's current state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeadapt.runtime.bundle import Bundle
+from edgeadapt.runtime.data import IMAGE_SUFFIXES, Dataset, decode_image, load_dataset, preprocess
+from edgeadapt.runtime.engine import Engine
+from edgeadapt.runtime.errors import DataError
+from edgeadapt.runtime.metrics import Metrics, dummy_targets, evaluate_arrays
+
+
+def _open(bundle: Bundle | str | Path) -> Bundle:
+    return bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+
+
+def evaluate(bundle: Bundle | str | Path, data: Dataset | str | Path, batch_size: int = 64,
+             threads: int | None = None) -> Metrics:
+    bundle = _open(bundle)
+    dataset = data if isinstance(data, Dataset) else load_dataset(data, bundle.manifest)
+    engine = Engine(bundle.path, bundle.checkpoint, threads=threads, with_optimizer=False)
+    return evaluate_arrays(engine, dataset, bundle.manifest, batch_size)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    input: str
+    top: list[dict]  # {"label", "index", "score"}
+
+
+def load_inputs(paths: list[str | Path], bundle: Bundle) -> tuple[list[str], np.ndarray, bool]:
+    """Image files, or .npz/.csv files whose rows are samples; returns (names, raw samples, is_image)."""
+    spec = bundle.manifest.input
+    names, samples, is_image = [], [], spec.layout == "NCHW"
+    for path in map(Path, paths):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            if not path.is_file():
+                raise DataError(f"input {path} does not exist.")
+            try:
+                samples.append(decode_image(path, spec.channels, tuple(spec.resize), spec.crop)[None])
+            except Exception as exc:  # PIL's many error types for a broken image
+                raise DataError(f"cannot read image {path} ({type(exc).__name__}); give a valid PNG or JPEG.") from None
+            names.append(str(path))
+        else:
+            data = load_dataset(path, bundle.manifest)
+            samples.append(data.samples)
+            names += data.names
+            is_image = data.is_image
+    if not samples:
+        raise DataError("no input given; pass image files or .npz/.csv files.")
+    return names, np.concatenate(samples), is_image
+
+
+def logits_for(bundle: Bundle, x: np.ndarray, backend: str = "onnxruntime", device: str = "CPU",
+               threads: int | None = None) -> np.ndarray:
+    if backend == "onnxruntime":
+        engine = Engine(bundle.path, bundle.checkpoint, threads=threads, with_optimizer=False)
+        return engine.eval_step(x, dummy_targets(bundle.manifest, len(x)))[1]
+    from edgeadapt.runtime.deploy import openvino_logits
+
+    return openvino_logits(bundle, x, device)
+
+
+def predict(bundle: Bundle | str | Path, inputs: list[str | Path], top_k: int = 5, backend: str = "onnxruntime",
+            device: str = "CPU") -> list[Prediction]:
+    bundle = _open(bundle)
+    names, samples, is_image = load_inputs(inputs, bundle)
+    logits = logits_for(bundle, preprocess(samples, bundle.manifest, is_image), backend, device)
+    scores = _scores(logits, bundle.manifest.loss)
+    k = min(top_k, scores.shape[1])
+    return [Prediction(name, [{"label": bundle.manifest.labels[i], "index": int(i), "score": float(row[i])}
+                              for i in np.argsort(-row)[:k]]) for name, row in zip(names, scores)]
+
+
+def _scores(logits: np.ndarray, loss: str) -> np.ndarray:
+    if loss == "cross_entropy":
+        shifted = np.exp(logits - logits.max(1, keepdims=True))
+        return shifted / shifted.sum(1, keepdims=True)
+    if loss == "bce_with_logits":
+        return 1.0 / (1.0 + np.exp(-logits))
+    return logits
