@@ -17,6 +17,21 @@ _SMALL = [(3, 16, 16, True, False, 2), (3, 72, 24, False, False, 2), (3, 88, 24,
 _EPS = 1e-3
 
 
+class Hardswish(nn.Module):
+    """x·relu6(x+3)/6, as torch's hardswish, written with ops ONNX Runtime can differentiate (its training build
+    has no HardSwish gradient)."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+
+    def forward(self, x):
+        return x * nn.functional.relu6(x + 3.0) / 6.0
+
+
+def hardsigmoid(x):
+    return nn.functional.relu6(x + 3.0) / 6.0
+
+
 class SqueezeExcitation(nn.Module):
     def __init__(self, channels: int, squeeze: int):
         super().__init__()
@@ -25,14 +40,14 @@ class SqueezeExcitation(nn.Module):
 
     def forward(self, x):
         scale = nn.functional.adaptive_avg_pool2d(x, 1)
-        scale = nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(scale))))
+        scale = hardsigmoid(self.fc2(torch.relu(self.fc1(scale))))
         return x * scale
 
 
 class InvertedResidual(nn.Module):
     def __init__(self, cin: int, kernel: int, expanded: int, cout: int, se: bool, hswish: bool, stride: int):
         super().__init__()
-        act = nn.Hardswish if hswish else nn.ReLU
+        act = Hardswish if hswish else nn.ReLU
         self.use_res_connect = stride == 1 and cin == cout
         layers: list[nn.Module] = []
         if expanded != cin:
@@ -50,14 +65,14 @@ class InvertedResidual(nn.Module):
 class MobileNetV3Small(Backbone):
     def __init__(self, num_classes: int = 1000, dropout: float = 0.2):
         super().__init__()
-        blocks: list[nn.Module] = [ConvBNAct(3, 16, 3, 2, act=nn.Hardswish, eps=_EPS)]
+        blocks: list[nn.Module] = [ConvBNAct(3, 16, 3, 2, act=Hardswish, eps=_EPS)]
         cin = 16
         for kernel, expanded, cout, se, hswish, stride in _SMALL:
             blocks.append(InvertedResidual(cin, kernel, expanded, cout, se, hswish, stride))
             cin = cout
-        blocks.append(ConvBNAct(cin, 576, 1, act=nn.Hardswish, eps=_EPS))
+        blocks.append(ConvBNAct(cin, 576, 1, act=Hardswish, eps=_EPS))
         self.features = nn.Sequential(*blocks)
-        self.classifier = nn.Sequential(nn.Linear(576, 1024), nn.Hardswish(inplace=True), nn.Dropout(dropout),
+        self.classifier = nn.Sequential(nn.Linear(576, 1024), Hardswish(), nn.Dropout(dropout),
                                         nn.Linear(1024, num_classes))
         init_weights(self)
 

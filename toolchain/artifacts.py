@@ -39,7 +39,7 @@ def generate(model: onnx.ModelProto, trainable: list[str], frozen: list[str], lo
                 loss=getattr(artifacts.LossType, LOSS_TYPES[loss]), optimizer=optimizer_block(optimizer, weight_decay),
                 artifact_directory=str(out_dir), ort_format=ort_format, additional_output_names=[output_name])
     except Exception as exc:  # ORT raises RuntimeError/Fail with the C++ message
-        raise _explain(exc, model) from None
+        raise _explain(exc, model, trainable) from None
 
 
 @contextlib.contextmanager
@@ -56,13 +56,24 @@ def native_stderr_captured():
             os.close(saved)
 
 
-def _explain(exc: Exception, model: onnx.ModelProto) -> Exception:
+def _downstream_nodes(model: onnx.ModelProto, trainable: list[str]) -> list:
+    """Nodes that consume (transitively) a trainable initializer: the ones that need gradients."""
+    reached, nodes = set(trainable), []
+    for node in model.graph.node:  # ONNX graphs are topologically sorted
+        if any(name in reached for name in node.input):
+            nodes.append(node)
+            reached.update(node.output)
+    return nodes
+
+
+def _explain(exc: Exception, model: onnx.ModelProto, trainable: list[str]) -> Exception:
     """Turn ORT's 'no gradient builder' failure into a one-line error that names the op and node."""
     text = str(exc)
     match = re.search(r"(?:gradient builder|gradient definition)[^:]*:\s*([\w.]+)", text, re.IGNORECASE)
     if not match:
         return ExportError(f"ONNX Runtime could not build the training graph: {text.splitlines()[0][:200]}")
     op = match.group(1)
-    nodes = [n.name or n.output[0] for n in model.graph.node if n.op_type == op]
+    on_path = _downstream_nodes(model, trainable)
+    nodes = [n.name or n.output[0] for n in on_path if n.op_type == op]
     return ExportError(f"op {op} (node {nodes[0] if nodes else '?'}) has no gradient in ONNX Runtime and lies on the "
                        "trainable path; freeze the layers before it (e.g. --trainable head) or replace the op.")

@@ -77,8 +77,11 @@ def build(opts: ExportOptions) -> BuiltModel:
         built.spec = replace(built.spec, input_size=_full_input_size(opts.input_size, built.spec.input_size))
     if opts.trainable == "scratch":
         init_weights(built.module)
-        calibrate_batchnorm(built.module, built.spec.input_size, seed=opts.seed)
         built.weights = "random"
+    if built.weights == "random":
+        # Frozen BN statistics of 0/1 normalise nothing: activations of a fresh network vanish layer by layer.
+        calibrate_batchnorm(built.module, built.spec.input_size, seed=opts.seed)
+        built.notes.append("random init; BN statistics calibrated on standard-normal inputs at export, then frozen")
     return built
 
 
@@ -114,6 +117,12 @@ def resolve_lists(built: BuiltModel, opts: ExportOptions, graph: onnx.ModelProto
     frozen = [n for n in initializers if n not in chosen and n in param_set]
     buffers = [n for n in initializers if n not in chosen and n not in param_set]
     return trainable, frozen, buffers
+
+
+def list_parameters(opts: ExportOptions) -> list[tuple[str, tuple[int, ...]]]:
+    """Parameter names and shapes of the model `opts` describes (for writing --trainable patterns)."""
+    check_options(opts)
+    return [(name, tuple(p.shape)) for name, p in build(opts).module.named_parameters()]
 
 
 def default_lr(opts: ExportOptions) -> float:
@@ -164,8 +173,6 @@ def make_manifest(built: BuiltModel, opts: ExportOptions, graph: onnx.ModelProto
     notes = list(built.notes)
     notes += ["training graph uses batch statistics for BN (ORT default): train and eval differ"] \
         if opts.bn == "ort" else []
-    if opts.trainable == "scratch":
-        notes.append("random init; BN statistics calibrated on standard-normal inputs at export, then frozen")
     return Manifest(
         schema_version=SCHEMA_VERSION, edgeadapt_version=__version__,
         backbone=opts.backbone or opts.model, weights=built.weights, preset=opts.trainable, bn_policy=opts.bn,

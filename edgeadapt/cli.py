@@ -1,0 +1,39 @@
+"""The `edgeadapt` command: composes the device commands (runtime/cli.py) and the host commands (toolchain/cli.py).
+Importing it needs neither torch nor onnx; each command imports what it uses."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from edgeadapt.runtime.errors import EdgeAdaptError
+
+app = typer.Typer(help="Export pretrained backbones to ONNX Runtime training bundles and adapt them on the device.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+
+def _register() -> None:
+    from edgeadapt.runtime import cli as device_cli
+    from edgeadapt.toolchain import cli as host_cli
+
+    host_cli.register(app)
+    device_cli.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        app()
+    except EdgeAdaptError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; saved state is intact (training resumes with --resume).", err=True)
+        sys.exit(130)
+    except OSError as exc:  # disk full, permissions: the environment, not a bug
+        where = f" ({exc.filename})" if exc.filename else ""
+        typer.echo(f"error: {exc.strerror or exc}{where}; free space or fix permissions and retry.", err=True)
+        sys.exit(1)

@@ -1,0 +1,159 @@
+"""Device commands: `inspect`, `train`, `evaluate`, `predict`, `deploy`. Thin: parse, call the library, print.
+Nothing here imports torch."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+@contextlib.contextmanager
+def progress_bar():
+    """A rich progress bar fed by the trainer's per-batch callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[metrics]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("train", total=None, metrics="")
+
+        def on_batch(step: int, total: int, loss: float, accuracy: float | None) -> None:
+            metrics = f"loss {loss:.4f}" + (f" acc {accuracy:.1%}" if accuracy is not None else "")
+            bar.update(task, completed=step, total=total, metrics=metrics)
+
+        yield on_batch
+
+
+def inspect(bundle: Path = typer.Argument(..., help="Bundle folder."),
+            as_json: bool = typer.Option(False, "--json")):
+    """Show what a bundle holds: backbone, preset, parameter counts, BN policy, files, versions."""
+    from edgeadapt.runtime.inspect import describe
+
+    info = describe(bundle)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("field", "value", title=f"bundle {bundle}", show_lines=False)
+    for key, value in info.items():
+        if key != "files":
+            table.add_row(key, str(value))
+    for name, size in info["files"].items():
+        table.add_row(f"file {name}", f"{size:,} bytes")
+    Console().print(table)
+
+
+def train(
+    bundle: Path = typer.Argument(..., help="Bundle folder (updated in place)."),
+    data: Path = typer.Argument(..., help="Folder of class subfolders of images, .npz (x, y) or .csv."),
+    epochs: int = typer.Option(5, "--epochs"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Default: the bundle's."),
+    seed: int = typer.Option(0, "--seed"),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine | linear | constant (after warm-up)."),
+    warmup: float = typer.Option(0.05, "--warmup", help="Warm-up as a fraction of all steps."),
+    val_split: float = typer.Option(0.1, "--val-split"),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Early stopping after N epochs without gain."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop cleanly (resumable) after this."),
+    augment: bool = typer.Option(False, "--augment/--no-augment", help="Light image augmentation."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda."),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    checkpoint_every: int = typer.Option(20, "--checkpoint-every", help="Steps between checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run exactly."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+):
+    """Train the bundle on local data (no torch needed)."""
+    from edgeadapt.runtime.trainer import TrainConfig, Trainer
+
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, schedule=schedule, warmup=warmup,
+                         val_split=val_split, patience=patience, max_minutes=max_minutes, augment=augment,
+                         device=device, threads=threads, checkpoint_every=checkpoint_every, resume=resume)
+    with (contextlib.nullcontext(None) if quiet else progress_bar()) as on_batch:
+        summary = Trainer(bundle, config, on_batch=on_batch).fit(data)
+    _print_summary(summary, bundle)
+
+
+def _print_summary(summary, bundle: Path) -> None:
+    final = summary.final
+    typer.echo(f"{summary.stopped}: {summary.epochs_completed} epochs, {summary.steps} steps in {summary.seconds:.1f}s "
+               f"on {summary.train_samples} samples ({summary.val_samples} held out for validation)")
+    if final is not None:
+        parts = [f"train loss {final.train_loss:.4f}"]
+        parts += [f"train acc {final.train_accuracy:.1%}"] if final.train_accuracy is not None else []
+        parts += [f"val loss {final.val_loss:.4f}"] if final.val_loss is not None else []
+        parts += [f"val acc {final.val_accuracy:.1%}"] if final.val_accuracy is not None else []
+        typer.echo("last epoch: " + ", ".join(parts))
+    if summary.skipped_files:
+        typer.echo(f"skipped {len(summary.skipped_files)} unreadable file(s), e.g. {summary.skipped_files[0][0]}: "
+                   f"{summary.skipped_files[0][1]}")
+    if summary.stopped == "time_limit":
+        typer.echo(f"time limit reached: continue with `edgeadapt train {bundle} DATA --resume` and the same options.")
+
+
+def evaluate(bundle: Path = typer.Argument(...), data: Path = typer.Argument(...),
+             batch_size: int = typer.Option(64, "--batch-size"), as_json: bool = typer.Option(False, "--json")):
+    """Accuracy, per-class accuracy and confusion matrix of the bundle's current model on labelled data."""
+    from edgeadapt.runtime.inference import evaluate as run
+
+    bundle_obj = _bundle(bundle)
+    metrics = run(bundle_obj, data, batch_size)
+    result = metrics.as_dict(bundle_obj.manifest.labels)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"n={metrics.n} loss={metrics.loss:.4f}" + (f" accuracy={metrics.accuracy:.2%}"
+                                                            if metrics.accuracy is not None else ""))
+    for label, accuracy in metrics.per_class.items():
+        typer.echo(f"  {label:>20}: {accuracy:.1%}")
+    if metrics.confusion:
+        typer.echo("confusion (rows: true, columns: predicted):")
+        for row in metrics.confusion:
+            typer.echo("  " + " ".join(f"{v:5d}" for v in row))
+
+
+def _bundle(path: Path):
+    from edgeadapt.runtime.bundle import Bundle
+
+    return Bundle.open(path)
+
+
+def predict(bundle: Path = typer.Argument(...), inputs: List[Path] = typer.Argument(..., help="Images, .npz, .csv."),
+            top_k: int = typer.Option(5, "--top-k"),
+            backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime | openvino."),
+            device: str = typer.Option("CPU", "--device", help="OpenVINO device: CPU | GPU | NPU."),
+            as_json: bool = typer.Option(False, "--json")):
+    """Top-k labels for each input."""
+    from edgeadapt.runtime.errors import ConfigError
+    from edgeadapt.runtime.inference import predict as run
+
+    if backend not in ("onnxruntime", "openvino"):
+        raise ConfigError(f"unknown --backend '{backend}'; choose onnxruntime or openvino.")
+    predictions = run(_bundle(bundle), inputs, top_k, backend, device)
+    if as_json:
+        typer.echo(json.dumps([asdict(p) for p in predictions]))
+        return
+    for p in predictions:
+        typer.echo(f"{p.input}: " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in p.top))
+
+
+def deploy(bundle: Path = typer.Argument(...),
+           fmt: str = typer.Option("onnx", "--format", help="onnx | openvino."),
+           out: Path = typer.Option(..., "--out", help="File (model.onnx / model.xml) or folder.")):
+    """Write the adapted model for inference, checked against the eval graph."""
+    from edgeadapt.runtime.deploy import deploy as run
+
+    result = run(_bundle(bundle), fmt, out)
+    typer.echo(f"wrote {result.path} ({result.format}); max |Δ| vs eval graph {result.max_abs_diff:.1e}, "
+               f"same top-1: {result.same_predictions}")
+
+
+def register(app: typer.Typer) -> None:
+    for command in (inspect, train, evaluate, predict, deploy):
+        app.command()(command)

@@ -1,0 +1,28 @@
+"""What `edgeadapt inspect` shows: a bundle's manifest essentials, file sizes and compatibility versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeadapt.runtime.bundle import Bundle
+from edgeadapt.runtime.checkpoints import read_progress
+
+
+def describe(path: str | Path) -> dict:
+    bundle = Bundle.open(path)
+    m = bundle.manifest
+    progress = read_progress(bundle.checkpoint, bundle.bundle_id)
+    return {
+        "backbone": m.backbone, "weights": m.weights, "preset": m.preset, "bn_policy": m.bn_policy,
+        "input": f"{m.input.name} {m.input.shape} {m.input.dtype} {m.input.layout} {m.input.channels}".strip(),
+        "outputs": len(m.labels), "labels": ", ".join(m.labels[:6]) + (" …" if len(m.labels) > 6 else ""),
+        "loss": m.loss, "optimizer": m.optimizer, "default_lr": m.hyperparameters.get("lr"),
+        "trainable_params": m.trainable_params, "frozen_params": m.frozen_params,
+        "trainable_tensors": len(m.trainable), "frozen_tensors": len(m.frozen), "buffers": len(m.buffers),
+        "validation": m.validation, "schema_version": m.schema_version, "edgeadapt_version": m.edgeadapt_version,
+        "opset": m.opset, "ir_version": m.ir_version, "onnxruntime_version": m.onnxruntime_version,
+        "trained": "no (exported state)" if progress is None else
+        f"{progress.epoch} epochs, {progress.step} steps" + ("" if progress.finished else " (unfinished: --resume)"),
+        "notes": "; ".join(m.notes) or "-",
+        "files": {f.name: f.stat().st_size for f in sorted(bundle.path.iterdir()) if f.is_file()},
+    }

@@ -1,0 +1,146 @@
+"""Host commands: `export`, `zoo`, `demo`. Thin: parse, call the library, print."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from edgeadapt.runtime.errors import ConfigError, EdgeAdaptError
+
+
+def _need_host():
+    try:
+        import onnx  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise EdgeAdaptError(f"this command runs on the host and needs {exc.name}: pip install 'edgeadapt[host]'.") \
+            from None
+
+
+def _numbers(text: str | None, kind=int, what: str = "value") -> tuple | None:
+    if not text:
+        return None
+    try:
+        return tuple(kind(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{what} must be numbers separated by commas, got '{text}'.") from None
+
+
+def _labels(path: Path | None) -> tuple[str, ...]:
+    if path is None:
+        return ()
+    if not path.is_file():
+        raise ConfigError(f"--labels file {path} does not exist; give a text file with one label per line.")
+    return tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+def export(
+    backbone: Optional[str] = typer.Argument(None, help="Zoo backbone (see `edgeadapt zoo`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
+    classes: Optional[int] = typer.Option(None, "--classes", help="New head with N classes."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="New head with the labels in FILE (one a line)."),
+    keep_head: bool = typer.Option(False, "--keep-head", help="Keep the pretrained classifier (e.g. ImageNet)."),
+    trainable: str = typer.Option("head", "--trainable", "-t",
+                                  help="head | full | last:K | bias | scratch | globs, or re:REGEX, comma-separated."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="imagenet, or a path to a state dict."),
+    model: Optional[str] = typer.Option(None, "--model", help="Your model: package.module:factory."),
+    head: str = typer.Option("classifier", "--head", help="With --model: the classifier's module name."),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="H,W (or one number) for images."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="With --model: per-channel mean."),
+    std: Optional[str] = typer.Option(None, "--std", help="With --model: per-channel std."),
+    loss: str = typer.Option("cross_entropy", "--loss", help="cross_entropy | bce_with_logits | mse | l1."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | sgd."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Default learning rate stored in the bundle."),
+    weight_decay: float = typer.Option(0.01, "--weight-decay", help="AdamW weight decay."),
+    bn: str = typer.Option("fold", "--bn", help="BatchNorm policy: fold (default) | affine | ort."),
+    ort_format: bool = typer.Option(False, "--ort-format", help="Also write .ort models for minimal builds."),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="Check against torch (default on)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
+    seed: int = typer.Option(0, "--seed"),
+    list_params: bool = typer.Option(False, "--list-params", help="Print parameter names and shapes, then stop."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
+):
+    """Export a backbone + head as ONNX Runtime training artifacts with a manifest."""
+    _need_host()
+    from edgeadapt.models.registry import BackboneSpec
+    from edgeadapt.toolchain.build import HeadRequest
+    from edgeadapt.toolchain.export import ExportOptions, export_bundle, list_parameters
+
+    size = _numbers(input_size, what="--input-size")
+    user_spec = None
+    if model:
+        height, width = (size * 2 if len(size) == 1 else size) if size else (224, 224)
+        user_spec = BackboneSpec(name=model, input_size=(3, height, width),
+                                 mean=_numbers(mean, float, "--mean") or (0.485, 0.456, 0.406),
+                                 std=_numbers(std, float, "--std") or (0.229, 0.224, 0.225),
+                                 feature_dim=0, head=head, blocks=())
+    options = ExportOptions(out=out, backbone=backbone, model=model,
+                            head=HeadRequest(classes, _labels(labels), keep_head), trainable=trainable,
+                            weights=weights, input_size=None if model else size, loss=loss, optimizer=optimizer,
+                            lr=lr, weight_decay=weight_decay, bn=bn, ort_format=ort_format, validate=validate,
+                            force=force, seed=seed, user_spec=user_spec)
+    if list_params:
+        for name, shape in list_parameters(options):
+            typer.echo(f"{name}\t{list(shape)}")
+        return
+    result = export_bundle(options)
+    m = result.manifest
+    if as_json:
+        typer.echo(json.dumps({"out": str(result.out), "seconds": result.seconds, "trainable_params": m.trainable_params,
+                               "frozen_params": m.frozen_params, "validation": m.validation}))
+        return
+    typer.echo(f"exported {m.backbone} ({m.preset}, {len(m.labels)} outputs) to {result.out} in {result.seconds:.1f}s: "
+               f"{m.trainable_params:,} trainable / {m.frozen_params:,} frozen parameters")
+    if m.validation:
+        v = m.validation
+        typer.echo(f"validated against torch: eval max |Δ| {v['eval_max_abs_diff']:.1e}, "
+                   f"loss rel Δ {v['loss_rel_diff']:.1e}, worst gradient rel Δ {v['grad_max_rel_diff']:.1e}")
+
+
+def zoo():
+    """List the registered backbones."""
+    _need_host()
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeadapt.models.registry import backbone_names, get_entry
+
+    table = Table("backbone", "input", "features", "head", "weights", "description")
+    for name in backbone_names():
+        spec = get_entry(name).spec
+        table.add_row(name, "x".join(map(str, spec.input_size)), str(spec.feature_dim), spec.head,
+                      ", ".join(spec.weights) or "-", spec.description)
+    Console().print(table)
+
+
+def demo(
+    workdir: Path = typer.Option(Path("edgeadapt-demo"), "--workdir", help="Where the bundle and data go."),
+    epochs: int = typer.Option(3, "--epochs"),
+):
+    """Export the real MobileNetV2 (ImageNet), adapt it on real texture photos, and report what happened."""
+    _need_host()
+    from edgeadapt.toolchain.demo import run_demo
+
+    typer.echo("exporting mobilenet_v2 (ImageNet weights) with a new 4-class head, preset head ...")
+    from edgeadapt.runtime.cli import progress_bar
+
+    with progress_bar() as on_batch:
+        report = run_demo(workdir, epochs, on_batch)
+    summary = report.train_summary
+    typer.echo(f"bundle: {report.bundle} (export {report.export_seconds:.1f}s)")
+    typer.echo(f"held-out accuracy on {report.test_samples} texture patches: {report.accuracy_before:.1%} before "
+               f"training, {report.accuracy_after:.1%} after {summary.epochs_completed} epochs "
+               f"({summary.steps} steps, {summary.seconds:.1f}s; chance is 25%)")
+    for d in report.deployed:
+        typer.echo(f"deployed {d.format}: {d.path} (max |Δ| vs eval graph {d.max_abs_diff:.1e})")
+    top = report.prediction.top[0]
+    typer.echo(f"predict {report.prediction.input}: {top['label']} ({top['score']:.2f})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(export)
+    app.command()(zoo)
+    app.command()(demo)
