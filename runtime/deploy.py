@@ -44,9 +44,9 @@ def export_onnx(bundle: Bundle, path: Path) -> None:
 
 
 def onnx_logits(model: Path, x: np.ndarray, input_name: str) -> np.ndarray:
-    import onnxruntime
+    from edgeadapt.runtime.engine import onnxruntime_module
 
-    session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    session = onnxruntime_module().InferenceSession(str(model), providers=["CPUExecutionProvider"])
     return session.run(None, {input_name: x})[0]
 
 

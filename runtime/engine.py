@@ -1,13 +1,16 @@
 """The only module that talks to `onnxruntime.training`: a facade over ORT's Module, Optimizer and CheckpointState.
 
-`onnxruntime/training/__init__.py` imports torch (ORT issue #22070): ~3 s and ~310 MB when torch is present and an
-ImportError when it is not. We load `onnxruntime.training.api` under a bare parent package instead, which needs
-only the compiled core (~0.2 s, ~42 MB). If the engine changes, this file changes.
+In the training wheel, `import onnxruntime` itself runs a build check that imports `onnxruntime.training.ortmodule`,
+and `onnxruntime/training/__init__.py` imports onnx and torch (ORT issue #22070): ~2-3 s and ~280 MB when torch is
+installed, an ImportError-guarded detour when it is not. We import the core with a bare `onnxruntime.training`
+package and ORTModule blocked, then load `onnxruntime.training.api`, which needs only the compiled core
+(~0.2 s, ~40 MB). If the engine changes, this file changes.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 from pathlib import Path
@@ -16,31 +19,42 @@ import numpy as np
 
 from edgeadapt.runtime.errors import BackendError, BundleError
 
+_BARE = ("onnxruntime.training", "onnxruntime.training.ortmodule")
+
+
+def onnxruntime_module() -> types.ModuleType:
+    """`onnxruntime` without its torch-importing training package; loads `onnxruntime.training.api` on the way."""
+    if "onnxruntime" in sys.modules and "onnxruntime.training.api" in sys.modules:
+        return sys.modules["onnxruntime"]
+    if "onnxruntime.training" in sys.modules:  # the host imported the full package already
+        importlib.import_module("onnxruntime.training.api")
+        return sys.modules["onnxruntime"]
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or spec.origin is None:
+        raise BackendError("onnxruntime-training is not installed; `pip install edgeadapt` installs it.")
+    bare = types.ModuleType("onnxruntime.training")
+    bare.__path__ = [str(Path(spec.origin).parent / "training")]
+    sys.modules["onnxruntime.training"] = bare
+    sys.modules["onnxruntime.training.ortmodule"] = None  # ORT's build check reads this as "no ORTModule"
+    try:
+        import onnxruntime
+
+        importlib.import_module("onnxruntime.training.api")
+        return onnxruntime
+    except ImportError as exc:
+        raise BackendError(f"onnxruntime-training cannot be loaded ({exc}); reinstall edgeadapt.") from None
+    finally:
+        for name in _BARE:
+            sys.modules.pop(name, None)
+
 
 def training_api() -> types.ModuleType:
-    """`onnxruntime.training.api` without running the torch-importing package `__init__`."""
-    if "onnxruntime.training.api" in sys.modules:
-        return sys.modules["onnxruntime.training.api"]
-    import onnxruntime
-
-    if "onnxruntime.training" in sys.modules:  # the host already imported the full package
-        return importlib.import_module("onnxruntime.training.api")
-    bare = types.ModuleType("onnxruntime.training")
-    bare.__path__ = [str(Path(onnxruntime.__file__).parent / "training")]
-    sys.modules["onnxruntime.training"] = bare
-    try:
-        return importlib.import_module("onnxruntime.training.api")
-    except ImportError as exc:
-        raise BackendError(f"onnxruntime-training is not installed ({exc}); "
-                           "install edgeadapt with `pip install edgeadapt` on the device.") from None
-    finally:
-        sys.modules.pop("onnxruntime.training", None)
+    onnxruntime_module()
+    return sys.modules["onnxruntime.training.api"]
 
 
 def available_providers() -> list[str]:
-    import onnxruntime
-
-    return list(onnxruntime.get_available_providers())
+    return list(onnxruntime_module().get_available_providers())
 
 
 def _device_name(device: str) -> str:
@@ -61,9 +75,7 @@ class Engine:
     def __init__(self, bundle_dir: Path, checkpoint: Path, device: str = "cpu", threads: int | None = None,
                  with_optimizer: bool = True):
         api = training_api()
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
+        options = onnxruntime_module().SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

@@ -18,11 +18,13 @@ from edgeadapt.runtime.errors import ExportError
 EVAL_TOLERANCE = 1e-4  # max abs difference of the outputs, fp32
 LOSS_TOLERANCE = 1e-4  # relative
 # Gradients are compared with torch in float64 (the exact math): ‖g_ort − g_64‖ / ‖g_64‖ per parameter must stay
-# under GRAD_TOLERANCE or within NOISE_FACTOR × torch-fp32's own error. fp32 accumulation order alone moves a
-# randomly initialised MobileNetV2's gradients by up to ~1e-2; a wrong graph is off by ~1. (At exact kinks,
-# x == 0 into ReLU6, ORT's Clip gradient passes where torch's does not; with calibrated BN such ties do not occur.)
+# under GRAD_TOLERANCE or within NOISE_FACTOR × torch-fp32's own error. Pretrained zoo models agree to ~1e-3. In
+# randomly initialised ReLU networks a pre-activation within ~1e-7 of a kink can fall on the other side in ONNX
+# Runtime's fp32 forward than in torch's, which moves a small bias gradient by up to ~1e-2 (measured: 1.1e-2 on
+# MobileNetV2 at 64 px from a single flipped element). The failures this check exists for are far larger:
+# initializers merged by the exporter (0.4-4) and BN in batch-statistics mode (O(1)).
+GRAD_TOLERANCE = 5e-2
 NOISE_FACTOR = 4.0
-GRAD_TOLERANCE = 5e-3
 
 TORCH_LOSSES = {
     "cross_entropy": lambda out, y: F.cross_entropy(out, y),
