@@ -97,7 +97,7 @@ class Engine:
     @staticmethod
     def read_properties(checkpoint: Path) -> dict:
         state = Engine._load_state(training_api(), checkpoint)
-        return {key: state.properties[key] for key in state.properties}
+        return dict(iter(state.properties))
 
     @staticmethod
     def rewrite_properties(checkpoint: Path, target: Path, values: dict) -> None:
@@ -157,7 +157,7 @@ class Engine:
 
     def properties(self) -> dict:
         props = self.state.properties
-        return {key: props[key] for key in props}
+        return dict(iter(props))
 
     def save(self, path: Path, include_optimizer: bool = True) -> None:
         training_api().CheckpointState.save_checkpoint(self.state, str(path), include_optimizer_state=include_optimizer)

@@ -40,20 +40,41 @@ def generate(model: onnx.ModelProto, trainable: list[str], frozen: list[str], lo
                 artifact_directory=str(out_dir), ort_format=ort_format, additional_output_names=[output_name])
     except Exception as exc:  # ORT raises RuntimeError/Fail with the C++ message
         raise _explain(exc, model, trainable) from None
+    if ort_format:
+        merge_operator_configs(out_dir)
 
 
 @contextlib.contextmanager
 def native_stderr_captured():
-    """ORT's gradient builder logs every graph pass at info level from C++; keep it off the user's terminal."""
+    """ORT's gradient builder logs every graph pass at info level from C++, and its .ort converter prints each
+    step: keep both off the user's terminal."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink, contextlib.redirect_stdout(open(os.devnull, "w")):
+        os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
         try:
             yield
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def merge_operator_configs(out_dir: Path) -> None:
+    """One `required_operators.config` for a minimal ORT build that runs all three graphs."""
+    ops: dict[tuple[str, str], set[str]] = {}
+    for config in sorted(out_dir.glob("*.required_operators.config")):
+        for line in config.read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                domain, opset, names = line.split(";")
+                ops.setdefault((domain, opset), set()).update(names.split(","))
+        config.unlink()
+    lines = [f"{d};{v};{','.join(sorted(n))}" for (d, v), n in sorted(ops.items())]
+    header = "# Operators of training_model.ort, eval_model.ort and optimizer_model.ort (edgeadapt export)\n"
+    (out_dir / "required_operators.config").write_text(header + "\n".join(lines) + "\n")
 
 
 def _downstream_nodes(model: onnx.ModelProto, trainable: list[str]) -> list:

@@ -1,0 +1,138 @@
+"""The device runtime on real data: training improves a model, resumes exactly after SIGKILL, recovers from a
+diverging loss, refuses a second trainer, and evaluate/predict/deploy see the adapted model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgeadapt.runtime.bundle import Bundle
+from edgeadapt.runtime.data import load_dataset, split
+from edgeadapt.runtime.deploy import deploy
+from edgeadapt.runtime.engine import Engine
+from edgeadapt.runtime.errors import TrainingError
+from edgeadapt.runtime.inference import evaluate, predict
+from edgeadapt.runtime.lock import bundle_lock
+from edgeadapt.runtime.trainer import TrainConfig, Trainer
+
+
+def weights(bundle) -> dict[str, np.ndarray]:
+    engine = Engine(bundle, bundle / "checkpoint", with_optimizer=False)
+    return {name: engine.parameter(name) for name in engine.parameter_names()}
+
+
+def test_training_lifts_accuracy_and_evaluate_agrees_with_the_log(fresh_bundle, digits):
+    bundle = fresh_bundle("tiny_mlp", "full")
+    before = evaluate(bundle, digits["test"]).accuracy
+    config = TrainConfig(epochs=8, batch_size=32, lr=3e-3, seed=1)
+    summary = Trainer(bundle, config).fit(digits["train"])
+    after = evaluate(bundle, digits["test"]).accuracy
+    assert summary.stopped == "completed" and summary.epochs_completed == 8
+    assert after > 0.6 and after > before + 0.4
+    log = [json.loads(line) for line in (bundle / "train_log.jsonl").read_text().splitlines()]
+    manifest = Bundle.open(bundle).manifest
+    _, val = split(load_dataset(digits["train"], manifest), config.val_split, config.seed)
+    assert evaluate(bundle, val).accuracy == pytest.approx(log[-1]["val_accuracy"], abs=1e-9)
+
+
+def test_csv_and_image_folders_train(fresh_bundle, digits, digit_images, bundle_factory):
+    mlp = fresh_bundle("tiny_mlp", "full")
+    assert Trainer(mlp, TrainConfig(epochs=1)).fit(digits["csv"]).steps > 0
+    image_bundle = bundle_factory("tiny_cnn", "full", input_size=(16,))
+    data = load_dataset(digit_images, Bundle.open(image_bundle).manifest)
+    assert data.samples.shape[1:] == (16, 16, 3) and len(data) == 200
+
+
+def _train_in_subprocess(bundle, data, kill_at_step=None, resume=False):
+    code = f"""
+import os, signal, sys
+sys.modules['torch'] = None
+from edgeadapt.runtime.trainer import Trainer, TrainConfig
+def on_batch(step, total, loss, acc):
+    if step == {kill_at_step!r}:
+        os.kill(os.getpid(), signal.SIGKILL)
+config = TrainConfig(epochs=4, batch_size=64, lr=3e-3, seed=3, checkpoint_every=3, augment=True, resume={resume})
+Trainer({str(bundle)!r}, config, on_batch=on_batch).fit({str(data)!r})
+"""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_sigkill_then_resume_gives_identical_weights(fresh_bundle, digits, tmp_path):
+    import shutil
+
+    bundle = fresh_bundle("tiny_mlp", "full")
+    reference = tmp_path / "reference"
+    shutil.copytree(bundle, reference)
+    assert _train_in_subprocess(reference, digits["train"]).returncode == 0
+    killed = _train_in_subprocess(bundle, digits["train"], kill_at_step=40)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = _train_in_subprocess(bundle, digits["train"], resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    expected, actual = weights(reference), weights(bundle)
+    assert all(np.array_equal(expected[n], actual[n]) for n in expected)
+
+
+def test_resume_refuses_changed_settings(fresh_bundle, digits):
+    bundle = fresh_bundle("tiny_mlp", "full")
+    Trainer(bundle, TrainConfig(epochs=3, max_minutes=1e-9)).fit(digits["train"])
+    with pytest.raises(TrainingError, match="batch_size changed"):
+        Trainer(bundle, TrainConfig(epochs=3, batch_size=8, resume=True)).fit(digits["train"])
+    assert Trainer(bundle, TrainConfig(epochs=3, resume=True)).fit(digits["train"]).stopped == "completed"
+
+
+def test_time_limit_stops_resumably(fresh_bundle, digits):
+    bundle = fresh_bundle("tiny_mlp", "full")
+    summary = Trainer(bundle, TrainConfig(epochs=50, max_minutes=1e-9)).fit(digits["train"])
+    assert summary.stopped == "time_limit" and summary.steps == 1
+
+
+def test_diverging_loss_restores_last_good_state_then_stops(fresh_bundle, digits, tmp_path):
+    bundle = fresh_bundle("tiny_mlp", "full")
+    manifest = Bundle.open(bundle).manifest
+    data = load_dataset(digits["train"], manifest)
+    data.samples[5] = 1e30  # one poisoned sample overflows the loss whenever its batch comes
+    with pytest.raises(TrainingError, match="NaN or infinite again"):
+        Trainer(bundle, TrainConfig(epochs=2, val_split=0)).fit(data)
+    state = weights(bundle)
+    assert all(np.isfinite(v).all() for v in state.values())
+
+
+def test_second_trainer_is_refused_and_stale_lock_is_taken_over(fresh_bundle, digits):
+    bundle = fresh_bundle("tiny_mlp", "full")
+    lock = bundle / "train.lock"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        lock.write_text(str(sleeper.pid))
+        with pytest.raises(TrainingError, match=f"process {sleeper.pid}"):
+            Trainer(bundle, TrainConfig(epochs=1)).fit(digits["train"])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert Trainer(bundle, TrainConfig(epochs=1)).fit(digits["train"]).steps > 0  # the lock's owner is gone
+    assert not lock.exists()
+    with bundle_lock(lock):
+        assert lock.read_text() == str(os.getpid())
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_deploy_matches_the_eval_graph(fresh_bundle, digits, tmp_path, fmt):
+    bundle = fresh_bundle("tiny_mlp", "full")
+    Trainer(bundle, TrainConfig(epochs=1)).fit(digits["train"])
+    result = deploy(bundle, fmt, tmp_path / "out")
+    assert result.max_abs_diff <= 1e-4 and result.same_predictions and result.path.is_file()
+
+
+def test_predict_returns_top_k_with_labels(fresh_bundle, digits):
+    bundle = fresh_bundle("tiny_mlp", "full")
+    Trainer(bundle, TrainConfig(epochs=3, lr=3e-3)).fit(digits["train"])
+    predictions = predict(bundle, [digits["test"]], top_k=3)
+    assert len(predictions) == 597 and len(predictions[0].top) == 3
+    scores = [t["score"] for t in predictions[0].top]
+    assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-6
+    truth = np.load(digits["test"])["y"]
+    hits = np.mean([p.top[0]["label"] == t for p, t in zip(predictions, truth)])
+    assert hits > 0.5
