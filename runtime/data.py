@@ -36,14 +36,14 @@ class Dataset:
 def load_dataset(path: str | Path, manifest: Manifest, max_bad_fraction: float = 0.1) -> Dataset:
     """Load a folder of class subfolders, an .npz with x and y, or a CSV (features…, label)."""
     path = Path(path)
+    if not path.exists():
+        raise DataError(f"data {path} does not exist; give a folder of class subfolders, an .npz or a .csv file.")
     if path.is_dir():
         data = load_image_folder(path, manifest, max_bad_fraction)
     elif path.suffix == ".npz":
         data = load_npz(path, manifest)
     elif path.suffix == ".csv":
         data = load_csv(path, manifest)
-    elif not path.exists():
-        raise DataError(f"data {path} does not exist; give a folder of class subfolders, an .npz or a .csv file.")
     else:
         raise DataError(f"data {path} is not a folder, .npz or .csv; give one of those.")
     if len(data) == 0:

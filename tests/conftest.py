@@ -90,4 +90,4 @@ def run_without_torch(code: str, timeout: int = 600) -> subprocess.CompletedProc
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgeadapt", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=Path(__file__).parent)

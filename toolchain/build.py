@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -119,6 +121,8 @@ def build_zoo_model(name: str, head: HeadRequest, weights: str | None) -> BuiltM
 def build_user_model(target: str, head: HeadRequest, spec: BackboneSpec) -> BuiltModel:
     """`package.module:factory` returning an nn.Module (or (module, head_name))."""
     module_name, _, attr = target.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `--model mymodels:factory` from the user's project folder
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as exc:
