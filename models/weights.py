@@ -25,8 +25,8 @@ URL_TIMEOUT_S = 15
 
 
 def hub_cache_dir() -> Path:
-    torch_home = os.environ.get("TORCH_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torch"
-    return Path(torch_home) / "hub" / "checkpoints"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return Path(os.environ.get("TORCH_HOME") or cache / "torch") / "hub" / "checkpoints"
 
 
 def resolve_weights(source: WeightSource, user_path: str | None = None) -> Path:

@@ -23,4 +23,6 @@ _PUBLIC = {
 def __getattr__(name: str):
     if name not in _PUBLIC:
         raise AttributeError(name)
-    return getattr(importlib.import_module(_PUBLIC[name]), name)
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # wins over a same-named submodule (runtime.deploy) bound by the import
+    return value

@@ -101,7 +101,8 @@ def _load_state_dict(module: nn.Module, spec: BackboneSpec, path: Path) -> None:
     except Exception as exc:  # torch raises many types for a bad file
         raise WeightsError(f"cannot read weight file {path} ({type(exc).__name__}); pass a torch state dict.") from None
     if not isinstance(state, dict):
-        raise WeightsError(f"weight file {path} holds a {type(state).__name__}, not a state dict; save model.state_dict().")
+        raise WeightsError(f"weight file {path} holds a {type(state).__name__}, not a state dict; "
+                           "save model.state_dict().")
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise WeightsError(f"weight file {path} does not fit {spec.name}: missing {missing[:3]}, unexpected "

@@ -89,8 +89,8 @@ def export(
     result = export_bundle(options)
     m = result.manifest
     if as_json:
-        typer.echo(json.dumps({"out": str(result.out), "seconds": result.seconds, "trainable_params": m.trainable_params,
-                               "frozen_params": m.frozen_params, "validation": m.validation}))
+        typer.echo(json.dumps({"out": str(result.out), "seconds": result.seconds, "validation": m.validation,
+                               "trainable_params": m.trainable_params, "frozen_params": m.frozen_params}))
         return
     typer.echo(f"exported {m.backbone} ({m.preset}, {len(m.labels)} outputs) to {result.out} in {result.seconds:.1f}s: "
                f"{m.trainable_params:,} trainable / {m.frozen_params:,} frozen parameters")

@@ -13,8 +13,15 @@ from edgeadapt import __version__
 from edgeadapt.models.registry import BackboneSpec
 from edgeadapt.runtime.atomic import check_output_dir, staged_dir
 from edgeadapt.runtime.errors import ConfigError, UnknownNameError
-from edgeadapt.runtime.manifest import (LOSSES, MANIFEST_NAME, OPTIMIZERS, SCHEMA_VERSION, InputSpec, Manifest,
-                                        sha256_file)
+from edgeadapt.runtime.manifest import (
+    LOSSES,
+    MANIFEST_NAME,
+    OPTIMIZERS,
+    SCHEMA_VERSION,
+    InputSpec,
+    Manifest,
+    sha256_file,
+)
 from edgeadapt.toolchain.bn import BN_POLICIES
 from edgeadapt.toolchain.build import BuiltModel, HeadRequest, build_user_model, build_zoo_model
 from edgeadapt.toolchain.validate import ValidationReport
@@ -178,8 +185,8 @@ def make_manifest(built: BuiltModel, opts: ExportOptions, graph: onnx.ModelProto
         backbone=opts.backbone or opts.model, weights=built.weights, preset=opts.trainable, bn_policy=opts.bn,
         input=_input_spec(built.spec), output_name="logits", labels=built.labels, loss=opts.loss,
         optimizer=opts.optimizer,
-        hyperparameters={"lr": default_lr(opts), "weight_decay": opts.weight_decay if opts.optimizer == "adamw" else 0.0,
-                         "batch_size": 32.0, "epochs": 5.0},
+        hyperparameters={"lr": default_lr(opts), "batch_size": 32.0, "epochs": 5.0,
+                         "weight_decay": opts.weight_decay if opts.optimizer == "adamw" else 0.0},
         trainable=trainable, frozen=frozen, buffers=buffers,
         trainable_params=sum(sizes[n] for n in trainable), frozen_params=sum(sizes[n] for n in frozen),
         opset=next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), ir_version=graph.ir_version,

@@ -14,7 +14,8 @@ OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
-def export_eval_onnx(module: torch.nn.Module, input_size: tuple[int, ...], bn_policy: str, path: Path) -> onnx.ModelProto:
+def export_eval_onnx(module: torch.nn.Module, input_size: tuple[int, ...], bn_policy: str,
+                     path: Path) -> onnx.ModelProto:
     """Export with every parameter its own initializer. (Without keep_initializers_as_inputs the exporter merges
     initializers of equal value in eval mode — e.g. all fresh BN scales of one width — so they would share one
     gradient in training.) The initializers are then taken back out of the graph inputs."""

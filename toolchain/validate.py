@@ -4,7 +4,6 @@ gradients — through the same engine the device uses."""
 from __future__ import annotations
 
 import copy
-
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,7 +78,8 @@ def _torch_gradients(module, x, y, loss: str, dtype) -> tuple[float, dict[str, n
     model = copy.deepcopy(module).to(dtype).eval()
     value = TORCH_LOSSES[loss](model(x.to(dtype)), y if loss == "cross_entropy" else y.to(dtype))
     value.backward()
-    return float(value.detach()), {n: p.grad.double().numpy() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.double().numpy() for n, p in model.named_parameters() if p.grad is not None}
+    return float(value.detach()), grads
 
 
 def _check_training_step(module, engine, x, y, loss, trainable, eval_diff) -> ValidationReport:
@@ -93,7 +93,8 @@ def _check_training_step(module, engine, x, y, loss, trainable, eval_diff) -> Va
         allowed = max(GRAD_TOLERANCE, NOISE_FACTOR * _relative_error(grads32[name], grads64[name]))
         if error > allowed:
             raise ExportError(f"one training step differs from torch: gradient of {name} is off by {error:.2e} "
-                              f"(allowed {allowed:.1e}); the training graph is wrong: try --bn affine, or report a bug.")
+                              f"(allowed {allowed:.1e}); the training graph is wrong: try --bn affine, or report "
+                              "a bug.")
         worst, worst_name = max((worst, worst_name), (error, name))
     if loss_diff > LOSS_TOLERANCE:
         raise ExportError(f"one training step differs from torch: loss off by {loss_diff:.2e}; report a bug.")
