@@ -3,6 +3,7 @@ Importing it needs neither torch nor onnx; each command imports what it uses."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -37,3 +38,10 @@ def main() -> None:
         where = f" ({exc.filename})" if exc.filename else ""
         typer.echo(f"error: {exc.strerror or exc}{where}; free space or fix permissions and retry.", err=True)
         sys.exit(1)
+    except Exception as exc:  # a bug: one line by default, the traceback on request
+        if os.environ.get("EDGEADAPT_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        typer.echo(f"internal error: {type(exc).__name__}: {first} (a bug in edgeadapt; rerun with "
+                   "EDGEADAPT_DEBUG=1 for the traceback and report it)", err=True)
+        sys.exit(3)

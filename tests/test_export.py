@@ -97,3 +97,44 @@ def test_custom_model_factory(bundle_factory, tmp_path):
                                          head=HeadRequest(num_classes=3), trainable="head", user_spec=spec))
     assert result.manifest.trainable == ["classifier.weight", "classifier.bias"]
     assert result.validation.eval_max_abs_diff <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def mobilenet_onnx(tmp_path_factory):
+    """A user's own ONNX file: torch's default export of MobileNetV2 with BN nodes kept and a fixed batch of 1."""
+    import torch
+
+    from edgeadapt.models.registry import get_entry
+
+    path = tmp_path_factory.mktemp("onnx") / "user_model.onnx"
+    torch.manual_seed(0)
+    model = get_entry("mobilenet_v2").factory(6).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # non-trivial statistics, as in a trained model
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), str(path), input_names=["image"], opset_version=17,
+                      dynamo=False, do_constant_folding=False)
+    assert any(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
+    return path
+
+
+@pytest.mark.parametrize("mode, preset", [("keep", "full"), ("keep", "head"), ("feature", "bias")])
+def test_onnx_source(mobilenet_onnx, tmp_path, mode, preset):
+    from edgeadapt.toolchain.export import ExportOptions, export_bundle
+
+    head = {"keep": dict(head=HeadRequest(keep_head=True), head_params=("classifier.1.weight", "classifier.1.bias")),
+            "feature": dict(head=HeadRequest(num_classes=3), feature_output="/GlobalAveragePool_output_0")}[mode]
+    result = export_bundle(ExportOptions(out=tmp_path / "b", onnx=mobilenet_onnx, trainable=preset, **head))
+    graph = onnx.load(str(tmp_path / "b" / "training_model.onnx"))
+    assert not any("BatchNorm" in n.op_type for n in graph.graph.node)
+    assert result.validation.eval_max_abs_diff <= 1e-4 and result.validation.loss_rel_diff <= 1e-4
+    engine = Engine(tmp_path / "b", tmp_path / "b" / "checkpoint")
+    x = np.random.default_rng(0).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    y = np.arange(4) % len(result.manifest.labels)
+    first = engine.train_batch(x, y)[0]
+    engine.apply_update()
+    for _ in range(10):
+        engine.train_batch(x, y)
+        engine.apply_update()
+    assert engine.eval_step(x, y)[0] < first

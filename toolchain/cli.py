@@ -48,6 +48,10 @@ def export(
     weights: Optional[str] = typer.Option(None, "--weights", help="imagenet, or a path to a state dict."),
     model: Optional[str] = typer.Option(None, "--model", help="Your model: package.module:factory."),
     head: str = typer.Option("classifier", "--head", help="With --model: the classifier's module name."),
+    onnx_model: Optional[Path] = typer.Option(None, "--onnx", help="An existing ONNX model instead of a backbone."),
+    head_params: Optional[str] = typer.Option(None, "--head-params", help="With --onnx: the head's initializers."),
+    feature_output: Optional[str] = typer.Option(None, "--feature-output",
+                                                 help="With --onnx: tensor to put a new linear head on."),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="H,W (or one number) for images."),
     mean: Optional[str] = typer.Option(None, "--mean", help="With --model: per-channel mean."),
     std: Optional[str] = typer.Option(None, "--std", help="With --model: per-channel std."),
@@ -71,6 +75,9 @@ def export(
 
     size = _numbers(input_size, what="--input-size")
     user_spec = None
+    if onnx_model and (mean or std):
+        user_spec = BackboneSpec(name="onnx", input_size=(), mean=_numbers(mean, float, "--mean") or (0.0,),
+                                 std=_numbers(std, float, "--std") or (1.0,), feature_dim=0, head="", blocks=())
     if model:
         height, width = (size * 2 if len(size) == 1 else size) if size else (224, 224)
         user_spec = BackboneSpec(name=model, input_size=(3, height, width),
@@ -81,7 +88,9 @@ def export(
                             head=HeadRequest(classes, _labels(labels), keep_head), trainable=trainable,
                             weights=weights, input_size=None if model else size, loss=loss, optimizer=optimizer,
                             lr=lr, weight_decay=weight_decay, bn=bn, ort_format=ort_format, validate=validate,
-                            force=force, seed=seed, user_spec=user_spec)
+                            force=force, seed=seed, user_spec=user_spec, onnx=onnx_model,
+                            head_params=tuple(p.strip() for p in (head_params or "").split(",") if p.strip()),
+                            feature_output=feature_output)
     if list_params:
         for name, shape in list_parameters(options):
             typer.echo(f"{name}\t{list(shape)}")
@@ -96,8 +105,16 @@ def export(
                f"{m.trainable_params:,} trainable / {m.frozen_params:,} frozen parameters")
     if m.validation:
         v = m.validation
-        typer.echo(f"validated against torch: eval max |Δ| {v['eval_max_abs_diff']:.1e}, "
-                   f"loss rel Δ {v['loss_rel_diff']:.1e}, worst gradient rel Δ {v['grad_max_rel_diff']:.1e}")
+        against = "the source ONNX model (train and eval graphs agree)" if opts_onnx(m) else "torch"
+        text = f"validated against {against}: eval max |Δ| {v['eval_max_abs_diff']:.1e}, loss rel Δ " \
+               f"{v['loss_rel_diff']:.1e}"
+        if "grad_max_rel_diff" in v:
+            text += f", worst gradient rel Δ {v['grad_max_rel_diff']:.1e}"
+        typer.echo(text)
+
+
+def opts_onnx(manifest) -> bool:
+    return manifest.backbone.startswith("onnx:")
 
 
 def zoo():

@@ -48,7 +48,10 @@ class ExportOptions:
     validate: bool = True
     force: bool = False
     seed: int = 0
-    user_spec: BackboneSpec | None = None  # input size, mean/std and head name of a --model
+    user_spec: BackboneSpec | None = None  # input size, mean/std and head name of a --model or --onnx
+    onnx: Path | None = None  # an existing ONNX model
+    head_params: tuple[str, ...] = ()  # with --onnx: the head's initializers
+    feature_output: str | None = None  # with --onnx: the tensor to put a new head on
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,8 @@ class ExportResult:
 
 
 def check_options(opts: ExportOptions) -> None:
-    if sum(x is not None for x in (opts.backbone, opts.model)) != 1:
-        raise ConfigError("name exactly one model: a zoo BACKBONE or --model package.module:factory.")
+    if sum(x is not None for x in (opts.backbone, opts.model, opts.onnx)) != 1:
+        raise ConfigError("name exactly one model: a zoo BACKBONE, --model package.module:factory or --onnx FILE.")
     for value, known, what in ((opts.loss, LOSSES, "loss"), (opts.optimizer, OPTIMIZERS, "optimizer"),
                                (opts.bn, BN_POLICIES, "--bn policy")):
         if value not in known:
@@ -149,6 +152,10 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
     check_options(opts)
     out = Path(opts.out)
     check_output_dir(out, opts.force)
+    if opts.onnx:
+        from edgeadapt.toolchain.onnx_export import export_onnx_source
+
+        return export_onnx_source(opts, started)
     built = build(opts)
     with staged_dir(out) as staging:
         graph = export_eval_onnx(built.module, built.spec.input_size, opts.bn, staging / "inference_base.onnx")

@@ -41,7 +41,7 @@ class ValidationReport:
     worst_grad: str
 
     def as_dict(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if isinstance(v, float)}
+        return {k: v for k, v in asdict(self).items() if isinstance(v, float) and np.isfinite(v)}
 
 
 def example_targets(loss: str, batch: int, outputs: int, generator: torch.Generator) -> torch.Tensor:
@@ -68,6 +68,26 @@ def validate(module: torch.nn.Module, bundle_dir: Path, input_size: tuple[int, .
     if not check_gradients:
         return ValidationReport(eval_diff, float("nan"), float("nan"), "")
     return _check_training_step(module, engine, x, y, loss, trainable, eval_diff)
+
+
+def validate_against(reference, bundle_dir: Path, input_shape: tuple[int, ...], loss: str,
+                     outputs: int) -> ValidationReport:
+    """For sources without a torch model: the eval graph against `reference(x)`, and the training graph's loss
+    against the eval graph's at the same weights (they must compute one function)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, *input_shape, generator=generator)
+    y = example_targets(loss, 4, outputs, generator).numpy()
+    engine = Engine(bundle_dir, bundle_dir / "checkpoint", with_optimizer=False)
+    eval_loss, logits = engine.eval_step(x.numpy(), y)
+    eval_diff = float(np.abs(logits - reference(x.numpy())).max())
+    if eval_diff > EVAL_TOLERANCE:
+        raise ExportError(f"the eval graph differs from the source model by {eval_diff:.2e}; report a bug with it.")
+    train_loss, _, _ = engine.forward_backward(x.numpy(), y)
+    loss_diff = abs(train_loss - eval_loss) / max(abs(eval_loss), 1e-6)
+    if loss_diff > LOSS_TOLERANCE:
+        raise ExportError(f"training and eval graphs disagree by {loss_diff:.2e}; a layer behaves differently in "
+                          "training (BatchNorm? Dropout?): export it in eval mode or freeze it.")
+    return ValidationReport(eval_diff, loss_diff, float("nan"), "")
 
 
 def _relative_error(value: np.ndarray, reference: np.ndarray) -> float:

@@ -1,0 +1,205 @@
+"""An existing ONNX model as the source of a bundle (`export --onnx model.onnx`), for models we do not ship.
+
+The user names the head: its initializers (`--head-params`, e.g. a final Gemm's weight and bias) or the feature
+output to put a new linear head on (`--feature-output`). BatchNormalization nodes are rewritten in the graph the
+same way the `fold` policy does it for torch models (conv weights scaled by γ/√(σ²+ε) in-graph, statistics frozen),
+so the training and eval graphs compute the same function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeadapt.runtime.errors import ConfigError
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+@dataclass
+class OnnxSource:
+    model: onnx.ModelProto
+    params: list[str]  # trainable candidates: float initializers that are weights
+    buffers: list[str]  # BN statistics and non-float constants: always frozen
+    head: list[str]
+    input_shape: tuple[int, ...]  # without batch
+    num_outputs: int
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf decode errors
+        raise ConfigError(f"--onnx {path} is not a readable ONNX model ({type(exc).__name__}).") from None
+    inputs = _real_inputs(model)
+    if len(inputs) != 1:
+        raise ConfigError(f"--onnx {path} has {len(inputs)} inputs; edgeadapt trains single-input models.")
+    return model
+
+
+def _real_inputs(model: onnx.ModelProto) -> list:
+    initializers = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def _shape(value_info) -> list:
+    return [d.dim_value if d.dim_value > 0 else -1 for d in value_info.type.tensor_type.shape.dim]
+
+
+def _rename_io(model: onnx.ModelProto, output: str, num_outputs: int) -> None:
+    """One input called `input` with a free batch dimension; the chosen output called `logits`."""
+    old_in = _real_inputs(model)[0].name
+    for node in model.graph.node:
+        node.input[:] = [INPUT_NAME if n == old_in else n for n in node.input]
+        node.output[:] = [OUTPUT_NAME if n == output else n for n in node.output]
+        node.input[:] = [OUTPUT_NAME if n == output else n for n in node.input]
+    graph_input = _real_inputs(model)[0]
+    graph_input.name = INPUT_NAME
+    graph_input.type.tensor_type.shape.dim[0].dim_param = "batch"
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", num_outputs]))
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
+    """Rewrite each BatchNormalization node as frozen-statistics arithmetic; return the statistics' names."""
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    producers = {out: node for node in model.graph.node for out in node.output}
+    outputs = {o.name for o in model.graph.output}
+    new_nodes, statistics = [], []
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization":
+            new_nodes.append(node)
+            continue
+        x, scale, bias, mean, var = node.input[:5]
+        statistics += [mean, var]
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        prefix = f"bnfold/{node.name or node.output[0]}"
+        scale_of, shift_of = f"{prefix}/scale", f"{prefix}/shift"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(eps, np.float32), f"{prefix}/eps"))
+        math_nodes = [helper.make_node("Add", [var, f"{prefix}/eps"], [f"{prefix}/var_eps"]),
+                      helper.make_node("Sqrt", [f"{prefix}/var_eps"], [f"{prefix}/std"]),
+                      helper.make_node("Div", [scale, f"{prefix}/std"], [scale_of]),
+                      helper.make_node("Mul", [mean, scale_of], [f"{prefix}/mean_scaled"]),
+                      helper.make_node("Sub", [bias, f"{prefix}/mean_scaled"], [shift_of])]
+        conv = producers.get(x)
+        if conv is not None and conv.op_type == "Conv" and consumers.get(x) == 1 and x not in outputs:
+            _fold_into_conv(model, conv, node, new_nodes, math_nodes, prefix)
+        else:
+            new_nodes += math_nodes + _affine_nodes(model, x, node.output[0], prefix)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    return statistics
+
+
+def _fold_into_conv(model, conv, bn, new_nodes, math_nodes, prefix) -> None:
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), f"{prefix}/w_shape"))
+    math_nodes += [helper.make_node("Reshape", [f"{prefix}/scale", f"{prefix}/w_shape"], [f"{prefix}/scale4"]),
+                   helper.make_node("Mul", [conv.input[1], f"{prefix}/scale4"], [f"{prefix}/weight"])]
+    bias = f"{prefix}/shift"
+    if len(conv.input) > 2 and conv.input[2]:
+        math_nodes += [helper.make_node("Mul", [conv.input[2], f"{prefix}/scale"], [f"{prefix}/bias_scaled"]),
+                       helper.make_node("Add", [f"{prefix}/bias_scaled", f"{prefix}/shift"], [f"{prefix}/bias"])]
+        bias = f"{prefix}/bias"
+    position = next(i for i, n in enumerate(new_nodes) if n is conv)
+    new_nodes[position:position] = math_nodes
+    conv.input[:] = [conv.input[0], f"{prefix}/weight", bias]
+    conv.output[:] = [bn.output[0]]
+
+
+def _affine_nodes(model, x: str, y: str, prefix: str) -> list:
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1, -1, 1, 1], np.int64), f"{prefix}/c_shape"))
+    return [helper.make_node("Reshape", [f"{prefix}/scale", f"{prefix}/c_shape"], [f"{prefix}/scale_c"]),
+            helper.make_node("Reshape", [f"{prefix}/shift", f"{prefix}/c_shape"], [f"{prefix}/shift_c"]),
+            helper.make_node("Mul", [x, f"{prefix}/scale_c"], [f"{prefix}/scaled"]),
+            helper.make_node("Add", [f"{prefix}/scaled", f"{prefix}/shift_c"], [y])]
+
+
+def attach_linear_head(model: onnx.ModelProto, features: str, num_outputs: int, seed: int) -> list[str]:
+    """Cut at `features`, flatten, add Gemm(head.weight, head.bias) → logits."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    info = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    if features not in info:
+        raise ConfigError(f"--feature-output {features} is not a tensor of the model (or its shape is unknown); "
+                          "name an output of a node, e.g. the pooled features.")
+    dims = _shape(info[features])[1:]
+    if not dims or any(d <= 0 for d in dims):
+        raise ConfigError(f"--feature-output {features} has no fixed feature size ({dims}); pick a pooled output.")
+    width = int(np.prod(dims))
+    rng = np.random.default_rng(seed)
+    model.graph.initializer.extend([
+        numpy_helper.from_array((rng.standard_normal((num_outputs, width)) * 0.01).astype(np.float32), "head.weight"),
+        numpy_helper.from_array(np.zeros(num_outputs, np.float32), "head.bias")])
+    model.graph.node.extend([helper.make_node("Flatten", [features], ["head/flat"], axis=1),
+                             helper.make_node("Gemm", ["head/flat", "head.weight", "head.bias"], ["head/logits"],
+                                              transB=1)])
+    return ["head.weight", "head.bias"]
+
+
+def prune_unused(model: onnx.ModelProto, output: str) -> None:
+    """Keep only the nodes and initializers that `output` depends on."""
+    needed, kept = {output}, []
+    for node in reversed(model.graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(kept))
+    inits = [i for i in model.graph.initializer if i.name in needed]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+
+
+def prepare(path: Path, head_params: list[str], feature_output: str | None, num_outputs: int | None,
+            seed: int = 0) -> OnnxSource:
+    model = load_onnx(path)
+    statistics = fold_batchnorm(model)
+    if feature_output:
+        if num_outputs is None:
+            raise ConfigError("--feature-output adds a new head: give --classes N or --labels FILE.")
+        head = attach_linear_head(model, feature_output, num_outputs, seed)
+        output = "head/logits"
+    else:
+        output = model.graph.output[0].name
+        head = head_params
+    prune_unused(model, output)
+    source = _describe(model, head, statistics, path)
+    _rename_io(model, output, source.num_outputs)
+    return source
+
+
+def _describe(model: onnx.ModelProto, head: list[str], statistics: list[str], path: Path) -> OnnxSource:
+    floats = [i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and
+              not i.name.startswith("bnfold/") and i.name not in statistics]
+    missing = [h for h in head if h not in floats]
+    if not head or missing:
+        raise ConfigError(f"--head-params {', '.join(missing) or '(none)'} not among the model's weights; give the "
+                          f"head's initializers (e.g. {', '.join(floats[-2:])}) or use --feature-output.")
+    buffers = [i.name for i in model.graph.initializer if i.name not in floats]
+    shape = tuple(_shape(_real_inputs(model)[0])[1:]) if _real_inputs(model) else ()
+    if any(d <= 0 for d in shape):
+        raise ConfigError(f"--onnx {path} has a free input dimension besides the batch {shape}; fix it first.")
+    outputs = int(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == head[-1])).shape[0])
+    return OnnxSource(model, floats, buffers, head, shape, outputs)
+
+
+def reference_logits(path: Path, x: np.ndarray, feature_output: str | None, head: dict[str, np.ndarray]):
+    """What the bundle must compute, from the original file: its output, or its features through the new head."""
+    import onnxruntime
+
+    model = load_onnx(path)
+    if feature_output:
+        model.graph.output.append(helper.make_tensor_value_info(feature_output, TensorProto.FLOAT, None))
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    wanted = feature_output or model.graph.output[0].name
+    name = _real_inputs(model)[0].name  # one sample at a time: the file may fix its batch size at 1
+    out = np.concatenate([session.run([wanted], {name: x[i:i + 1]})[0] for i in range(len(x))])
+    if not feature_output:
+        return out
+    return out.reshape(len(x), -1) @ head["head.weight"].T + head["head.bias"]
