@@ -136,3 +136,20 @@ def test_predict_returns_top_k_with_labels(fresh_bundle, digits):
     truth = np.load(digits["test"])["y"]
     hits = np.mean([p.top[0]["label"] == t for p, t in zip(predictions, truth)])
     assert hits > 0.5
+
+
+def test_openvino_predictions_match_onnxruntime(fresh_bundle, digits):
+    bundle = fresh_bundle("tiny_mlp", "full")
+    Trainer(bundle, TrainConfig(epochs=2)).fit(digits["train"])
+    ort = predict(bundle, [digits["test"]], top_k=1)
+    ov = predict(bundle, [digits["test"]], top_k=1, backend="openvino")
+    assert [p.top[0]["index"] for p in ort] == [p.top[0]["index"] for p in ov]
+    assert max(abs(a.top[0]["score"] - b.top[0]["score"]) for a, b in zip(ort, ov)) <= 1e-4
+
+
+def test_absent_openvino_device_is_one_line(fresh_bundle, digits):
+    from conftest import run_cli
+    from test_errors import assert_one_line_error
+
+    result = run_cli("predict", fresh_bundle(), digits["test"], "--backend", "openvino", "--device", "NPU")
+    assert_one_line_error(result, "OpenVINO device NPU is not present")

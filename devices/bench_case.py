@@ -1,0 +1,118 @@
+"""One benchmark case, run in a fresh process (`python -m edgeadapt.devices.bench_case BUNDLE BATCH THREADS ...`):
+import cost, training-step latency and peak RSS, then batch-1 inference latency per available backend. Prints one
+JSON line. The bundle is not modified (nothing is saved)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _batch(manifest, batch: int, seed: int = 0):
+    from edgeadapt.runtime.metrics import dummy_targets
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal([batch, *manifest.input.shape[1:]]).astype(np.float32)
+    y = dummy_targets(manifest, batch)
+    if manifest.loss == "cross_entropy":
+        y = rng.integers(0, manifest.num_outputs, batch).astype(np.int64)
+    return x, y
+
+
+def time_training(bundle, batch: int, threads: int, steps: int, warmup: int) -> list[float]:
+    from edgeadapt.runtime.engine import Engine
+
+    engine = Engine(bundle.path, bundle.checkpoint, threads=threads)
+    engine.set_learning_rate(1e-4)
+    x, y = _batch(bundle.manifest, batch)
+    times = []
+    for i in range(warmup + steps):
+        started = time.perf_counter()
+        engine.train_batch(x, y)
+        engine.apply_update()
+        if i >= warmup:
+            times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def _latency(run, x, repeats: int = 20) -> float:
+    run(x)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run(x)
+        times.append((time.perf_counter() - started) * 1000)
+    return float(np.median(times))
+
+
+def inference_latencies(bundle, threads: int) -> dict[str, float]:
+    """Batch-1 latency (ms, median) of the deployed model on every backend present here."""
+    from edgeadapt.runtime.deploy import export_onnx
+    from edgeadapt.runtime.engine import onnxruntime_module
+
+    x, _ = _batch(bundle.manifest, 1)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model.onnx"
+        export_onnx(bundle, model)
+        ort = onnxruntime_module()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        results["onnxruntime-cpu"] = _latency(lambda a: session.run(None, {"input": a}), x)
+        results.update(_openvino_latencies(model, x, threads))
+    return results
+
+
+def _openvino_latencies(model: Path, x, threads: int) -> dict[str, float]:
+    try:
+        import openvino
+    except ImportError:
+        return {}
+    core = openvino.Core()
+    results = {}
+    for device in ("CPU", "GPU", "NPU"):
+        if device in core.available_devices:
+            config = {"INFERENCE_NUM_THREADS": threads} if device == "CPU" else {}
+            compiled = core.compile_model(str(model), device, config)
+            results[f"openvino-{device.lower()}"] = _latency(lambda a: compiled(a), x)
+    return results
+
+
+def main(argv: list[str]) -> None:
+    bundle_path, batch, threads, steps, warmup = argv[0], *map(int, argv[1:5])
+    started = time.perf_counter()
+    from edgeadapt.runtime.bundle import Bundle
+    from edgeadapt.runtime.engine import training_api
+
+    training_api()
+    import_s, import_rss = time.perf_counter() - started, rss_mb()
+    bundle = Bundle.open(bundle_path)
+    times = time_training(bundle, batch, threads, steps, warmup)
+    peak = peak_rss_mb()
+    result = {"step_ms": times, "import_s": import_s, "import_rss_mb": import_rss, "peak_rss_mb": peak}
+    if "--no-inference" not in argv:
+        result["inference_ms"] = inference_latencies(bundle, threads)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
