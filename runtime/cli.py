@@ -12,6 +12,14 @@ from typing import List, Optional
 import typer
 
 
+def console():
+    """Rich console; piped output gets a wide fixed width instead of 80 columns."""
+    from rich.console import Console
+
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=160)
+
+
 @contextlib.contextmanager
 def progress_bar():
     """A rich progress bar fed by the trainer's per-batch callback."""
@@ -38,7 +46,6 @@ def inspect(bundle: Path = typer.Argument(..., help="Bundle folder."),
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table("field", "value", title=f"bundle {bundle}", show_lines=False)
@@ -47,7 +54,7 @@ def inspect(bundle: Path = typer.Argument(..., help="Bundle folder."),
             table.add_row(key, str(value))
     for name, size in info["files"].items():
         table.add_row(f"file {name}", f"{size:,} bytes")
-    Console().print(table)
+    console().print(table)
 
 
 def train(
@@ -67,10 +74,18 @@ def train(
     threads: Optional[int] = typer.Option(None, "--threads"),
     checkpoint_every: int = typer.Option(20, "--checkpoint-every", help="Steps between checkpoints."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run exactly."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Device profile: refuse batches over its budget."),
+    auto_batch: bool = typer.Option(False, "--auto-batch", help="With --profile: the largest batch that fits."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """Train the bundle on local data (no torch needed)."""
     from edgeadapt.runtime.trainer import TrainConfig, Trainer
+
+    if profile:
+        from edgeadapt.devices.fit import batch_for_profile
+
+        batch_size, threads = batch_for_profile(bundle, profile, batch_size, auto_batch, threads)
+        typer.echo(f"profile {profile}: batch {batch_size}, {threads} threads")
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, schedule=schedule, warmup=warmup,
                          val_split=val_split, patience=patience, max_minutes=max_minutes, augment=augment,

@@ -120,17 +120,17 @@ def opts_onnx(manifest) -> bool:
 def zoo():
     """List the registered backbones."""
     _need_host()
-    from rich.console import Console
     from rich.table import Table
 
     from edgeadapt.models.registry import backbone_names, get_entry
+    from edgeadapt.runtime.cli import console
 
     table = Table("backbone", "input", "features", "head", "weights", "description")
     for name in backbone_names():
         spec = get_entry(name).spec
         table.add_row(name, "x".join(map(str, spec.input_size)), str(spec.feature_dim), spec.head,
                       ", ".join(spec.weights) or "-", spec.description)
-    Console().print(table)
+    console().print(table)
 
 
 def demo(

@@ -1,0 +1,84 @@
+"""Device profiles, the memory planner, fitting a batch into a profile, and `edgeadapt bench`."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from edgeadapt.devices.fit import batch_for_profile
+from edgeadapt.devices.planner import plan_memory
+from edgeadapt.devices.profiles import get_profile, load_profiles
+from edgeadapt.runtime.bundle import Bundle
+from edgeadapt.runtime.errors import ConfigError, UnknownNameError
+from edgeadapt.toolchain.build import HeadRequest
+
+EXPECTED_PROFILES = {"host", "raspberry-pi-4", "raspberry-pi-5", "jetson-orin-nano", "intel-core-ultra",
+                     "snapdragon-phone", "android-midrange"}
+
+
+def test_all_device_classes_have_profiles():
+    assert EXPECTED_PROFILES <= set(load_profiles())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PROFILES))
+def test_profile_is_sound(name):
+    profile = get_profile(name)
+    assert 1 <= profile.threads <= profile.cores
+    assert profile.memory_budget_mb > 0
+    assert profile.training_backend in ("cpu", "cuda")
+    assert profile.inference_backends and profile.prefix_backend
+    assert name == "host" or profile.sources, "figures need sources"
+
+
+def test_unknown_profile():
+    with pytest.raises(UnknownNameError, match="raspberry-pi-4"):
+        get_profile("raspberry-pi-44")
+
+
+@pytest.fixture(scope="module")
+def mobilenet_bundles(bundle_factory):
+    return {p: bundle_factory("mobilenet_v2", p, weights="imagenet", head=HeadRequest(num_classes=10))
+            for p in ("head", "last:2", "full")}
+
+
+def test_planner_grows_with_batch_and_trainable_set(mobilenet_bundles):
+    plans = {p: {b: plan_memory(path, Bundle.open(path).manifest, b) for b in (8, 32)}
+             for p, path in mobilenet_bundles.items()}
+    for by_batch in plans.values():
+        assert by_batch[32].total_mb > by_batch[8].total_mb
+    assert plans["head"][32].total_mb < plans["last:2"][32].total_mb < plans["full"][32].total_mb
+    full = plans["full"][32]
+    assert full.optimizer_mb == pytest.approx(2 * full.gradients_mb)  # AdamW: two moments per trainable value
+    assert full.gradients_mb == pytest.approx(2_236_682 * 4 / 2**20)
+
+
+def test_profile_budget_refuses_or_picks_a_batch(mobilenet_bundles):
+    full = mobilenet_bundles["full"]
+    with pytest.raises(ConfigError, match="MB over raspberry-pi-4's budget"):
+        batch_for_profile(full, "raspberry-pi-4", 32, auto=False, threads=None)
+    batch, threads = batch_for_profile(full, "raspberry-pi-4", 32, auto=True, threads=None)
+    manifest = Bundle.open(full).manifest
+    assert plan_memory(full, manifest, batch).total_mb <= 1500 < plan_memory(full, manifest, batch * 2).total_mb
+    assert threads == 4
+
+
+def test_bench_json_and_plot(bundle_factory, tmp_path):
+    bundle = bundle_factory("tiny_cnn", "full")
+    plot = tmp_path / "bench.png"
+    result = run_cli("bench", bundle, "--batch-sizes", "2,4", "--steps", "2", "--warmup", "1", "--json",
+                     "--plot", plot)
+    assert result.returncode == 0, result.stderr
+    cases = json.loads(result.stdout)["cases"]
+    assert [c["batch_size"] for c in cases] == [2, 4]
+    for case in cases:
+        for key in ("preset", "batch_size", "step_ms_p50", "step_ms_p95", "peak_rss_mb", "predicted_peak_mb"):
+            assert case[key] is not None
+        assert case["step_ms_p95"] >= case["step_ms_p50"] > 0
+        assert "onnxruntime-cpu" in case["inference_ms"]
+    assert plot.stat().st_size > 10_000
+
+
+def test_devices_command_is_honest_about_this_machine():
+    result = run_cli("devices")
+    assert result.returncode == 0
+    assert "this machine: onnxruntime providers CPUExecutionProvider" in result.stdout
