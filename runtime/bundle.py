@@ -20,29 +20,49 @@ class Bundle:
     manifest: Manifest
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True) -> "Bundle":
+    def open(cls, path: str | Path, verify: bool = True, trusted_key: str | Path | None = None) -> "Bundle":
         """Read the manifest and check every graph against its sha256 (the checkpoint changes with training:
-        it is checked when it is still the exported one, and by ONNX Runtime's loader otherwise)."""
+        it is checked when it is still the exported one, and by ONNX Runtime's loader otherwise). With a
+        `trusted_key`, the manifest must carry a valid signature by it."""
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"bundle {path} does not exist or is not a folder; create it with `edgeadapt export`.")
+        if trusted_key is not None:
+            from edgeadapt.runtime.signing import verify_bundle
+
+            verify_bundle(path, Path(trusted_key))
         manifest = Manifest.read(path)
         bundle = cls(path, manifest)
         if verify:
             bundle.verify()
         return bundle
 
+    def split_graphs(self) -> tuple[str, ...]:
+        split = self.manifest.split
+        if split is None:
+            return ()
+        return (split.prefix_model, *(split.suffix_prefix + g for g in GRAPHS))
+
     def verify(self) -> None:
-        for name in (*GRAPHS, CHECKPOINT):
+        for name in (*GRAPHS, CHECKPOINT, *self.split_graphs()):
             file = self.path / name
             if not file.is_file():
                 raise BundleError(f"bundle {self.path} misses {name}; re-export it or copy the whole bundle again.")
             expected = self.manifest.files.get(name)
             if expected is None:
                 raise BundleError(f"{self.path}/manifest.json has no sha256 for {name}; re-export the bundle.")
-            if name in GRAPHS and sha256_file(file) != expected:
+            is_graph = name in GRAPHS or name in self.split_graphs()
+            if (is_graph or self._pristine_checkpoint_expected(name)) and sha256_file(file) != expected:
                 raise BundleError(f"{file} does not match the sha256 in manifest.json: it was modified or corrupted; "
                                   "re-export the bundle or copy it again.")
+
+    def _pristine_checkpoint_expected(self, name: str) -> bool:
+        """A checkpoint without training progress must be the exported one, byte for byte."""
+        if name != CHECKPOINT:
+            return False
+        from edgeadapt.runtime.checkpoints import read_progress
+
+        return read_progress(self.path / CHECKPOINT, self.bundle_id) is None
 
     @property
     def checkpoint(self) -> Path:

@@ -77,5 +77,13 @@ def finalize(source: Path, target: Path, progress: Progress) -> None:
     atomic_write(target, lambda tmp: Engine.rewrite_properties(source, tmp, progress.as_properties()))
 
 
+def merge_into(trained: Path, whole: Path, progress: Progress) -> None:
+    """Copy a trained suffix's parameters into the whole-graph checkpoint, so evaluate, predict and deploy of the
+    whole graph see the adapted model."""
+    progress = dataclasses.replace(progress, finished=1)
+    atomic_write(whole, lambda tmp: Engine.copy_parameters(trained, whole, tmp, progress.as_properties(),
+                                                           whole.parent))
+
+
 def keep_copy(source: Path, target: Path) -> None:
     atomic_copy(source, target)

@@ -74,8 +74,14 @@ def train(
     threads: Optional[int] = typer.Option(None, "--threads"),
     checkpoint_every: int = typer.Option(20, "--checkpoint-every", help="Steps between checkpoints."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run exactly."),
+    split: str = typer.Option("auto", "--split", help="auto | on | off: train only the suffix of a split bundle."),
+    prefix_device: str = typer.Option("onnxruntime-cpu", "--prefix-device",
+                                      help="Where the frozen prefix runs: onnxruntime-cpu, openvino-cpu|gpu|npu, …"),
+    prefix_int8: bool = typer.Option(False, "--prefix-int8", help="Use the INT8 prefix (edgeadapt quantize-prefix)."),
+    cache_mb: int = typer.Option(2048, "--cache-mb", help="Feature cache limit."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Device profile: refuse batches over its budget."),
     auto_batch: bool = typer.Option(False, "--auto-batch", help="With --profile: the largest batch that fits."),
+    trusted_key: Optional[Path] = typer.Option(None, "--trusted-key", help="Refuse bundles not signed by this key."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ):
     """Train the bundle on local data (no torch needed)."""
@@ -89,9 +95,10 @@ def train(
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, schedule=schedule, warmup=warmup,
                          val_split=val_split, patience=patience, max_minutes=max_minutes, augment=augment,
-                         device=device, threads=threads, checkpoint_every=checkpoint_every, resume=resume)
+                         device=device, threads=threads, checkpoint_every=checkpoint_every, resume=resume,
+                         split=split, prefix_device=prefix_device, prefix_int8=prefix_int8, cache_mb=cache_mb)
     with (contextlib.nullcontext(None) if quiet else progress_bar()) as on_batch:
-        summary = Trainer(bundle, config, on_batch=on_batch).fit(data)
+        summary = Trainer(_bundle(bundle, trusted_key), config, on_batch=on_batch).fit(data)
     _print_summary(summary, bundle)
 
 
@@ -108,16 +115,20 @@ def _print_summary(summary, bundle: Path) -> None:
     if summary.skipped_files:
         typer.echo(f"skipped {len(summary.skipped_files)} unreadable file(s), e.g. {summary.skipped_files[0][0]}: "
                    f"{summary.skipped_files[0][1]}")
+    for note in summary.notes:
+        typer.echo(f"note: {note}")
     if summary.stopped == "time_limit":
         typer.echo(f"time limit reached: continue with `edgeadapt train {bundle} DATA --resume` and the same options.")
 
 
 def evaluate(bundle: Path = typer.Argument(...), data: Path = typer.Argument(...),
-             batch_size: int = typer.Option(64, "--batch-size"), as_json: bool = typer.Option(False, "--json")):
+             batch_size: int = typer.Option(64, "--batch-size"), as_json: bool = typer.Option(False, "--json"),
+             trusted_key: Optional[Path] = typer.Option(None, "--trusted-key",
+                                                        help="Refuse bundles not signed by this key.")):
     """Accuracy, per-class accuracy and confusion matrix of the bundle's current model on labelled data."""
     from edgeadapt.runtime.inference import evaluate as run
 
-    bundle_obj = _bundle(bundle)
+    bundle_obj = _bundle(bundle, trusted_key)
     metrics = run(bundle_obj, data, batch_size)
     result = metrics.as_dict(bundle_obj.manifest.labels)
     if as_json:
@@ -133,24 +144,26 @@ def evaluate(bundle: Path = typer.Argument(...), data: Path = typer.Argument(...
             typer.echo("  " + " ".join(f"{v:5d}" for v in row))
 
 
-def _bundle(path: Path):
+def _bundle(path: Path, trusted_key: Path | None = None):
     from edgeadapt.runtime.bundle import Bundle
 
-    return Bundle.open(path)
+    return Bundle.open(path, trusted_key=trusted_key)
 
 
 def predict(bundle: Path = typer.Argument(...), inputs: List[Path] = typer.Argument(..., help="Images, .npz, .csv."),
             top_k: int = typer.Option(5, "--top-k"),
             backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime | openvino."),
             device: str = typer.Option("CPU", "--device", help="OpenVINO device: CPU | GPU | NPU."),
-            as_json: bool = typer.Option(False, "--json")):
+            as_json: bool = typer.Option(False, "--json"),
+            trusted_key: Optional[Path] = typer.Option(None, "--trusted-key",
+                                                       help="Refuse bundles not signed by this key.")):
     """Top-k labels for each input."""
     from edgeadapt.runtime.errors import ConfigError
     from edgeadapt.runtime.inference import predict as run
 
     if backend not in ("onnxruntime", "openvino"):
         raise ConfigError(f"unknown --backend '{backend}'; choose onnxruntime or openvino.")
-    predictions = run(_bundle(bundle), inputs, top_k, backend, device)
+    predictions = run(_bundle(bundle, trusted_key), inputs, top_k, backend, device)
     if as_json:
         typer.echo(json.dumps([asdict(p) for p in predictions]))
         return
@@ -160,15 +173,53 @@ def predict(bundle: Path = typer.Argument(...), inputs: List[Path] = typer.Argum
 
 def deploy(bundle: Path = typer.Argument(...),
            fmt: str = typer.Option("onnx", "--format", help="onnx | openvino."),
-           out: Path = typer.Option(..., "--out", help="File (model.onnx / model.xml) or folder.")):
+           out: Path = typer.Option(..., "--out", help="File (model.onnx / model.xml) or folder."),
+           trusted_key: Optional[Path] = typer.Option(None, "--trusted-key",
+                                                      help="Refuse bundles not signed by this key.")):
     """Write the adapted model for inference, checked against the eval graph."""
     from edgeadapt.runtime.deploy import deploy as run
 
-    result = run(_bundle(bundle), fmt, out)
+    result = run(_bundle(bundle, trusted_key), fmt, out)
     typer.echo(f"wrote {result.path} ({result.format}); max |Δ| vs eval graph {result.max_abs_diff:.1e}, "
                f"same top-1: {result.same_predictions}")
 
 
+def keygen(key: Path = typer.Argument(..., help="Private key file to create; the public key goes to KEY.pub.")):
+    """Create an ed25519 key pair for signing bundles (`export --sign KEY`, `--trusted-key KEY.pub`)."""
+    from edgeadapt.runtime.signing import generate_keypair
+
+    public = generate_keypair(key)
+    typer.echo(f"private key {key} (keep it on the host), public key {public} (ship it with the app)")
+
+
+def pack(bundle: Path = typer.Argument(...), archive: Path = typer.Argument(..., help="Archive to write (.tar.gz).")):
+    """Pack a bundle into one file for transfer to a device."""
+    from edgeadapt.runtime.archive import pack as run
+
+    typer.echo(f"wrote {run(bundle, archive)}")
+
+
+def unpack(archive: Path = typer.Argument(...), out: Path = typer.Argument(..., help="Bundle folder to create."),
+           force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT.")):
+    """Unpack a bundle archive safely (plain files only) and verify it."""
+    from edgeadapt.runtime.archive import unpack as run
+
+    bundle = run(archive, out, force)
+    typer.echo(f"unpacked {bundle.manifest.backbone} ({bundle.manifest.preset}) to {bundle.path}")
+
+
+def quantize_prefix(bundle: Path = typer.Argument(...),
+                    data: Path = typer.Argument(..., help="Local samples to calibrate on (as for train)."),
+                    samples: int = typer.Option(128, "--samples", help="How many samples to calibrate on.")):
+    """Quantize a split bundle's frozen prefix to INT8 (static, calibrated on local data): prefix_int8.onnx."""
+    from edgeadapt.runtime.quantize import quantize_prefix as run
+
+    result = run(_bundle(bundle), data, samples)
+    typer.echo(f"wrote {result.path}: {result.float_mb:.1f} MB -> {result.int8_mb:.1f} MB, calibrated on "
+               f"{result.samples} samples; features differ by {result.feature_rel_diff:.1%} (relative)")
+
+
 def register(app: typer.Typer) -> None:
-    for command in (inspect, train, evaluate, predict, deploy):
+    app.command("quantize-prefix")(quantize_prefix)
+    for command in (inspect, train, evaluate, predict, deploy, keygen, pack, unpack):
         app.command()(command)

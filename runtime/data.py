@@ -24,13 +24,14 @@ class Dataset:
     is_image: bool
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     names: list[str] = field(default_factory=list)  # per-sample source (file path or row)
+    features: bool = False  # samples are already model inputs (e.g. a split bundle's prefix outputs)
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def subset(self, index: np.ndarray) -> "Dataset":
         names = [self.names[i] for i in index] if self.names else []
-        return Dataset(self.samples[index], self.targets[index], self.is_image, self.skipped, names)
+        return Dataset(self.samples[index], self.targets[index], self.is_image, self.skipped, names, self.features)
 
 
 def load_dataset(path: str | Path, manifest: Manifest, max_bad_fraction: float = 0.1) -> Dataset:
@@ -255,6 +256,13 @@ def preprocess(samples: np.ndarray, manifest: Manifest, is_image: bool,
     x = images.astype(np.float32) / 255.0
     x = (x - mean) / std
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def batch_inputs(data: Dataset, index, manifest: Manifest, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The model inputs for `data.samples[index]`."""
+    if data.features:
+        return np.ascontiguousarray(data.samples[index], dtype=np.float32)
+    return preprocess(data.samples[index], manifest, data.is_image, rng)
 
 
 def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:

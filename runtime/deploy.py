@@ -39,8 +39,29 @@ def eval_logits(bundle: Bundle, x: np.ndarray) -> np.ndarray:
 
 
 def export_onnx(bundle: Bundle, path: Path) -> None:
+    if bundle.manifest.split is not None:
+        return export_stitched(bundle, path)
     engine = Engine(bundle.path, bundle.checkpoint, with_optimizer=False)
     atomic_write(path, lambda tmp: engine.export_inference(tmp, [bundle.manifest.output_name]))
+
+
+def export_stitched(bundle: Bundle, path: Path) -> None:
+    """A split bundle's inference model: prefix.onnx joined to the adapted suffix. The suffix takes its values
+    from the whole-graph checkpoint, which every training run (split or not) keeps current."""
+    import onnx
+    from onnx import compose
+
+    split = bundle.manifest.split
+    with tempfile.TemporaryDirectory() as tmp:
+        synced = Path(tmp) / "suffix_checkpoint"
+        Engine.copy_parameters(bundle.checkpoint, bundle.path / f"{split.suffix_prefix}checkpoint", synced, {},
+                               bundle.path, split.suffix_prefix)
+        suffix_file = Path(tmp) / "suffix.onnx"
+        Engine(bundle.path, synced, with_optimizer=False, graphs=split.suffix_prefix).export_inference(
+            suffix_file, [bundle.manifest.output_name])
+        prefix, suffix = onnx.load(str(bundle.path / split.prefix_model)), onnx.load(str(suffix_file))
+        merged = compose.merge_models(prefix, suffix, io_map=[(split.boundary, suffix.graph.input[0].name)])
+    atomic_write(path, lambda tmp: onnx.save(merged, str(tmp)))
 
 
 def onnx_logits(model: Path, x: np.ndarray, input_name: str) -> np.ndarray:

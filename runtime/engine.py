@@ -102,16 +102,17 @@ class Engine:
     """One training session over a bundle's graphs and a checkpoint file."""
 
     def __init__(self, bundle_dir: Path, checkpoint: Path, device: str = "cpu", threads: int | None = None,
-                 with_optimizer: bool = True):
+                 with_optimizer: bool = True, graphs: str = ""):
+        """`graphs` prefixes the standard file names: "suffix_" trains a split bundle's suffix."""
         api = training_api()
         options = session_options(threads)
         bundle_dir = Path(bundle_dir)
         self.state = self._load_state(api, checkpoint)
-        self.module = api.Module(str(bundle_dir / "training_model.onnx"), self.state,
-                                 str(bundle_dir / "eval_model.onnx"), device=_device_name(device),
+        self.module = api.Module(str(bundle_dir / f"{graphs}training_model.onnx"), self.state,
+                                 str(bundle_dir / f"{graphs}eval_model.onnx"), device=_device_name(device),
                                  session_options=options)
-        self.optimizer = api.Optimizer(str(bundle_dir / "optimizer_model.onnx"), self.module) if with_optimizer \
-            else None
+        self.optimizer = api.Optimizer(str(bundle_dir / f"{graphs}optimizer_model.onnx"), self.module) \
+            if with_optimizer else None
 
     @staticmethod
     def without_optimizer_state(checkpoint: Path, target: Path) -> None:
@@ -176,6 +177,23 @@ class Engine:
 
     def parameter_names(self) -> list[str]:
         return [name for name, _ in self.state.parameters]
+
+    @staticmethod
+    def copy_parameters(source: Path, target: Path, destination: Path, properties: dict, bundle_dir: Path,
+                        graphs: str = "") -> None:
+        """Write `target`'s checkpoint with the values of the parameters both hold taken from `source` (a trained
+        suffix into the whole-graph checkpoint, or back), plus `properties`, to `destination` (no optimizer
+        state). `graphs` names the target's graphs: ORT sets parameter values only through a session."""
+        api = training_api()
+        trained, state = Engine._load_state(api, source), Engine._load_state(api, target)
+        session = api.Module(str(Path(bundle_dir) / f"{graphs}training_model.onnx"), state,  # noqa: F841 (alive)
+                             str(Path(bundle_dir) / f"{graphs}eval_model.onnx"))
+        for name, parameter in trained.parameters:
+            if name in state.parameters:
+                state.parameters[name] = np.array(parameter.data)
+        for key, value in properties.items():
+            state.properties[key] = value
+        api.CheckpointState.save_checkpoint(state, str(destination), include_optimizer_state=False)
 
     def set_properties(self, values: dict) -> None:
         for key, value in values.items():

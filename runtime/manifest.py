@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,17 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class SplitSpec:
+    """Split execution: a frozen prefix as a plain inference model, and the trainable suffix as training artifacts
+    (ORT's standard names with a `suffix_` prefix) that take the prefix's output, `boundary`, as input."""
+
+    boundary: str
+    boundary_shape: list[int]  # -1 for the batch dimension
+    prefix_model: str = "prefix.onnx"
+    suffix_prefix: str = "suffix_"
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema_version: int
     edgeadapt_version: str
@@ -66,6 +78,7 @@ class Manifest:
     validation: dict[str, float] = field(default_factory=dict)
     created: str = ""
     notes: list[str] = field(default_factory=list)
+    split: SplitSpec | None = None  # added in schema 1 as an optional field (older runtimes ignore it)
 
     @property
     def num_outputs(self) -> int:
@@ -91,7 +104,7 @@ class Manifest:
             raise BundleError(
                 f"{source} has schema_version {version!r}, this runtime reads {list(SUPPORTED_SCHEMAS)}; "
                 "update edgeadapt on the device or re-export with a matching version.")
-        return _build(cls, raw, source)
+        return _checked(_build(cls, raw, source), source)
 
     @classmethod
     def read(cls, bundle_dir: Path) -> "Manifest":
@@ -103,6 +116,31 @@ class Manifest:
             return cls.from_json(path.read_text(encoding="utf-8"), str(path))
         except UnicodeDecodeError:
             raise BundleError(f"{path} is not UTF-8 text; re-export the bundle.") from None
+
+
+def _checked(m: "Manifest", source: str) -> "Manifest":
+    """Well-typed is not enough: refuse values no export writes (they would fail later, far from the cause)."""
+    spec = m.input
+    problems = [
+        (m.loss not in LOSSES, f"loss '{m.loss}' is unknown"),
+        (m.optimizer not in OPTIMIZERS, f"optimizer '{m.optimizer}' is unknown"),
+        (len(m.labels) < 1 or len(set(m.labels)) != len(m.labels), "labels are empty or repeated"),
+        (len(spec.shape) < 2 or spec.shape[0] != -1 or any(d < 1 for d in spec.shape[1:]),
+         f"input shape {spec.shape} is not [-1, positive dims…]"),
+        (spec.layout not in ("NCHW", "NC"), f"layout '{spec.layout}' is unknown"),
+        (spec.layout == "NCHW" and (spec.channels not in ("RGB", "L") or len(spec.resize) != 2 or
+                                    any(d < 1 for d in spec.resize) or len(spec.shape) != 4),
+         "image input needs channels RGB or L, a 2-number resize and an NCHW shape"),
+        (not spec.mean or len(spec.mean) != len(spec.std) or any(not v > 0 for v in spec.std),
+         "mean/std are empty, of different lengths, or std is not positive"),
+        (not 0 < spec.crop <= 1, f"crop {spec.crop} is not in (0, 1]"),
+        (not m.trainable, "no trainable parameter"),
+        ("lr" in m.hyperparameters and not m.hyperparameters["lr"] > 0, "the default lr is not positive"),
+    ]
+    for failed, what in problems:
+        if failed:
+            raise BundleError(f"{source}: {what}; re-export the bundle.")
+    return m
 
 
 def _build(cls, raw: dict, source: str):
@@ -118,8 +156,11 @@ def _build(cls, raw: dict, source: str):
 
 
 def _check(value, hint, where: str):
-    """Check `value` against a simple type hint (str, int, float, list[X], dict[str, X], dataclass)."""
+    """Check `value` against a simple type hint (str, int, float, list[X], dict[str, X], dataclass, X | None)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        return None if value is None else _check(value, inner, where)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise BundleError(f"{where} must be an object; re-export the bundle.")

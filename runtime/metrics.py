@@ -63,11 +63,11 @@ def classification_metrics(logits: np.ndarray, targets: np.ndarray, labels: list
 
 def evaluate_arrays(engine, data, manifest: Manifest, batch_size: int = 64) -> Metrics:
     """Run the eval graph over a dataset (no augmentation) and compute the metrics."""
-    from edgeadapt.runtime.data import preprocess
+    from edgeadapt.runtime.data import batch_inputs
 
     losses, outputs = [], []
     for start in range(0, len(data), batch_size):
-        x = preprocess(data.samples[start:start + batch_size], manifest, data.is_image)
+        x = batch_inputs(data, slice(start, start + batch_size), manifest)
         loss, logits = engine.eval_step(x, data.targets[start:start + batch_size])
         losses.append(loss * len(x))
         outputs.append(logits)

@@ -13,9 +13,9 @@ from typing import Callable
 
 import numpy as np
 
-from edgeadapt.runtime import checkpoints
+from edgeadapt.runtime import checkpoints, split_training
 from edgeadapt.runtime.bundle import LOCK_FILE, Bundle
-from edgeadapt.runtime.data import Dataset, load_dataset, preprocess, split
+from edgeadapt.runtime.data import Dataset, batch_inputs, load_dataset, split
 from edgeadapt.runtime.engine import Engine
 from edgeadapt.runtime.errors import ConfigError, DataError, TrainingError
 from edgeadapt.runtime.lock import bundle_lock
@@ -40,12 +40,18 @@ class TrainConfig:
     checkpoint_every: int = 20  # steps
     resume: bool = False
     max_bad_fraction: float = 0.1
+    split: str = "auto"  # auto: train only the suffix when the bundle is split; on; off
+    prefix_device: str = "onnxruntime-cpu"
+    prefix_int8: bool = False  # use prefix_int8.onnx (see `edgeadapt quantize-prefix`)
+    cache_mb: int = 2048
 
     def check(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("--epochs and --batch-size must be at least 1.")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown --schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}.")
+        if self.split not in ("auto", "on", "off"):
+            raise ConfigError(f"unknown --split '{self.split}'; choose auto, on or off.")
         if not 0 <= self.val_split < 1:
             raise ConfigError("--val-split must be in [0, 1).")
         if self.lr is not None and not self.lr > 0:
@@ -53,7 +59,8 @@ class TrainConfig:
 
     def run_settings(self, train_size: int) -> dict:
         """What a resumed run must share with the interrupted one."""
-        keys = ("epochs", "batch_size", "lr", "seed", "schedule", "warmup", "val_split", "augment")
+        keys = ("epochs", "batch_size", "lr", "seed", "schedule", "warmup", "val_split", "augment", "split",
+                "prefix_device", "prefix_int8")
         return {**{k: getattr(self, k) for k in keys}, "train_size": train_size}
 
 
@@ -80,6 +87,7 @@ class TrainSummary:
     best_epoch: int
     records: list[EpochRecord] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def final(self) -> EpochRecord | None:
@@ -97,6 +105,7 @@ class Trainer:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.config = config
         self.on_batch, self.on_epoch = on_batch, on_epoch
+        self.split_run = None
         config.check()
 
     @property
@@ -109,18 +118,38 @@ class Trainer:
         if self.manifest.loss == "cross_entropy" and len(np.unique(dataset.targets)) < 2:
             raise DataError("the data holds a single class; a classifier needs examples of at least 2 classes.")
         train, val = split(dataset, self.config.val_split, self.config.seed)
+        cfg = self.config
         with bundle_lock(self.bundle.path / LOCK_FILE):
+            self._remove_stale_temporaries()
+            train, val, self.split_run = split_training.prepare(self.bundle, cfg, train, val)
             summary = self._run(train, val)
         summary.skipped_files = dataset.skipped
+        summary.notes = self.split_run.notes if self.split_run else []
         return summary
+
+    @property
+    def _checkpoint(self) -> Path:
+        return self.split_run.checkpoint if self.split_run else self.bundle.checkpoint
+
+    @property
+    def _best(self) -> Path:
+        return self.split_run.best if self.split_run else self.bundle.best_checkpoint
 
     # ---- the run ----------------------------------------------------------------------------------------------
 
+    def _remove_stale_temporaries(self) -> None:
+        """Half-written files of a killed trainer (`.checkpoint.tmp-PID`); safe to drop while we hold the lock."""
+        for leftover in self.bundle.path.glob(".*.tmp-*"):
+            leftover.unlink(missing_ok=True)
+        for leftover in self.bundle.path.glob(".*.fresh-*"):
+            leftover.unlink(missing_ok=True)
+
     def _engine(self, checkpoint: Path) -> Engine:
-        return Engine(self.bundle.path, checkpoint, self.config.device, self.config.threads)
+        graphs = self.split_run.graphs if self.split_run else ""
+        return Engine(self.bundle.path, checkpoint, self.config.device, self.config.threads, graphs=graphs)
 
     def _start(self, settings: dict) -> tuple[Engine, checkpoints.Progress]:
-        path = self.bundle.checkpoint
+        path = self._checkpoint
         if self.config.resume:
             return self._engine(path), checkpoints.resumable(path, self.bundle.bundle_id, settings)
         checkpoints.read_progress(path, self.bundle.bundle_id)  # refuses a checkpoint of another bundle
@@ -147,32 +176,35 @@ class Trainer:
                 engine, progress = self._recover()
         summary.epochs_completed, summary.steps, summary.best_epoch = progress.epoch, progress.step, progress.best_epoch
         if summary.stopped != "time_limit":
-            restore_best = self.config.patience is not None and self.bundle.best_checkpoint.is_file()
-            source = self.bundle.best_checkpoint if restore_best else self.bundle.checkpoint
-            checkpoints.finalize(source, self.bundle.checkpoint, progress)
+            restore_best = self.config.patience is not None and self._best.is_file()
+            checkpoints.finalize(self._best if restore_best else self._checkpoint, self._checkpoint, progress)
+            if self.split_run:
+                checkpoints.merge_into(self._checkpoint, self.bundle.checkpoint, progress)
         summary.seconds = time.monotonic() - started
         return summary
 
     def _recover(self) -> tuple[Engine, checkpoints.Progress]:
         """A NaN/inf loss: back to the last good checkpoint with a 10× lower LR; a second time stops training."""
-        progress = checkpoints.read_progress(self.bundle.checkpoint, self.bundle.bundle_id)
+        progress = checkpoints.read_progress(self._checkpoint, self.bundle.bundle_id)
         if progress.nan_events >= 1:
             raise TrainingError("the loss became NaN or infinite again after lowering the LR; the last good state is "
                                 "kept in the bundle's checkpoint: lower --lr further or check the data for outliers.")
         progress.nan_events += 1
         progress.lr_scale *= 0.1
-        engine = self._engine(self.bundle.checkpoint)
-        checkpoints.save(engine, self.bundle.checkpoint, progress)
+        engine = self._engine(self._checkpoint)
+        checkpoints.save(engine, self._checkpoint, progress)
         return engine, progress
 
     def _epochs(self, engine, progress, train, val, summary, deadline) -> str:
-        cfg, path = self.config, self.bundle.checkpoint
+        cfg, path = self.config, self._checkpoint
         per_epoch = math.ceil(len(train) / cfg.batch_size)
         total = cfg.epochs * per_epoch
         base_lr = cfg.lr or self.manifest.hyperparameters["lr"]
         while progress.epoch < cfg.epochs:
             epoch_started, stats = time.monotonic(), RunningStats(self.manifest)
             order = np.random.default_rng([cfg.seed, progress.epoch]).permutation(len(train))
+            lr = learning_rate(base_lr * progress.lr_scale, progress.step, total, int(cfg.warmup * total),
+                               cfg.schedule)  # also set when a resume lands after the epoch's last batch
             for batch in range(progress.batch, per_epoch):
                 lr = learning_rate(base_lr * progress.lr_scale, progress.step, total, int(cfg.warmup * total),
                                    cfg.schedule)
@@ -194,7 +226,9 @@ class Trainer:
 
     def _step(self, engine, train, index, position, lr, stats) -> None:
         rng = np.random.default_rng([*position, 1]) if self.config.augment and train.is_image else None
-        x = preprocess(train.samples[index], self.manifest, train.is_image, rng)
+        x = batch_inputs(train, index, self.manifest, rng)
+        if self.split_run and self.split_run.per_batch:
+            x = self.split_run.runner(x)
         y = train.targets[index]
         engine.set_learning_rate(lr)
         loss, logits = engine.train_batch(x, y)
@@ -217,9 +251,9 @@ class Trainer:
                 progress.best_metric, progress.best_epoch, progress.bad_epochs = score, progress.epoch, 0
             else:
                 progress.bad_epochs += 1
-        checkpoints.save(engine, self.bundle.checkpoint, progress)
+        checkpoints.save(engine, self._checkpoint, progress)
         if improved:
-            checkpoints.keep_copy(self.bundle.checkpoint, self.bundle.best_checkpoint)
+            checkpoints.keep_copy(self._checkpoint, self._best)
         self._log(record)
         if self.on_epoch:
             self.on_epoch(record)

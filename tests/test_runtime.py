@@ -153,3 +153,13 @@ def test_absent_openvino_device_is_one_line(fresh_bundle, digits):
 
     result = run_cli("predict", fresh_bundle(), digits["test"], "--backend", "openvino", "--device", "NPU")
     assert_one_line_error(result, "OpenVINO device NPU is not present")
+
+
+def test_resume_right_after_an_epochs_last_batch(fresh_bundle, digits):
+    """A stop after the last batch of an epoch, before its end-of-epoch save (found by the crash torture)."""
+    bundle = fresh_bundle("tiny_mlp", "full")
+    config = dict(epochs=3, batch_size=4096, val_split=0.1)  # one batch per epoch
+    first = Trainer(bundle, TrainConfig(max_minutes=1e-9, **config)).fit(digits["train"])
+    assert first.stopped == "time_limit" and first.steps == 1
+    resumed = Trainer(bundle, TrainConfig(resume=True, **config)).fit(digits["train"])
+    assert resumed.stopped == "completed" and resumed.epochs_completed == 3

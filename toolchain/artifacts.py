@@ -27,7 +27,7 @@ def optimizer_block(name: str, weight_decay: float):
 
 
 def generate(model: onnx.ModelProto, trainable: list[str], frozen: list[str], loss: str, optimizer: str,
-             weight_decay: float, out_dir: Path, ort_format: bool, output_name: str) -> None:
+             weight_decay: float, out_dir: Path, ort_format: bool, output_name: str, prefix: str = "") -> None:
     import onnxruntime
     from onnxruntime.training import artifacts
 
@@ -37,7 +37,8 @@ def generate(model: onnx.ModelProto, trainable: list[str], frozen: list[str], lo
             artifacts.generate_artifacts(
                 model, requires_grad=trainable, frozen_params=frozen,
                 loss=getattr(artifacts.LossType, LOSS_TYPES[loss]), optimizer=optimizer_block(optimizer, weight_decay),
-                artifact_directory=str(out_dir), ort_format=ort_format, additional_output_names=[output_name])
+                artifact_directory=str(out_dir), ort_format=ort_format, additional_output_names=[output_name],
+                prefix=prefix)
     except Exception as exc:  # ORT raises RuntimeError/Fail with the C++ message
         raise _explain(exc, model, trainable) from None
     if ort_format:

@@ -32,9 +32,12 @@ def _numbers(text: str | None, kind=int, what: str = "value") -> tuple | None:
 def _labels(path: Path | None) -> tuple[str, ...]:
     if path is None:
         return ()
-    if not path.is_file():
-        raise ConfigError(f"--labels file {path} does not exist; give a text file with one label per line.")
-    return tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        raise ConfigError(f"--labels file {path} cannot be read; give a UTF-8 text file with one label per line.") \
+            from None
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 
 def export(
@@ -63,6 +66,7 @@ def export(
     ort_format: bool = typer.Option(False, "--ort-format", help="Also write .ort models for minimal builds."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Check against torch (default on)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the bundle with this ed25519 private key."),
     seed: int = typer.Option(0, "--seed"),
     list_params: bool = typer.Option(False, "--list-params", help="Print parameter names and shapes, then stop."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
@@ -90,7 +94,7 @@ def export(
                             lr=lr, weight_decay=weight_decay, bn=bn, ort_format=ort_format, validate=validate,
                             force=force, seed=seed, user_spec=user_spec, onnx=onnx_model,
                             head_params=tuple(p.strip() for p in (head_params or "").split(",") if p.strip()),
-                            feature_output=feature_output)
+                            feature_output=feature_output, sign=sign)
     if list_params:
         for name, shape in list_parameters(options):
             typer.echo(f"{name}\t{list(shape)}")

@@ -52,6 +52,8 @@ class ExportOptions:
     onnx: Path | None = None  # an existing ONNX model
     head_params: tuple[str, ...] = ()  # with --onnx: the head's initializers
     feature_output: str | None = None  # with --onnx: the tensor to put a new head on
+    sign: Path | None = None  # ed25519 private key: write manifest.sig
+    split: bool = True  # also emit prefix.onnx + suffix_* artifacts when the frozen part is a prefix
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,8 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
     """Run the whole chain; the bundle appears at `opts.out` complete, or not at all."""
     from edgeadapt.toolchain.artifacts import generate
     from edgeadapt.toolchain.onnx_graph import OUTPUT_NAME, export_eval_onnx
-    from edgeadapt.toolchain.validate import validate
+    from edgeadapt.toolchain.split import build_split as make_split
+    from edgeadapt.toolchain.validate import validate, validate_split
 
     started = time.perf_counter()
     check_options(opts)
@@ -161,13 +164,27 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
         graph = export_eval_onnx(built.module, built.spec.input_size, opts.bn, staging / "inference_base.onnx")
         (staging / "inference_base.onnx").unlink()
         trainable, frozen, buffers = resolve_lists(built, opts, graph)
-        generate(graph, trainable, frozen + buffers, opts.loss, opts.optimizer, opts.weight_decay, staging,
-                 opts.ort_format, OUTPUT_NAME)
+        def make_artifacts(model, train_names, frozen_names, prefix=""):
+            generate(model, train_names, frozen_names, opts.loss, opts.optimizer, opts.weight_decay, staging,
+                     opts.ort_format, OUTPUT_NAME, prefix)
+
+        make_artifacts(graph, trainable, frozen + buffers)
+        split = make_split(graph, trainable, frozen + buffers, staging, make_artifacts) if opts.split else None
         report = validate(built.module, staging, built.spec.input_size, opts.loss, trainable,
                           check_gradients=opts.bn != "ort") if opts.validate else None
-        manifest = make_manifest(built, opts, graph, (trainable, frozen, buffers), staging, report)
-        (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        if split and opts.validate:
+            validate_split(staging, split, built.spec.input_size, opts.loss, len(built.labels))
+        manifest = make_manifest(built, opts, graph, (trainable, frozen, buffers), staging, report, split)
+        write_manifest(staging, manifest, opts.sign)
     return ExportResult(out, manifest, time.perf_counter() - started, report)
+
+
+def write_manifest(staging: Path, manifest: Manifest, sign_key: Path | None) -> None:
+    (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+    if sign_key is not None:
+        from edgeadapt.runtime.signing import sign_bundle
+
+        sign_bundle(staging, sign_key)
 
 
 def _input_spec(spec: BackboneSpec) -> InputSpec:
@@ -179,7 +196,7 @@ def _input_spec(spec: BackboneSpec) -> InputSpec:
 
 
 def make_manifest(built: BuiltModel, opts: ExportOptions, graph: onnx.ModelProto, lists: tuple, staging: Path,
-                  report: ValidationReport | None) -> Manifest:
+                  report: ValidationReport | None, split=None) -> Manifest:
     import onnxruntime
 
     trainable, frozen, buffers = lists
@@ -200,4 +217,4 @@ def make_manifest(built: BuiltModel, opts: ExportOptions, graph: onnx.ModelProto
         onnxruntime_version=onnxruntime.__version__,
         files={f.name: sha256_file(f) for f in sorted(staging.iterdir()) if f.is_file()},
         validation=report.as_dict() if report else {},
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=notes)
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=notes, split=split)

@@ -12,7 +12,7 @@ from edgeadapt import __version__
 from edgeadapt.runtime.atomic import staged_dir
 from edgeadapt.runtime.engine import Engine
 from edgeadapt.runtime.errors import ConfigError
-from edgeadapt.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, InputSpec, Manifest, sha256_file
+from edgeadapt.runtime.manifest import SCHEMA_VERSION, InputSpec, Manifest, sha256_file
 from edgeadapt.toolchain.build import resolve_labels
 from edgeadapt.toolchain.onnx_source import OUTPUT_NAME, OnnxSource, prepare, reference_logits
 from edgeadapt.toolchain.presets import resolve_trainable
@@ -40,7 +40,7 @@ def _input_spec(opts, shape: tuple[int, ...]) -> InputSpec:
 
 def export_onnx_source(opts, started: float):
     from edgeadapt.toolchain.artifacts import generate
-    from edgeadapt.toolchain.export import ExportResult, default_lr
+    from edgeadapt.toolchain.export import ExportResult, default_lr, write_manifest
     from edgeadapt.toolchain.validate import validate_against
 
     labels = None if opts.head.keep_head else resolve_labels(opts.head, 0)[0]
@@ -71,5 +71,5 @@ def export_onnx_source(opts, started: float):
             ir_version=source.model.ir_version, onnxruntime_version=onnxruntime.__version__,
             files={f.name: sha256_file(f) for f in sorted(staging.iterdir()) if f.is_file()},
             validation=report.as_dict() if report else {}, notes=[f"source: {Path(opts.onnx).name}"])
-        (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        write_manifest(staging, manifest, opts.sign)
     return ExportResult(Path(opts.out), manifest, time.perf_counter() - started, report)

@@ -90,6 +90,26 @@ def validate_against(reference, bundle_dir: Path, input_shape: tuple[int, ...], 
     return ValidationReport(eval_diff, loss_diff, float("nan"), "")
 
 
+def validate_split(bundle_dir: Path, split, input_shape: tuple[int, ...], loss: str, outputs: int) -> float:
+    """prefix.onnx followed by the suffix's eval graph must give the whole eval graph's outputs."""
+    from edgeadapt.runtime.engine import onnxruntime_module
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, *input_shape, generator=generator).numpy()
+    y = example_targets(loss, 3, outputs, generator).numpy()
+    session = onnxruntime_module().InferenceSession(str(bundle_dir / split.prefix_model),
+                                                    providers=["CPUExecutionProvider"])
+    features = session.run(None, {"input": x})[0]
+    suffix = Engine(bundle_dir, bundle_dir / f"{split.suffix_prefix}checkpoint", with_optimizer=False,
+                    graphs=split.suffix_prefix)
+    whole = Engine(bundle_dir, bundle_dir / "checkpoint", with_optimizer=False)
+    diff = float(np.abs(suffix.eval_step(features, y)[1] - whole.eval_step(x, y)[1]).max())
+    if diff > EVAL_TOLERANCE:
+        raise ExportError(f"prefix + suffix differ from the whole graph by {diff:.2e}; export with --no-split and "
+                          "report a bug.")
+    return diff
+
+
 def _relative_error(value: np.ndarray, reference: np.ndarray) -> float:
     return float(np.linalg.norm(value - reference)) / max(float(np.linalg.norm(reference)), 1e-12)
 

@@ -1,0 +1,54 @@
+"""Runs a split bundle's frozen prefix on a chosen backend: ONNX Runtime (CPU or an execution provider) or
+OpenVINO (CPU, GPU, NPU). Training then needs only the suffix, on the CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgeadapt.runtime.errors import BackendError, ConfigError
+
+PREFIX_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-qnn", "onnxruntime-nnapi",
+                   "onnxruntime-xnnpack", "openvino-cpu", "openvino-gpu", "openvino-npu")
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "qnn": "QNNExecutionProvider",
+              "nnapi": "NnapiExecutionProvider", "xnnpack": "XnnpackExecutionProvider"}
+
+
+class PrefixRunner:
+    """`runner(x)` → boundary features for preprocessed inputs `x`."""
+
+    def __init__(self, model: Path, backend: str = "onnxruntime-cpu", threads: int | None = None):
+        if backend not in PREFIX_BACKENDS:
+            raise ConfigError(f"unknown prefix backend '{backend}'; choose one of {', '.join(PREFIX_BACKENDS)}.")
+        self.backend = backend
+        engine, device = backend.split("-", 1)
+        self._run = self._openvino(model, device.upper(), threads) if engine == "openvino" else \
+            self._onnxruntime(model, _PROVIDERS[device], threads)
+
+    @staticmethod
+    def _onnxruntime(model: Path, provider: str, threads: int | None):
+        from edgeadapt.runtime.engine import available_providers, session_options
+
+        if provider not in available_providers():
+            raise BackendError(f"ONNX Runtime's {provider} is not available here (available: "
+                               f"{', '.join(available_providers())}); use --prefix-device onnxruntime-cpu.")
+        from edgeadapt.runtime.engine import onnxruntime_module
+
+        session = onnxruntime_module().InferenceSession(str(model), session_options(threads), providers=[provider])
+        name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {name: x})[0]
+
+    @staticmethod
+    def _openvino(model: Path, device: str, threads: int | None):
+        from edgeadapt.runtime.deploy import openvino_device
+
+        config = {"INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {}
+        if threads and device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = threads
+        compiled = openvino_device(device).compile_model(str(model), device, config)
+        output = compiled.output(0)
+        return lambda x: np.asarray(compiled(x)[output])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self._run(np.ascontiguousarray(x, dtype=np.float32)), dtype=np.float32)

@@ -1,0 +1,57 @@
+"""INT8 prefix: post-training static quantization (ONNX Runtime, QDQ, per-channel) of a split bundle's frozen
+prefix, calibrated on local samples. The float suffix then trains on its features (`train --prefix-int8`)."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeadapt.runtime.atomic import atomic_copy
+from edgeadapt.runtime.bundle import Bundle
+from edgeadapt.runtime.data import load_dataset, preprocess
+from edgeadapt.runtime.errors import ConfigError
+from edgeadapt.runtime.prefix import PrefixRunner
+from edgeadapt.runtime.split_training import INT8_PREFIX
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    path: Path
+    samples: int
+    float_mb: float
+    int8_mb: float
+    feature_rel_diff: float  # ‖f_int8 − f_float‖ / ‖f_float‖ on the calibration samples
+
+
+def quantize_prefix(bundle: Bundle, data: Path, samples: int = 128, seed: int = 0) -> QuantizeResult:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    split = bundle.manifest.split
+    if split is None:
+        raise ConfigError(f"{bundle.path} is not a split bundle; export it with a `head` or `last:K` preset.")
+    dataset = load_dataset(data, bundle.manifest)
+    pick = np.random.default_rng(seed).permutation(len(dataset))[:samples]
+    inputs = preprocess(dataset.samples[pick], bundle.manifest, dataset.is_image)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": inputs[i:i + 16]} for i in range(0, len(inputs), 16)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    source, target = bundle.path / split.prefix_model, bundle.path / INT8_PREFIX
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        staged = Path(tmp) / "int8.onnx"
+        quantize_static(str(prepared), str(staged), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        atomic_copy(staged, target)
+    reference, quantized = PrefixRunner(source)(inputs), PrefixRunner(target)(inputs)
+    diff = float(np.linalg.norm(quantized - reference) / max(np.linalg.norm(reference), 1e-12))
+    return QuantizeResult(target, len(inputs), source.stat().st_size / 2**20, target.stat().st_size / 2**20, diff)

@@ -1,0 +1,137 @@
+"""Crash torture: start `edgeadapt train`, SIGKILL it at a random moment, check what it left, resume, and compare
+the final weights with an uninterrupted run of the same seed. Used by tests (small N) and
+benchmarks/crash_torture.py (N = 100)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeadapt.runtime.bundle import Bundle
+from edgeadapt.runtime.checkpoints import read_progress
+from edgeadapt.runtime.engine import Engine
+from edgeadapt.runtime.errors import EdgeAdaptError
+
+
+@dataclass
+class Tally:
+    kills: int = 0
+    during_checkpoint_write: int = 0
+    before_first_checkpoint: int = 0
+    after_finish: int = 0
+    corrupt_checkpoints: int = 0
+    lost_epochs: int = 0
+    resume_failures: int = 0
+    weight_mismatches: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def train_command(bundle: Path, data: Path, options: list[str], resume: bool = False) -> list[str]:
+    return [sys.executable, "-m", "edgeadapt", "train", str(bundle), str(data), "--quiet", *options] + \
+        (["--resume"] if resume else [])
+
+
+def weights(bundle: Path) -> dict[str, np.ndarray]:
+    engine = Engine(bundle, bundle / "checkpoint", with_optimizer=False)
+    return {name: engine.parameter(name) for name in engine.parameter_names()}
+
+
+def _logged_epochs(bundle: Path) -> int:
+    log = bundle / "train_log.jsonl"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return max((json.loads(line)["epoch"] for line in lines if line.strip()), default=0)
+
+
+def _inspect_after_kill(work: Path, tally: Tally) -> bool:
+    """Check the killed bundle; return True if a run is left to resume."""
+    if list(work.glob(".checkpoint.tmp-*")):
+        tally.during_checkpoint_write += 1
+    try:
+        bundle = Bundle.open(work)
+        progress = read_progress(bundle.checkpoint, bundle.bundle_id)
+    except EdgeAdaptError as exc:
+        tally.corrupt_checkpoints += 1
+        tally.notes.append(str(exc))
+        return False
+    if progress is None:
+        tally.before_first_checkpoint += 1
+        return False
+    if _logged_epochs(work) > progress.epoch:
+        tally.lost_epochs += _logged_epochs(work) - progress.epoch
+    if progress.finished:
+        tally.after_finish += 1
+    return not progress.finished
+
+
+def _describe(work: Path) -> str:
+    bundle = Bundle.open(work)
+    progress = read_progress(bundle.checkpoint, bundle.bundle_id)
+    where = "no progress" if progress is None else \
+        f"epoch {progress.epoch} batch {progress.batch} step {progress.step} finished {progress.finished}"
+    return f"{where}; logged epochs {_logged_epochs(work)}; files {sorted(p.name for p in work.iterdir())}"
+
+
+def _wait_for_training(process: subprocess.Popen, checkpoint: Path, limit: float = 120.0) -> float:
+    """Seconds until the trainer first rewrites the checkpoint (start-up done), or until it exits."""
+    started, first = time.monotonic(), checkpoint.stat().st_mtime_ns
+    while process.poll() is None and checkpoint.stat().st_mtime_ns == first and time.monotonic() - started < limit:
+        time.sleep(0.005)
+    return time.monotonic() - started
+
+
+def one_trial(template: Path, data: Path, options: list[str], reference: dict, train_seconds: float,
+              rng: random.Random, work: Path, tally: Tally) -> None:
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(template, work)
+    process = subprocess.Popen(train_command(work, data, options), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    _wait_for_training(process, work / "checkpoint")
+    time.sleep(rng.uniform(0.0, train_seconds))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    tally.kills += 1
+    resumable = _inspect_after_kill(work, tally)
+    if tally.corrupt_checkpoints:
+        return
+    state = _describe(work)
+    if resumable or "no progress" in state:  # resume, or start anew when killed before any checkpoint
+        finished = subprocess.run(train_command(work, data, options, resume=resumable), capture_output=True,
+                                  text=True)
+        if finished.returncode != 0:
+            tally.resume_failures += 1
+            tally.notes.append(finished.stderr.strip()[-200:])
+            return
+    actual = weights(work)
+    if any(not np.array_equal(reference[name], actual[name]) for name in reference):
+        tally.weight_mismatches += 1
+        tally.notes.append(f"weights differ after a kill that left: {state}")
+
+
+def torture(template: Path, data: Path, options: list[str], trials: int, workdir: Path, seed: int = 0) -> Tally:
+    """`trials` runs, each killed once at a uniformly random moment of an uninterrupted run's training phase."""
+    reference_dir = workdir / "reference"
+    shutil.rmtree(reference_dir, ignore_errors=True)
+    shutil.copytree(template, reference_dir)
+    process = subprocess.Popen(train_command(reference_dir, data, options), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    startup = _wait_for_training(process, reference_dir / "checkpoint")
+    started = time.monotonic()
+    if process.wait() != 0:
+        raise RuntimeError("the uninterrupted reference run failed")
+    train_seconds = time.monotonic() - started + startup * 0.1
+    reference = weights(reference_dir)
+    tally, rng = Tally(), random.Random(seed)
+    for _ in range(trials):
+        one_trial(template, data, options, reference, train_seconds, rng, workdir / "work", tally)
+    return tally
+
+
