@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+SPLIT_PRESETS = ("head", "last:2")
 
 
 def export(preset: str, size: int, root: Path) -> Path:
@@ -35,11 +36,16 @@ def export(preset: str, size: int, root: Path) -> Path:
 
 
 def run(engine: str, bundle: Path, batch: int, threads: int, steps: int, warmup: int) -> dict:
-    script = ["-m", "edgeadapt.devices.bench_case"] if engine == "edgeadapt" else [str(HERE / "torch_case.py")]
+    """engine: pytorch; edgeadapt (whole-graph training step); edgeadapt-split (prefix inference + suffix step:
+    what `edgeadapt train` does for head/last:K in an epoch whose features are not cached yet)."""
+    script = ["-m", "edgeadapt.devices.bench_case"] if engine.startswith("edgeadapt") else \
+        [str(HERE / "torch_case.py")]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     args = [sys.executable, *script, str(bundle), str(batch), str(threads), str(steps), str(warmup)]
-    if engine == "edgeadapt":
+    if engine.startswith("edgeadapt"):
         args.append("--no-inference")
+    if engine == "edgeadapt-split":
+        args.append("--split")
     done = subprocess.run(args, capture_output=True, text=True, env=env, check=True)
     raw = json.loads(done.stdout.strip().splitlines()[-1])
     return {"step_ms": float(np.median(raw["step_ms"])), "peak_rss_mb": raw["peak_rss_mb"]}
@@ -66,7 +72,8 @@ def main() -> None:
         bundles = {(p, s): export(p, s, Path(tmp)) for p, _, s in cells}
         for round_ in range(args.rounds):
             for preset, batch, size in cells:
-                for engine in ("pytorch", "edgeadapt") if round_ % 2 == 0 else ("edgeadapt", "pytorch"):
+                engines = ["pytorch", "edgeadapt"] + (["edgeadapt-split"] if preset in SPLIT_PRESETS else [])
+                for engine in engines if round_ % 2 == 0 else engines[::-1]:
                     measured = run(engine, bundles[(preset, size)], batch, args.threads, args.steps, args.warmup)
                     results.setdefault((preset, batch, size, engine), []).append(measured)
                     print(f"round {round_ + 1} {engine:9} {preset:6} batch {batch:2} {size}px: "
@@ -83,14 +90,21 @@ def _median(runs: list[dict], key: str) -> float:
 
 def print_table(cells, results, threads: int) -> None:
     print(f"\nMobileNetV2 (ImageNet), {threads} threads, medians of interleaved rounds; ratio = edgeadapt / PyTorch\n")
-    print("| preset | batch | px | PyTorch step / peak RSS | edgeadapt step / peak RSS | ratio time / memory |")
-    print("|---|---|---|---|---|---|")
+    print("| preset | batch | px | PyTorch step / peak RSS | edgeadapt whole-graph step / peak RSS | ratio | "
+          "edgeadapt train path (split, uncached) | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for preset, batch, size in cells:
-        torch_runs, ours = results[(preset, batch, size, "pytorch")], results[(preset, batch, size, "edgeadapt")]
-        t_ms, t_mb = _median(torch_runs, "step_ms"), _median(torch_runs, "peak_rss_mb")
-        e_ms, e_mb = _median(ours, "step_ms"), _median(ours, "peak_rss_mb")
-        print(f"| {preset} | {batch} | {size} | {t_ms:.0f} ms / {t_mb:.0f} MB | {e_ms:.0f} ms / {e_mb:.0f} MB | "
-              f"{e_ms / t_ms:.2f} / {e_mb / t_mb:.2f} |")
+        t_ms, t_mb = (_median(results[(preset, batch, size, "pytorch")], k) for k in ("step_ms", "peak_rss_mb"))
+        e_ms, e_mb = (_median(results[(preset, batch, size, "edgeadapt")], k) for k in ("step_ms", "peak_rss_mb"))
+        row = f"| {preset} | {batch} | {size} | {t_ms:.0f} ms / {t_mb:.0f} MB | {e_ms:.0f} ms / {e_mb:.0f} MB | " \
+              f"{e_ms / t_ms:.2f} / {e_mb / t_mb:.2f} |"
+        split = results.get((preset, batch, size, "edgeadapt-split"))
+        if split:
+            s_ms, s_mb = _median(split, "step_ms"), _median(split, "peak_rss_mb")
+            row += f" {s_ms:.0f} ms / {s_mb:.0f} MB | {s_ms / t_ms:.2f} / {s_mb / t_mb:.2f} |"
+        else:
+            row += " – | – |"
+        print(row)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ class SplitRun:
 
 
 def features_of(data: Dataset, bundle: Bundle, runner: PrefixRunner, cache: FeatureCache | None,
-                batch_size: int = 64) -> Dataset:
+                batch_size: int = 16) -> Dataset:
+    """Prefix outputs of `data` (small batches: a prefix's early activations are its largest tensors)."""
     def compute(samples: np.ndarray) -> np.ndarray:
         return np.concatenate([runner(preprocess(samples[i:i + batch_size], bundle.manifest, data.is_image))
                                for i in range(0, len(samples), batch_size)])
