@@ -51,18 +51,17 @@ class Bundle:
             expected = self.manifest.files.get(name)
             if expected is None:
                 raise BundleError(f"{self.path}/manifest.json has no sha256 for {name}; re-export the bundle.")
-            is_graph = name in GRAPHS or name in self.split_graphs()
-            if (is_graph or self._pristine_checkpoint_expected(name)) and sha256_file(file) != expected:
+            if sha256_file(file) == expected:
+                continue
+            if name in GRAPHS or name in self.split_graphs() or not self._trained(name):
                 raise BundleError(f"{file} does not match the sha256 in manifest.json: it was modified or corrupted; "
                                   "re-export the bundle or copy it again.")
 
-    def _pristine_checkpoint_expected(self, name: str) -> bool:
-        """A checkpoint without training progress must be the exported one, byte for byte."""
-        if name != CHECKPOINT:
-            return False
+    def _trained(self, name: str) -> bool:
+        """A checkpoint that differs from the exported one must carry this bundle's training progress."""
         from edgeadapt.runtime.checkpoints import read_progress
 
-        return read_progress(self.path / CHECKPOINT, self.bundle_id) is None
+        return read_progress(self.path / name, self.bundle_id) is not None
 
     @property
     def checkpoint(self) -> Path:

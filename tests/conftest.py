@@ -91,3 +91,14 @@ def run_without_torch(code: str, timeout: int = 600) -> subprocess.CompletedProc
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgeadapt", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=Path(__file__).parent)
+
+
+@pytest.fixture
+def digit_image_npz(tmp_path) -> Path:
+    """300 of the digits as uint8 8×8 images in an .npz (the runtime resizes them to the model's input)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    path = tmp_path / "digit_images.npz"
+    np.savez(path, x=(digits.images[:300] * 255 / 16).astype(np.uint8), y=digits.target[:300].astype(str))
+    return path

@@ -11,7 +11,6 @@ import sys
 import tarfile
 import time
 
-import numpy as np
 import pytest
 
 from conftest import run_cli
@@ -23,20 +22,10 @@ def snapshot(folder) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-@pytest.fixture
-def image_data(tmp_path):
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    path = tmp_path / "digits.npz"
-    np.savez(path, x=(digits.images[:256] * 255 / 16).astype(np.uint8), y=digits.target[:256].astype(str))
-    return path
-
-
-def test_random_sigkills_never_corrupt_or_change_the_result(bundle_factory, image_data, tmp_path):
+def test_random_sigkills_never_corrupt_or_change_the_result(bundle_factory, digit_image_npz, tmp_path):
     template = bundle_factory("tiny_cnn", "full", input_size=(16,))
     options = ["--epochs", "3", "--batch-size", "32", "--seed", "5", "--checkpoint-every", "2", "--augment"]
-    tally = torture(template, image_data, options, trials=4, workdir=tmp_path, seed=1)
+    tally = torture(template, digit_image_npz, options, trials=4, workdir=tmp_path, seed=1)
     assert tally.kills == 4
     assert (tally.corrupt_checkpoints, tally.lost_epochs, tally.resume_failures, tally.weight_mismatches) == \
         (0, 0, 0, 0), tally.notes

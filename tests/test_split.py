@@ -27,16 +27,6 @@ def test_split_only_when_the_frozen_part_is_a_prefix(bundle_factory, preset, bou
         assert {"prefix.onnx", "suffix_training_model.onnx", "suffix_checkpoint"} <= set(manifest["files"])
 
 
-@pytest.fixture
-def images(tmp_path):
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    path = tmp_path / "digits.npz"
-    np.savez(path, x=(digits.images[:300] * 255 / 16).astype(np.uint8), y=digits.target[:300].astype(str))
-    return path
-
-
 def _copy(bundle_factory, tmp_path, name, preset="head"):
     target = tmp_path / name
     shutil.copytree(bundle_factory("tiny_cnn", preset, input_size=(16,)), target)
@@ -44,11 +34,11 @@ def _copy(bundle_factory, tmp_path, name, preset="head"):
 
 
 @pytest.mark.parametrize("preset", ["head", "last:2"])
-def test_split_training_equals_whole_graph_training(bundle_factory, tmp_path, images, preset):
+def test_split_training_equals_whole_graph_training(bundle_factory, tmp_path, digit_image_npz, preset):
     split, whole = _copy(bundle_factory, tmp_path, "split", preset), _copy(bundle_factory, tmp_path, "whole", preset)
     config = dict(epochs=3, batch_size=32, lr=3e-3, seed=2)
-    Trainer(split, TrainConfig(split="on", **config)).fit(images)
-    Trainer(whole, TrainConfig(split="off", **config)).fit(images)
+    Trainer(split, TrainConfig(split="on", **config)).fit(digit_image_npz)
+    Trainer(whole, TrainConfig(split="off", **config)).fit(digit_image_npz)
     a, b = weights(split), weights(whole)
     trainable = Bundle.open(split).manifest.trainable
     assert max(float(np.abs(a[n] - b[n]).max()) for n in trainable) <= 1e-5
@@ -73,36 +63,36 @@ def test_feature_cache_reuses_and_invalidates(tmp_path):
     assert np.array_equal(small.features(samples, compute), samples * 2.0) and small.notes
 
 
-def test_augmentation_bypasses_the_cache(bundle_factory, tmp_path, images):
+def test_augmentation_bypasses_the_cache(bundle_factory, tmp_path, digit_image_npz):
     bundle = _copy(bundle_factory, tmp_path, "b")
-    summary = Trainer(bundle, TrainConfig(epochs=1, augment=True)).fit(images)
+    summary = Trainer(bundle, TrainConfig(epochs=1, augment=True)).fit(digit_image_npz)
     assert any("cache bypassed" in note for note in summary.notes)
 
 
-def test_deploy_stitches_prefix_and_adapted_suffix(bundle_factory, tmp_path, images):
+def test_deploy_stitches_prefix_and_adapted_suffix(bundle_factory, tmp_path, digit_image_npz):
     import onnx
 
     bundle = _copy(bundle_factory, tmp_path, "b")
-    Trainer(bundle, TrainConfig(epochs=2, lr=3e-3)).fit(images)
+    Trainer(bundle, TrainConfig(epochs=2, lr=3e-3)).fit(digit_image_npz)
     result = deploy(bundle, "onnx", tmp_path / "model.onnx")
     assert result.max_abs_diff <= 1e-4 and result.same_predictions
     assert len(onnx.load(str(result.path)).graph.input) == 1
 
 
-def test_openvino_prefix_trains_like_onnxruntime(bundle_factory, tmp_path, images):
+def test_openvino_prefix_trains_like_onnxruntime(bundle_factory, tmp_path, digit_image_npz):
     ort, ov = _copy(bundle_factory, tmp_path, "ort"), _copy(bundle_factory, tmp_path, "ov")
-    Trainer(ort, TrainConfig(epochs=2, seed=1)).fit(images)
-    Trainer(ov, TrainConfig(epochs=2, seed=1, prefix_device="openvino-cpu")).fit(images)
+    Trainer(ort, TrainConfig(epochs=2, seed=1)).fit(digit_image_npz)
+    Trainer(ov, TrainConfig(epochs=2, seed=1, prefix_device="openvino-cpu")).fit(digit_image_npz)
     a, b = weights(ort), weights(ov)
     assert max(float(np.abs(a[n] - b[n]).max()) for n in a) <= 1e-4
-    result = run_cli("train", ov, images, "--prefix-device", "openvino-npu", "--quiet")
+    result = run_cli("train", ov, digit_image_npz, "--prefix-device", "openvino-npu", "--quiet")
     assert_one_line_error(result, "OpenVINO device NPU is not present")
 
 
-def test_int8_prefix(bundle_factory, tmp_path, images):
+def test_int8_prefix(bundle_factory, tmp_path, digit_image_npz):
     bundle = _copy(bundle_factory, tmp_path, "b")
-    result = run_cli("quantize-prefix", bundle, images, "--samples", "64")
+    result = run_cli("quantize-prefix", bundle, digit_image_npz, "--samples", "64")
     assert result.returncode == 0, result.stderr
     assert (bundle / "prefix_int8.onnx").is_file() and "features differ" in result.stdout
-    trained = run_cli("train", bundle, images, "--prefix-int8", "--epochs", "1", "--quiet")
+    trained = run_cli("train", bundle, digit_image_npz, "--prefix-int8", "--epochs", "1", "--quiet")
     assert trained.returncode == 0, trained.stderr

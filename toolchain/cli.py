@@ -67,6 +67,8 @@ def export(
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Check against torch (default on)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the bundle with this ed25519 private key."),
+    split: bool = typer.Option(True, "--split/--no-split",
+                               help="head/last:K: also write prefix.onnx + suffix_* (adds the prefix's weights)."),
     seed: int = typer.Option(0, "--seed"),
     list_params: bool = typer.Option(False, "--list-params", help="Print parameter names and shapes, then stop."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
@@ -94,7 +96,7 @@ def export(
                             lr=lr, weight_decay=weight_decay, bn=bn, ort_format=ort_format, validate=validate,
                             force=force, seed=seed, user_spec=user_spec, onnx=onnx_model,
                             head_params=tuple(p.strip() for p in (head_params or "").split(",") if p.strip()),
-                            feature_output=feature_output, sign=sign)
+                            feature_output=feature_output, sign=sign, split=split)
     if list_params:
         for name, shape in list_parameters(options):
             typer.echo(f"{name}\t{list(shape)}")
