@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeadapt.devices.planner import plan_memory
+from edgeadapt.devices.planner import plan_memory, plan_split_memory
 from edgeadapt.devices.profiles import DeviceProfile
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.errors import EdgeAdaptError
@@ -41,10 +41,10 @@ class BenchCase:
     inference_ms: dict[str, float] = field(default_factory=dict)
 
 
-def run_case(bundle: Path, batch: int, threads: int, steps: int, warmup: int) -> dict:
+def run_case(bundle: Path, batch: int, threads: int, steps: int, warmup: int, split: bool = False) -> dict:
     env = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
     command = [sys.executable, "-m", "edgeadapt.devices.bench_case", str(bundle), str(batch), str(threads),
-               str(steps), str(warmup)]
+               str(steps), str(warmup)] + (["--split"] if split else [])
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["killed"])[-1]
@@ -54,18 +54,21 @@ def run_case(bundle: Path, batch: int, threads: int, steps: int, warmup: int) ->
 
 
 def bench(bundles: list[Path], batch_sizes: list[int], profile: DeviceProfile, steps: int = 5,
-          warmup: int = 2) -> list[BenchCase]:
+          warmup: int = 2, split: bool = False) -> list[BenchCase]:
+    """`split`: for split bundles, time edgeadapt's split path (prefix inference + suffix step) and plan it."""
     cases = []
     for path in bundles:
         bundle = Bundle.open(path)
         m = bundle.manifest
         artifact_mb = sum(f.stat().st_size for f in bundle.path.iterdir() if f.is_file()) / 2**20
+        is_split = split and m.split is not None
         for batch in batch_sizes:
-            raw = run_case(bundle.path, batch, profile.threads, steps, warmup)
-            predicted = plan_memory(bundle.path, m, batch).total_mb
+            raw = run_case(bundle.path, batch, profile.threads, steps, warmup, is_split)
+            predicted = (plan_split_memory if is_split else plan_memory)(bundle.path, m, batch).total_mb
             p50 = float(np.median(raw["step_ms"]))
             cases.append(BenchCase(
-                str(path), m.backbone, m.preset, batch, m.input.shape[1:], profile.threads, p50,
+                str(path), m.backbone, m.preset + (" (split)" if is_split else ""), batch, m.input.shape[1:],
+                profile.threads, p50,
                 float(np.percentile(raw["step_ms"], 95)), batch * 1000 / p50, raw["peak_rss_mb"], raw["import_rss_mb"],
                 raw["import_s"], predicted, artifact_mb, predicted <= profile.memory_budget_mb,
                 raw.get("inference_ms", {})))

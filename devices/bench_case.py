@@ -65,6 +65,7 @@ def time_training(bundle, batch: int, threads: int, steps: int, warmup: int) -> 
 
 def time_split_training(bundle, batch: int, threads: int, steps: int, warmup: int) -> list[float]:
     """edgeadapt's own path for a split bundle in an uncached epoch: prefix inference, then a suffix step."""
+    from edgeadapt.devices.planner import PREFIX_BATCH
     from edgeadapt.runtime.engine import Engine
     from edgeadapt.runtime.prefix import PrefixRunner
 
@@ -75,9 +76,10 @@ def time_split_training(bundle, batch: int, threads: int, steps: int, warmup: in
     engine.set_learning_rate(1e-4)
     x, y = _batch(bundle.manifest, batch)
     times = []
+    chunk = PREFIX_BATCH  # as the trainer extracts features
     for i in range(warmup + steps):
         started = time.perf_counter()
-        engine.train_batch(runner(x), y)
+        engine.train_batch(np.concatenate([runner(x[j:j + chunk]) for j in range(0, len(x), chunk)]), y)
         engine.apply_update()
         if i >= warmup:
             times.append((time.perf_counter() - started) * 1000)
@@ -97,20 +99,28 @@ def _latency(run, x, repeats: int = 20) -> float:
 def inference_latencies(bundle, threads: int) -> dict[str, float]:
     """Batch-1 latency (ms, median) of the deployed model on every backend present here."""
     from edgeadapt.runtime.deploy import export_onnx
-    from edgeadapt.runtime.engine import onnxruntime_module
 
     x, _ = _batch(bundle.manifest, 1)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model.onnx"
         export_onnx(bundle, model)
-        ort = onnxruntime_module()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        results["onnxruntime-cpu"] = _latency(lambda a: session.run(None, {"input": a}), x)
-        results.update(_openvino_latencies(model, x, threads))
+        results.update(_latencies(model, x, threads))
+    if bundle.manifest.split is not None:  # where the frozen prefix could run
+        prefix = bundle.path / bundle.manifest.split.prefix_model
+        results.update({f"prefix {k}": v for k, v in _latencies(prefix, x, threads).items()})
     return results
+
+
+def _latencies(model: Path, x, threads: int) -> dict[str, float]:
+    from edgeadapt.runtime.engine import onnxruntime_module
+
+    ort = onnxruntime_module()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    return {"onnxruntime-cpu": _latency(lambda a: session.run(None, {"input": a}), x),
+            **_openvino_latencies(model, x, threads)}
 
 
 def _openvino_latencies(model: Path, x, threads: int) -> dict[str, float]:

@@ -48,6 +48,7 @@ def bench_command(
     batch_sizes: str = typer.Option("8,32", "--batch-sizes"),
     steps: int = typer.Option(5, "--steps"),
     warmup: int = typer.Option(2, "--warmup"),
+    split: bool = typer.Option(False, "--split", help="Split bundles: time prefix inference + suffix training."),
     as_json: bool = typer.Option(False, "--json"),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write latency and memory plots (PNG)."),
 ):
@@ -61,7 +62,7 @@ def bench_command(
     except ValueError:
         raise ConfigError(f"--batch-sizes must be whole numbers separated by commas, got '{batch_sizes}'.") from None
     chosen = get_profile(profile)
-    cases = bench(bundles, sizes, chosen, steps, warmup)
+    cases = bench(bundles, sizes, chosen, steps, warmup, split)
     if plot_path:
         plot(cases, plot_path)
     if as_json:

@@ -62,7 +62,8 @@ def activation_bytes(training_graph: Path, batch: int) -> tuple[int, int]:
     model = onnx.shape_inference.infer_shapes(_with_batch(onnx.load(str(training_graph)), batch))
     sizes = {v.name: _tensor_bytes(v) for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
     params = {i.name for i in model.graph.input if i.name not in ("input", "labels")}
-    loss_at = next(i for i, n in enumerate(model.graph.node) if "Loss" in n.op_type and "Grad" not in n.op_type)
+    loss_at = next((i for i, n in enumerate(model.graph.node) if "Loss" in n.op_type and "Grad" not in n.op_type),
+                   len(model.graph.node) - 1)  # an inference graph (a split bundle's prefix) has no loss
     forward = {out for node in model.graph.node[:loss_at + 1] for out in node.output} | {"input"}
     kept = {name for node in model.graph.node[loss_at + 1:] for name in node.input
             if name in forward and name not in params}
@@ -80,6 +81,24 @@ def plan_memory(bundle_dir: Path, manifest: Manifest, batch_size: int) -> Memory
     gradients = trainable  # accumulation buffers
     total = weights + gradients + optimizer + activations + transient + RUNTIME_BASE_MB
     return MemoryPlan(batch_size, weights, gradients, optimizer, activations, transient, RUNTIME_BASE_MB, total)
+
+
+PREFIX_BATCH = 16  # the runtime extracts prefix features in batches of 16
+
+
+def plan_split_memory(bundle_dir: Path, manifest: Manifest, batch_size: int) -> MemoryPlan:
+    """A split run: the suffix trains (its own graph) while the prefix's inference session stays loaded."""
+    split = manifest.split
+    suffix = Path(bundle_dir) / f"{split.suffix_prefix}{TRAINING_MODEL}"
+    kept, largest = activation_bytes(suffix, batch_size)
+    _, prefix_largest = activation_bytes(Path(bundle_dir) / split.prefix_model, PREFIX_BATCH)
+    trainable = manifest.trainable_params * 4 / MB
+    weights = (Path(bundle_dir) / split.prefix_model).stat().st_size / MB + trainable
+    transient = TRANSIENT_FACTOR * max(largest, prefix_largest) / MB
+    optimizer = 2 * trainable if manifest.optimizer == "adamw" else 0.0
+    activations = KEPT_FACTOR * kept / MB
+    total = weights + trainable + optimizer + activations + transient + RUNTIME_BASE_MB
+    return MemoryPlan(batch_size, weights, trainable, optimizer, activations, transient, RUNTIME_BASE_MB, total)
 
 
 def largest_fitting_batch(bundle_dir: Path, manifest: Manifest, budget_mb: float, limit: int = 512) -> int:

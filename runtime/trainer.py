@@ -113,6 +113,7 @@ class Trainer:
         return self.bundle.manifest
 
     def fit(self, data: Dataset | str | Path) -> TrainSummary:
+        started = time.monotonic()
         dataset = data if isinstance(data, Dataset) else load_dataset(data, self.manifest,
                                                                         self.config.max_bad_fraction)
         if self.manifest.loss == "cross_entropy" and len(np.unique(dataset.targets)) < 2:
@@ -125,6 +126,7 @@ class Trainer:
             summary = self._run(train, val)
         summary.skipped_files = dataset.skipped
         summary.notes = self.split_run.notes if self.split_run else []
+        summary.seconds = time.monotonic() - started  # data loading and prefix features included
         return summary
 
     @property
