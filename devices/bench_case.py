@@ -76,7 +76,7 @@ def time_split_training(bundle, batch: int, threads: int, steps: int, warmup: in
     engine.set_learning_rate(1e-4)
     x, y = _batch(bundle.manifest, batch)
     times = []
-    chunk = PREFIX_BATCH  # as the trainer extracts features
+    chunk = min(PREFIX_BATCH, batch)  # as the trainer extracts features
     for i in range(warmup + steps):
         started = time.perf_counter()
         engine.train_batch(np.concatenate([runner(x[j:j + chunk]) for j in range(0, len(x), chunk)]), y)

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgeadapt.runtime.manifest import TRAINING_MODEL, Manifest
+from edgeadapt.runtime.split_training import PREFIX_BATCH
 
 MB = 1024 * 1024
 # Calibrated on the reference host (ONNX Runtime 1.19.2 CPU with edgeadapt's same-as-requested arena; MobileNetV2
@@ -83,15 +84,12 @@ def plan_memory(bundle_dir: Path, manifest: Manifest, batch_size: int) -> Memory
     return MemoryPlan(batch_size, weights, gradients, optimizer, activations, transient, RUNTIME_BASE_MB, total)
 
 
-PREFIX_BATCH = 16  # the runtime extracts prefix features in batches of 16
-
-
 def plan_split_memory(bundle_dir: Path, manifest: Manifest, batch_size: int) -> MemoryPlan:
     """A split run: the suffix trains (its own graph) while the prefix's inference session stays loaded."""
     split = manifest.split
     suffix = Path(bundle_dir) / f"{split.suffix_prefix}{TRAINING_MODEL}"
     kept, largest = activation_bytes(suffix, batch_size)
-    _, prefix_largest = activation_bytes(Path(bundle_dir) / split.prefix_model, PREFIX_BATCH)
+    _, prefix_largest = activation_bytes(Path(bundle_dir) / split.prefix_model, min(PREFIX_BATCH, batch_size))
     trainable = manifest.trainable_params * 4 / MB
     weights = (Path(bundle_dir) / split.prefix_model).stat().st_size / MB + trainable
     transient = TRANSIENT_FACTOR * max(largest, prefix_largest) / MB
@@ -107,3 +105,20 @@ def largest_fitting_batch(bundle_dir: Path, manifest: Manifest, budget_mb: float
     while batch <= limit and plan_memory(bundle_dir, manifest, batch).total_mb <= budget_mb:
         best, batch = batch, batch * 2
     return best
+
+
+def plan_summary(bundle) -> dict:
+    """For `inspect`: predicted peak training memory at the bundle's default batch size (and for a split run), and
+    which device profiles it fits."""
+    from edgeadapt.devices.profiles import load_profiles
+
+    batch = int(bundle.manifest.hyperparameters.get("batch_size", 32))
+    plan = plan_memory(bundle.path, bundle.manifest, batch)
+    info = {f"memory_plan_batch_{batch}": plan.as_dict()}
+    if bundle.manifest.split is not None:
+        split = bundle.manifest.split
+        plan = plan_split_memory(bundle.path, bundle.manifest, batch)
+        info["split"] = f"prefix {split.prefix_model} -> {split.boundary} {split.boundary_shape} -> suffix_* (trains)"
+        info[f"memory_plan_split_batch_{batch}"] = plan.as_dict()
+    fits = [p.name for p in load_profiles().values() if plan.total_mb <= p.memory_budget_mb]
+    return {**info, "fits_profiles": ", ".join(fits) or "none"}

@@ -39,10 +39,13 @@ def progress_bar():
 
 def inspect(bundle: Path = typer.Argument(..., help="Bundle folder."),
             as_json: bool = typer.Option(False, "--json")):
-    """Show what a bundle holds: backbone, preset, parameter counts, BN policy, files, versions."""
+    """Show what a bundle holds: backbone, preset, parameter counts, BN policy, files, versions, memory plan."""
+    from edgeadapt.devices.planner import plan_summary
+    from edgeadapt.runtime.bundle import Bundle
     from edgeadapt.runtime.inspect import describe
 
     info = describe(bundle)
+    info.update(plan_summary(Bundle.open(bundle)))
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return

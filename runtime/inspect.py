@@ -24,23 +24,6 @@ def describe(path: str | Path) -> dict:
         "trained": "no (exported state)" if progress is None else
         f"{progress.epoch} epochs, {progress.step} steps" + ("" if progress.finished else " (unfinished: --resume)"),
         "notes": "; ".join(m.notes) or "-",
-        **_memory_plan(bundle),
         "files": {f.name: f.stat().st_size for f in sorted(bundle.path.iterdir()) if f.is_file()},
     }
 
-
-def _memory_plan(bundle: Bundle) -> dict:
-    """Predicted peak training memory at the default batch size, and which device profiles it fits."""
-    from edgeadapt.devices.planner import plan_memory, plan_split_memory
-    from edgeadapt.devices.profiles import load_profiles
-
-    batch = int(bundle.manifest.hyperparameters.get("batch_size", 32))
-    plan = plan_memory(bundle.path, bundle.manifest, batch)
-    info = {f"memory_plan_batch_{batch}": plan.as_dict()}
-    if bundle.manifest.split is not None:
-        split = bundle.manifest.split
-        plan = plan_split_memory(bundle.path, bundle.manifest, batch)
-        info["split"] = f"prefix {split.prefix_model} -> {split.boundary} {split.boundary_shape} -> suffix_* (trains)"
-        info[f"memory_plan_split_batch_{batch}"] = plan.as_dict()
-    fits = [p.name for p in load_profiles().values() if plan.total_mb <= p.memory_budget_mb]
-    return {**info, "fits_profiles": ", ".join(fits) or "none"}

@@ -16,6 +16,7 @@ from edgeadapt.runtime.manifest import sha256_file
 from edgeadapt.runtime.prefix import PrefixRunner
 
 CACHE_FOLDER = "feature_cache"
+PREFIX_BATCH = 16  # prefix features are extracted in batches of min(16, batch size): early activations are large
 INT8_PREFIX = "prefix_int8.onnx"
 
 
@@ -61,12 +62,13 @@ def prepare(bundle: Bundle, config, train: Dataset,
     space = namespace(sha256_file(model), bundle.manifest.input, config.prefix_device)
     cache = FeatureCache(bundle.path / CACHE_FOLDER, space, config.cache_mb << 20)
     per_batch = config.augment and train.is_image
+    chunk = min(PREFIX_BATCH, config.batch_size)
     run = SplitRun(split.suffix_prefix, bundle.path / f"{split.suffix_prefix}checkpoint",
                    bundle.path / f"{split.suffix_prefix}checkpoint.best", runner, per_batch)
     if per_batch:
         run.notes.append("augmentation changes inputs every epoch: feature cache bypassed, prefix runs per batch")
     else:
-        train = features_of(train, bundle, runner, cache)
-    val = features_of(val, bundle, runner, cache) if val is not None else None
+        train = features_of(train, bundle, runner, cache, chunk)
+    val = features_of(val, bundle, runner, cache, chunk) if val is not None else None
     run.notes += cache.notes
     return train, val, run

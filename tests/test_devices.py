@@ -85,13 +85,12 @@ def test_devices_command_is_honest_about_this_machine():
 
 
 def test_split_runs_are_planned_and_benched(bundle_factory, tmp_path):
-    from edgeadapt.devices.planner import plan_split_memory
-    from edgeadapt.runtime.inspect import describe
+    from edgeadapt.devices.planner import plan_split_memory, plan_summary
 
     bundle = bundle_factory("tiny_cnn", "head", input_size=(32,))
     manifest = Bundle.open(bundle).manifest
     assert plan_split_memory(bundle, manifest, 8).total_mb > 0
-    info = describe(bundle)
+    info = plan_summary(Bundle.open(bundle))
     assert "split" in info and "memory_plan_split_batch_32" in info
     result = run_cli("bench", bundle, "--batch-sizes", "4", "--steps", "2", "--warmup", "1", "--split", "--json")
     assert result.returncode == 0, result.stderr
