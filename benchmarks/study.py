@@ -1,0 +1,167 @@
+"""Scratch vs transfer learning vs fine-tuning, measured through the real export → runtime path.
+
+Strategies: scratch (random init, all trainable), head (transfer learning), bias (TinyTL), last:2, full, on
+MobileNetV2 with ImageNet weights; k training images per class, several seeds; a fixed held-out set drawn from the
+same split. Each run trains in a fresh process with torch blocked (peak RSS from VmHWM). Writes a markdown table and
+two plots (accuracy vs shots; accuracy vs peak memory) and a JSON of every run.
+
+    python benchmarks/study.py --quick                 # digits (scikit-learn), 32 px: about 2 minutes
+    python benchmarks/study.py --out docs/study        # Fashion-MNIST train split, 96 px, k 1..50, 3 seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+STRATEGIES = ("scratch", "head", "bias", "last:2", "full")
+RUN = """
+import json, sys, time
+sys.modules['torch'] = None
+from edgeadapt.devices.bench_case import peak_rss_mb
+from edgeadapt.runtime.inference import evaluate
+from edgeadapt.runtime.trainer import Trainer, TrainConfig
+bundle, train, test, epochs, batch, seed = sys.argv[1:7]
+started = time.perf_counter()
+Trainer(bundle, TrainConfig(epochs=int(epochs), batch_size=int(batch), seed=int(seed), val_split=0.0)).fit(train)
+seconds = time.perf_counter() - started
+print(json.dumps({"accuracy": evaluate(bundle, test).accuracy, "train_s": seconds, "peak_rss_mb": peak_rss_mb()}))
+"""
+
+
+def load(quick: bool):
+    """(images uint8 N×H×W, label names, class names)."""
+    if quick:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        names = tuple(str(i) for i in range(10))
+        return (digits.images * 255 / 16).astype(np.uint8), np.array(names)[digits.target], names
+    from datasets import FASHION_LABELS, fashion_mnist_train
+
+    images, labels = fashion_mnist_train()
+    return images, np.array(FASHION_LABELS)[labels], FASHION_LABELS
+
+
+def split_data(labels: np.ndarray, held_out: int, shots: list[int], seeds: list[int]):
+    """A fixed held-out set, then for each seed nested k-shot training sets from the rest (k images per class)."""
+    order = np.random.default_rng(1234).permutation(len(labels))
+    test, rest = order[:held_out], order[held_out:]
+    sets = {}
+    for seed in seeds:
+        shuffled = np.random.default_rng(seed).permutation(rest)
+        for k in shots:
+            sets[(k, seed)] = np.concatenate([shuffled[labels[shuffled] == c][:k] for c in np.unique(labels)])
+    return test, sets
+
+
+def epochs_for(count: int, batch: int, min_steps: int = 60, max_epochs: int = 40) -> int:
+    """Enough epochs for at least `min_steps` optimizer steps, as few-shot sets are tiny."""
+    return int(min(max_epochs, max(5, np.ceil(min_steps / np.ceil(count / batch)))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--shots", default=None)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--held-out", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=Path("study"))
+    args = parser.parse_args()
+    shots = [int(k) for k in (args.shots or ("1,5,10" if args.quick else "1,5,10,20,50")).split(",")]
+    seeds = list(range(2 if args.quick and args.seeds == 3 else args.seeds))
+    size = args.size or (32 if args.quick else 96)
+    images, labels, classes = load(args.quick)
+    test, sets = split_data(labels, 300 if args.quick else args.held_out, shots, seeds)
+    runs = run_all(images, labels, classes, test, sets, size, min_steps=25 if args.quick else 60)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
+    table = report(runs, shots, "digits (scikit-learn)" if args.quick else "Fashion-MNIST train split", size)
+    (args.out / "results.md").write_text(table)
+    plot(runs, shots, args.out)
+    print(table)
+
+
+def run_all(images, labels, classes, test, sets, size: int, min_steps: int) -> list[dict]:
+    from edgeadapt.toolchain.build import HeadRequest
+    from edgeadapt.toolchain.export import ExportOptions, export_bundle
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        np.savez(root / "test.npz", x=images[test], y=labels[test])
+        for strategy in STRATEGIES:
+            for (k, seed), index in sorted(sets.items()):
+                template = root / f"{strategy.replace(':', '')}-{seed if strategy == 'scratch' else 0}"
+                if not template.exists():
+                    export_bundle(ExportOptions(out=template, backbone="mobilenet_v2", weights="imagenet",
+                                                trainable=strategy, head=HeadRequest(labels=classes),
+                                                input_size=(size,), seed=seed, validate=False))
+                np.savez(root / "train.npz", x=images[index], y=labels[index])
+                work = root / "work"
+                shutil.rmtree(work, ignore_errors=True)
+                shutil.copytree(template, work)
+                batch = min(32, len(index))
+                epochs = epochs_for(len(index), batch, min_steps)
+                done = subprocess.run([sys.executable, "-c", RUN, str(work), str(root / "train.npz"),
+                                       str(root / "test.npz"), str(epochs), str(batch), str(seed)],
+                                      capture_output=True, text=True, check=True)
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                runs.append({"strategy": strategy, "shots": k, "seed": seed, "epochs": epochs, **result})
+                print(f"{strategy:8} k={k:3} seed={seed}: {result['accuracy']:.3f} in {result['train_s']:.1f} s, "
+                      f"{result['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    return runs
+
+
+def _cell(runs, strategy, k, key):
+    values = [r[key] for r in runs if r["strategy"] == strategy and r["shots"] == k]
+    return float(np.mean(values)), float(np.std(values))
+
+
+def report(runs, shots, data: str, size: int) -> str:
+    seeds = len({r["seed"] for r in runs})
+    lines = [f"MobileNetV2 (ImageNet weights; `scratch`: same architecture, random init), {data}, {size} px, "
+             f"held-out accuracy, mean ± std over {seeds} seeds.", "",
+             "| strategy | " + " | ".join(f"k={k}" for k in shots) + " | train time (k=" + str(shots[-1]) +
+             ") | peak RSS |", "|---|" + "---|" * (len(shots) + 2)]
+    for strategy in STRATEGIES:
+        accuracy = [_cell(runs, strategy, k, "accuracy") for k in shots]
+        seconds, memory = _cell(runs, strategy, shots[-1], "train_s"), _cell(runs, strategy, shots[-1],
+                                                                              "peak_rss_mb")
+        lines.append(f"| {strategy} | " + " | ".join(f"{m:.1%} ± {s:.1%}" for m, s in accuracy) +
+                     f" | {seconds[0]:.1f} s | {memory[0]:.0f} MB |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs, shots, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for strategy in STRATEGIES:
+        cells = [_cell(runs, strategy, k, "accuracy") for k in shots]
+        left.errorbar(shots, [m for m, _ in cells], yerr=[s for _, s in cells], marker="o", capsize=3, label=strategy)
+        memory = [_cell(runs, strategy, k, "peak_rss_mb")[0] for k in shots]
+        right.scatter(memory, [m for m, _ in cells], label=strategy)
+    left.set(xscale="log", xlabel="training images per class", ylabel="held-out accuracy", title="accuracy vs shots")
+    left.set_xticks(shots, [str(k) for k in shots])
+    right.set(xlabel="peak RSS during training (MB)", ylabel="held-out accuracy", title="accuracy vs peak memory")
+    left.legend()
+    fig.tight_layout()
+    fig.savefig(out / "study.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
