@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field, replace
 from importlib import resources
 
-from edgeadapt.runtime.errors import UnknownNameError
+from edgeadapt.runtime.errors import ConfigError, UnknownNameError
 
 try:
     import tomllib
@@ -40,19 +40,31 @@ def _resolved(profile: DeviceProfile) -> DeviceProfile:
                    memory_budget_mb=profile.memory_budget_mb or _total_memory_mb() // 2)
 
 
+def parse_profile(text: str, source: str) -> DeviceProfile:
+    try:
+        raw = tomllib.loads(text)
+        raw["inference_backends"] = tuple(raw.get("inference_backends", ()))
+        raw["sources"] = tuple(raw.get("sources", ()))
+        return _resolved(DeviceProfile(**raw))
+    except (tomllib.TOMLDecodeError, TypeError) as exc:
+        raise ConfigError(f"device profile {source} is not valid ({exc}); see devices/profiles/*.toml.") from None
+
+
 def load_profiles() -> dict[str, DeviceProfile]:
     folder = resources.files("edgeadapt.devices").joinpath("profiles")
     profiles = {}
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".toml"):
-            raw = tomllib.loads(entry.read_text(encoding="utf-8"))
-            raw["inference_backends"] = tuple(raw.get("inference_backends", ()))
-            raw["sources"] = tuple(raw.get("sources", ()))
-            profiles[raw["name"]] = _resolved(DeviceProfile(**raw))
+            profile = parse_profile(entry.read_text(encoding="utf-8"), entry.name)
+            profiles[profile.name] = profile
     return profiles
 
 
 def get_profile(name: str) -> DeviceProfile:
+    """A built-in profile by name, or a TOML file of the same fields (a custom device)."""
+    if name.endswith(".toml") and os.path.isfile(name):
+        with open(name, encoding="utf-8") as fh:
+            return parse_profile(fh.read(), name)
     profiles = load_profiles()
     if name not in profiles:
         close = difflib.get_close_matches(name, profiles, n=2)

@@ -96,3 +96,38 @@ def test_split_runs_are_planned_and_benched(bundle_factory, tmp_path):
     assert result.returncode == 0, result.stderr
     case = json.loads(result.stdout)["cases"][0]
     assert case["preset"] == "head (split)" and "prefix onnxruntime-cpu" in case["inference_ms"]
+
+
+def _profile(tmp_path, name, budget_mb):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(f'name = "{name}"\ndescription = "test device"\ncores = 2\nthreads = 2\n'
+                    f'memory_budget_mb = {budget_mb}\ntraining_backend = "cpu"\n'
+                    'inference_backends = ["onnxruntime-cpu"]\nprefix_backend = "onnxruntime-cpu"\n'
+                    'sources = ["test"]\n')
+    return path
+
+
+def test_auto_picks_by_budget_and_each_pick_fits_when_measured(tmp_path):
+    from edgeadapt.devices.bench import run_case
+
+    picks = {}
+    for name, budget in (("small", 160), ("large", 4000)):
+        out = tmp_path / name
+        result = run_cli("export", "mobilenet_v2", "--weights", "imagenet", "--classes", "10", "--trainable", "auto",
+                         "--profile", _profile(tmp_path, name, budget), "--input-size", "64", "--out", out,
+                         "--no-validate")
+        assert result.returncode == 0, result.stderr
+        manifest = Bundle.open(out).manifest
+        batch = int(manifest.hyperparameters["batch_size"])
+        picks[name] = (manifest.preset, batch)
+        assert any("trainable auto" in note for note in manifest.notes)
+        measured = run_case(out, batch, 2, steps=2, warmup=1)["peak_rss_mb"]
+        assert measured <= budget, (name, manifest.preset, batch, measured)
+    assert picks["small"] != picks["large"] and picks["large"] == ("full", 32)
+
+
+def test_auto_needs_a_profile(tmp_path):
+    from test_errors import assert_one_line_error
+
+    assert_one_line_error(run_cli("export", "tiny_cnn", "--classes", "3", "--trainable", "auto", "--out",
+                                  tmp_path / "b"), "needs --profile")

@@ -54,6 +54,9 @@ class ExportOptions:
     feature_output: str | None = None  # with --onnx: the tensor to put a new head on
     sign: Path | None = None  # ed25519 private key: write manifest.sig
     split: bool = True  # also emit prefix.onnx + suffix_* artifacts when the frozen part is a prefix
+    profile: str | None = None  # with trainable="auto": the device profile (name or TOML file) to fit
+    auto_notes: tuple[str, ...] = ()  # why `auto` chose the preset (recorded in the manifest)
+    auto_batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,8 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
         from edgeadapt.toolchain.onnx_export import export_onnx_source
 
         return export_onnx_source(opts, started)
+    if opts.trainable == "auto":
+        return _export_auto(opts, started)
     built = build(opts)
     with staged_dir(out) as staging:
         graph = export_eval_onnx(built.module, built.spec.input_size, opts.bn, staging / "inference_base.onnx")
@@ -177,6 +182,17 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
         manifest = make_manifest(built, opts, graph, (trainable, frozen, buffers), staging, report, split)
         write_manifest(staging, manifest, opts.sign)
     return ExportResult(out, manifest, time.perf_counter() - started, report)
+
+
+def _export_auto(opts: ExportOptions, started: float) -> ExportResult:
+    from edgeadapt.devices.profiles import get_profile
+    from edgeadapt.toolchain.auto import choose
+
+    if not opts.profile:
+        raise ConfigError("--trainable auto needs --profile (a device profile name or TOML file) to fit.")
+    preset, batch, reasons = choose(opts, get_profile(opts.profile))
+    result = export_bundle(replace(opts, trainable=preset, auto_notes=tuple(reasons), auto_batch=batch))
+    return replace(result, seconds=time.perf_counter() - started)
 
 
 def write_manifest(staging: Path, manifest: Manifest, sign_key: Path | None) -> None:
@@ -201,7 +217,8 @@ def make_manifest(built: BuiltModel, opts: ExportOptions, graph: onnx.ModelProto
 
     trainable, frozen, buffers = lists
     sizes = {name: p.numel() for name, p in built.module.named_parameters()}
-    notes = list(built.notes)
+    notes = list(built.notes) + [f"trainable auto for {opts.profile}: " + "; ".join(opts.auto_notes)] \
+        if opts.auto_notes else list(built.notes)
     notes += ["training graph uses batch statistics for BN (ORT default): train and eval differ"] \
         if opts.bn == "ort" else []
     return Manifest(
@@ -209,7 +226,7 @@ def make_manifest(built: BuiltModel, opts: ExportOptions, graph: onnx.ModelProto
         backbone=opts.backbone or opts.model, weights=built.weights, preset=opts.trainable, bn_policy=opts.bn,
         input=_input_spec(built.spec), output_name="logits", labels=built.labels, loss=opts.loss,
         optimizer=opts.optimizer,
-        hyperparameters={"lr": default_lr(opts), "batch_size": 32.0, "epochs": 5.0,
+        hyperparameters={"lr": default_lr(opts), "batch_size": float(opts.auto_batch or 32), "epochs": 5.0,
                          "weight_decay": opts.weight_decay if opts.optimizer == "adamw" else 0.0},
         trainable=trainable, frozen=frozen, buffers=buffers,
         trainable_params=sum(sizes[n] for n in trainable), frozen_params=sum(sizes[n] for n in frozen),
