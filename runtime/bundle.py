@@ -75,9 +75,6 @@ class Bundle:
     def log_path(self) -> Path:
         return self.path / TRAIN_LOG
 
-    def checkpoint_is_pristine(self) -> bool:
-        return sha256_file(self.checkpoint) == self.manifest.files.get(CHECKPOINT)
-
     @property
     def bundle_id(self) -> str:
         """Ties checkpoints to this bundle's training graph."""
