@@ -55,11 +55,13 @@ class FeatureCache:
         """Features of `samples`, computing (with `compute`, on raw samples) only the ones not cached."""
         keys = sample_keys(samples)
         index, stored = self._load()
-        missing = [i for i, key in enumerate(dict.fromkeys(keys)) if key not in index]
-        unique = list(dict.fromkeys(keys))
+        first: dict[str, int] = {}
+        for position, key in enumerate(keys):
+            first.setdefault(key, position)
+        missing = [key for key in first if key not in index]
         if missing:
-            fresh = compute(samples[[keys.index(unique[i]) for i in missing]])
-            index, stored = self._store(index, stored, [unique[i] for i in missing], fresh)
+            fresh = compute(samples[[first[key] for key in missing]])
+            index, stored = self._store(index, stored, missing, fresh)
         if stored is None:  # over the size limit: served from memory for this run
             return self._memory[[self._memory_index[k] for k in keys]]
         return np.asarray(stored[[index[k] for k in keys]])
