@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeadapt.devices.planner import plan_memory, plan_split_memory
+from edgeadapt.devices.planner import planned_peak
 from edgeadapt.devices.profiles import DeviceProfile
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.errors import EdgeAdaptError
@@ -64,7 +64,7 @@ def bench(bundles: list[Path], batch_sizes: list[int], profile: DeviceProfile, s
         is_split = split and m.split is not None
         for batch in batch_sizes:
             raw = run_case(bundle.path, batch, profile.threads, steps, warmup, is_split)
-            predicted = (plan_split_memory if is_split else plan_memory)(bundle.path, m, batch).total_mb
+            predicted = planned_peak(bundle.path, m, batch, is_split)
             p50 = float(np.median(raw["step_ms"]))
             cases.append(BenchCase(
                 str(path), m.backbone, m.preset + (" (split)" if is_split else ""), batch, m.input.shape[1:],

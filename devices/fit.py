@@ -16,7 +16,7 @@ def batch_for_profile(bundle_path: Path, profile_name: str, batch_size: int, aut
     profile = get_profile(profile_name)
     bundle = Bundle.open(bundle_path)
     if auto:
-        best = largest_fitting_batch(bundle.path, bundle.manifest, profile.memory_budget_mb)
+        best, _ = largest_fitting_batch(bundle.path, bundle.manifest, profile.memory_budget_mb)
         if best == 0:
             plan = plan_memory(bundle.path, bundle.manifest, 1)
             raise ConfigError(f"even batch 1 needs {plan.total_mb:.0f} MB, over {profile.name}'s budget of "

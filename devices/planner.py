@@ -99,12 +99,22 @@ def plan_split_memory(bundle_dir: Path, manifest: Manifest, batch_size: int) -> 
     return MemoryPlan(batch_size, weights, trainable, optimizer, activations, transient, RUNTIME_BASE_MB, total)
 
 
-def largest_fitting_batch(bundle_dir: Path, manifest: Manifest, budget_mb: float, limit: int = 512) -> int:
-    """The largest power-of-two batch size whose predicted peak fits `budget_mb` (0 if none does)."""
-    best, batch = 0, 1
-    while batch <= limit and plan_memory(bundle_dir, manifest, batch).total_mb <= budget_mb:
-        best, batch = batch, batch * 2
-    return best
+def planned_peak(bundle_dir: Path, manifest: Manifest, batch_size: int, split: bool = False) -> float:
+    """Predicted peak MB of whole-graph training, or of a split run when `split` (and the bundle is split)."""
+    plan = plan_split_memory if split and manifest.split is not None else plan_memory
+    return plan(bundle_dir, manifest, batch_size).total_mb
+
+
+def largest_fitting_batch(bundle_dir: Path, manifest: Manifest, budget_mb: float, limit: int = 512,
+                          split: bool = False) -> tuple[int, float]:
+    """(largest power-of-two batch size whose predicted peak fits `budget_mb`, its peak); (0, 0.0) if none."""
+    best, peak, batch = 0, 0.0, 1
+    while batch <= limit:
+        needed = planned_peak(bundle_dir, manifest, batch, split)
+        if needed > budget_mb:
+            break
+        best, peak, batch = batch, needed, batch * 2
+    return best, peak
 
 
 def plan_summary(bundle) -> dict:

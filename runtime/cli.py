@@ -44,8 +44,8 @@ def inspect(bundle: Path = typer.Argument(..., help="Bundle folder."),
     from edgeadapt.runtime.bundle import Bundle
     from edgeadapt.runtime.inspect import describe
 
-    info = describe(bundle)
-    info.update(plan_summary(Bundle.open(bundle)))
+    opened = Bundle.open(bundle)  # hashes every file once
+    info = {**describe(opened), **plan_summary(opened)}
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return

@@ -8,8 +8,8 @@ from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.checkpoints import read_progress
 
 
-def describe(path: str | Path) -> dict:
-    bundle = Bundle.open(path)
+def describe(bundle: Bundle | str | Path) -> dict:
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     m = bundle.manifest
     progress = read_progress(bundle.checkpoint, bundle.bundle_id)
     return {

@@ -202,14 +202,16 @@ class Trainer:
         per_epoch = math.ceil(len(train) / cfg.batch_size)
         total = cfg.epochs * per_epoch
         base_lr = cfg.lr or self.manifest.hyperparameters["lr"]
+
+        def current_lr() -> float:
+            return learning_rate(base_lr * progress.lr_scale, progress.step, total, int(cfg.warmup * total),
+                                 cfg.schedule)
         while progress.epoch < cfg.epochs:
             epoch_started, stats = time.monotonic(), RunningStats(self.manifest)
             order = np.random.default_rng([cfg.seed, progress.epoch]).permutation(len(train))
-            lr = learning_rate(base_lr * progress.lr_scale, progress.step, total, int(cfg.warmup * total),
-                               cfg.schedule)  # also set when a resume lands after the epoch's last batch
+            lr = current_lr()  # also set when a resume lands after the epoch's last batch
             for batch in range(progress.batch, per_epoch):
-                lr = learning_rate(base_lr * progress.lr_scale, progress.step, total, int(cfg.warmup * total),
-                                   cfg.schedule)
+                lr = current_lr()
                 self._step(engine, train, order[batch * cfg.batch_size:(batch + 1) * cfg.batch_size],
                            (cfg.seed, progress.epoch, batch), lr, stats)
                 progress.step, progress.batch = progress.step + 1, batch + 1

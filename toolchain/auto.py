@@ -15,29 +15,13 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from edgeadapt.devices.planner import plan_memory, plan_split_memory
+from edgeadapt.devices.planner import largest_fitting_batch, planned_peak
 from edgeadapt.devices.profiles import DeviceProfile
 from edgeadapt.runtime.errors import ConfigError
-from edgeadapt.runtime.manifest import Manifest
 
 PREFERENCE = ("full", "last:2", "head")
 MIN_BATCH, MAX_BATCH = 8, 32
 HEADROOM = 0.9  # plan to 90% of the budget: the planner was within ±4% on the reference machine
-
-
-def _peak(bundle: Path, manifest: Manifest, batch: int) -> float:
-    plan = plan_split_memory if manifest.split is not None else plan_memory
-    return plan(bundle, manifest, batch).total_mb
-
-
-def _largest_batch(bundle: Path, manifest: Manifest, budget: float) -> tuple[int, float]:
-    best, peak, batch = 0, 0.0, 1
-    while batch <= MAX_BATCH:
-        needed = _peak(bundle, manifest, batch)
-        if needed > budget:
-            break
-        best, peak, batch = batch, needed, batch * 2
-    return best, peak
 
 
 def choose(opts, profile: DeviceProfile) -> tuple[str, int, list[str]]:
@@ -49,12 +33,13 @@ def choose(opts, profile: DeviceProfile) -> tuple[str, int, list[str]]:
         for preset in PREFERENCE:
             candidate = export_bundle(replace(opts, out=Path(tmp) / preset.replace(":", ""), trainable=preset,
                                               validate=False, sign=None, ort_format=False, force=True))
-            batch, peak = _largest_batch(candidate.out, candidate.manifest, HEADROOM * profile.memory_budget_mb)
+            batch, peak = largest_fitting_batch(candidate.out, candidate.manifest, HEADROOM * profile.memory_budget_mb,
+                                                limit=MAX_BATCH, split=True)
             if batch >= (1 if preset == "head" else MIN_BATCH):
                 reasons.append(f"chose {preset} at batch {batch} (planned {peak:.0f} MB of {profile.name}'s "
                                f"{profile.memory_budget_mb} MB)")
                 return preset, batch, reasons
-            needed = _peak(candidate.out, candidate.manifest, MIN_BATCH)
+            needed = planned_peak(candidate.out, candidate.manifest, MIN_BATCH, split=True)
             reasons.append(f"{preset} needs {needed:.0f} MB at batch {MIN_BATCH}")
     raise ConfigError(f"nothing fits {profile.name}'s budget of {profile.memory_budget_mb} MB ({'; '.join(reasons)});"
                       " use a smaller --input-size or a smaller backbone.")
