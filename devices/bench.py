@@ -41,10 +41,12 @@ class BenchCase:
     inference_ms: dict[str, float] = field(default_factory=dict)
 
 
-def run_case(bundle: Path, batch: int, threads: int, steps: int, warmup: int, split: bool = False) -> dict:
+def run_case(bundle: Path, batch: int, threads: int, steps: int, warmup: int, split: bool = False,
+             engine: str = "auto", device: str = "cpu", inference: bool = True) -> dict:
     env = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
     command = [sys.executable, "-m", "edgeadapt.devices.bench_case", str(bundle), str(batch), str(threads),
-               str(steps), str(warmup)] + (["--split"] if split else [])
+               str(steps), str(warmup), "--engine", engine, "--device", device] + (["--split"] if split else []) + \
+        ([] if inference else ["--no-inference"])
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["killed"])[-1]
@@ -54,7 +56,7 @@ def run_case(bundle: Path, batch: int, threads: int, steps: int, warmup: int, sp
 
 
 def bench(bundles: list[Path], batch_sizes: list[int], profile: DeviceProfile, steps: int = 5,
-          warmup: int = 2, split: bool = False) -> list[BenchCase]:
+          warmup: int = 2, split: bool = False, engine: str = "auto", device: str = "cpu") -> list[BenchCase]:
     """`split`: for split bundles, time edgeadapt's split path (prefix inference + suffix step) and plan it."""
     cases = []
     for path in bundles:
@@ -63,8 +65,8 @@ def bench(bundles: list[Path], batch_sizes: list[int], profile: DeviceProfile, s
         artifact_mb = sum(f.stat().st_size for f in bundle.path.iterdir() if f.is_file()) / 2**20
         is_split = split and m.split is not None
         for batch in batch_sizes:
-            raw = run_case(bundle.path, batch, profile.threads, steps, warmup, is_split)
-            predicted = planned_peak(bundle.path, m, batch, is_split)
+            raw = run_case(bundle.path, batch, profile.threads, steps, warmup, is_split, engine, device)
+            predicted = planned_peak(m, batch, is_split)
             p50 = float(np.median(raw["step_ms"]))
             cases.append(BenchCase(
                 str(path), m.backbone, m.preset + (" (split)" if is_split else ""), batch, m.input.shape[1:],

@@ -47,40 +47,25 @@ def _batch(manifest, batch: int, seed: int = 0):
     return x, y
 
 
-def time_training(bundle, batch: int, threads: int, steps: int, warmup: int) -> list[float]:
-    from edgeadapt.runtime.engine import Engine
-
-    engine = Engine(bundle.path, bundle.checkpoint, threads=threads)
-    engine.set_learning_rate(1e-4)
-    x, y = _batch(bundle.manifest, batch)
-    times = []
-    for i in range(warmup + steps):
-        started = time.perf_counter()
-        engine.train_batch(x, y)
-        engine.apply_update()
-        if i >= warmup:
-            times.append((time.perf_counter() - started) * 1000)
-    return times
-
-
-def time_split_training(bundle, batch: int, threads: int, steps: int, warmup: int) -> list[float]:
-    """edgeadapt's own path for a split bundle in an uncached epoch: prefix inference, then a suffix step."""
-    from edgeadapt.devices.planner import PREFIX_BATCH
-    from edgeadapt.runtime.engine import Engine
+def time_training(bundle, batch: int, threads: int, steps: int, warmup: int, engine: str = "auto",
+                  device: str = "cpu", split: bool = False) -> list[float]:
+    """Step times of the engine `train` would open (same factory, same session options). A split bundle's path in
+    an uncached epoch is prefix inference, then a suffix step."""
+    from edgeadapt.runtime.engines import open_engine
     from edgeadapt.runtime.prefix import PrefixRunner
+    from edgeadapt.runtime.state import load_state
+    from edgeadapt.runtime.targets import PREFIX_BATCH
 
-    split = bundle.manifest.split
-    runner = PrefixRunner(bundle.path / split.prefix_model, threads=threads)
-    engine = Engine(bundle.path, bundle.path / f"{split.suffix_prefix}checkpoint", threads=threads,
-                    graphs=split.suffix_prefix)
-    engine.set_learning_rate(1e-4)
+    opened = open_engine(bundle, bundle.graphs(split), engine, device, threads)
+    opened.load(load_state(bundle.state_path, bundle.manifest, bundle.bundle_id))
+    runner = PrefixRunner(bundle.prefix_path, threads=threads) if split else None
     x, y = _batch(bundle.manifest, batch)
-    times = []
     chunk = min(PREFIX_BATCH, batch)  # as the trainer extracts features
+    times = []
     for i in range(warmup + steps):
         started = time.perf_counter()
-        engine.train_batch(np.concatenate([runner(x[j:j + chunk]) for j in range(0, len(x), chunk)]), y)
-        engine.apply_update()
+        inputs = np.concatenate([runner(x[j:j + chunk]) for j in range(0, len(x), chunk)]) if runner else x
+        opened.train_step(inputs, y, 1e-4)
         if i >= warmup:
             times.append((time.perf_counter() - started) * 1000)
     return times
@@ -113,7 +98,7 @@ def inference_latencies(bundle, threads: int) -> dict[str, float]:
 
 
 def _latencies(model: Path, x, threads: int) -> dict[str, float]:
-    from edgeadapt.runtime.engine import onnxruntime_module
+    from edgeadapt.runtime.ort import onnxruntime_module
 
     ort = onnxruntime_module()
     options = ort.SessionOptions()
@@ -138,17 +123,24 @@ def _openvino_latencies(model: Path, x, threads: int) -> dict[str, float]:
     return results
 
 
+def _option(argv: list[str], name: str, default: str) -> str:
+    return argv[argv.index(name) + 1] if name in argv else default
+
+
 def main(argv: list[str]) -> None:
+    """BUNDLE BATCH THREADS STEPS WARMUP [--split] [--no-inference] [--engine E] [--device D]"""
     bundle_path, batch, threads, steps, warmup = argv[0], *map(int, argv[1:5])
+    engine, device = _option(argv, "--engine", "auto"), _option(argv, "--device", "cpu")
     started = time.perf_counter()
     from edgeadapt.runtime.bundle import Bundle
-    from edgeadapt.runtime.engine import training_api
+    from edgeadapt.runtime.engines import resolve_engine
+    from edgeadapt.runtime.ort import onnxruntime_module, training_api
 
-    training_api()
+    onnxruntime_module() if resolve_engine(engine, device) != "ort-training" else training_api()
     import_s, import_rss = time.perf_counter() - started, rss_mb()
     bundle = Bundle.open(bundle_path)
     split = "--split" in argv and bundle.manifest.split is not None
-    times = (time_split_training if split else time_training)(bundle, batch, threads, steps, warmup)
+    times = time_training(bundle, batch, threads, steps, warmup, engine, device, split)
     peak = peak_rss_mb()
     result = {"step_ms": times, "import_s": import_s, "import_rss_mb": import_rss, "peak_rss_mb": peak}
     if "--no-inference" not in argv:

@@ -8,18 +8,11 @@ from typing import List, Optional
 import typer
 
 
-def available_here() -> dict[str, list[str] | str]:
-    """What this machine really has: ONNX Runtime providers and OpenVINO devices."""
-    from edgeadapt.runtime.engine import available_providers
+def available_here() -> dict[str, list[str]]:
+    """Training engines this machine really has, with their devices (`--engine`, `--device`)."""
+    from edgeadapt.runtime.engines import available
 
-    found: dict[str, list[str] | str] = {"onnxruntime": available_providers()}
-    try:
-        import openvino
-
-        found["openvino"] = list(openvino.Core().available_devices)
-    except ImportError:
-        found["openvino"] = "not installed (pip install openvino)"
-    return found
+    return available()
 
 
 def devices():
@@ -35,11 +28,16 @@ def devices():
                       ", ".join(p.inference_backends), p.notes)
     out = console()
     out.print(table)
+    engines = Table("engine (--engine)", "devices here (--device)", title="this machine")
     here = available_here()
-    out.print(f"this machine: onnxruntime providers {', '.join(here['onnxruntime'])}; OpenVINO devices "
-                  f"{here['openvino'] if isinstance(here['openvino'], str) else ', '.join(here['openvino'])}")
-    if "CUDAExecutionProvider" not in here["onnxruntime"]:
-        out.print("no CUDA training here: onnxruntime's GPU training build is not installed.")
+    for name in ("onnxruntime", "openvino", "ort-training"):
+        engines.add_row(name, ", ".join(here[name]) if name in here else _missing(name))
+    out.print(engines)
+
+
+def _missing(engine: str) -> str:
+    return {"onnxruntime": "not installed", "openvino": "not installed (pip install openvino)",
+            "ort-training": "not installed (pip install 'edgeadapt[ort-training]'; x86_64, Python <= 3.11)"}[engine]
 
 
 def bench_command(
@@ -49,6 +47,8 @@ def bench_command(
     steps: int = typer.Option(5, "--steps"),
     warmup: int = typer.Option(2, "--warmup"),
     split: bool = typer.Option(False, "--split", help="Split bundles: time prefix inference + suffix training."),
+    engine: str = typer.Option("auto", "--engine", help="auto | onnxruntime | openvino | ort-training."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, gpu, npu, … (see `edgeadapt devices`)."),
     as_json: bool = typer.Option(False, "--json"),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write latency and memory plots (PNG)."),
 ):
@@ -62,7 +62,7 @@ def bench_command(
     except ValueError:
         raise ConfigError(f"--batch-sizes must be whole numbers separated by commas, got '{batch_sizes}'.") from None
     chosen = get_profile(profile)
-    cases = bench(bundles, sizes, chosen, steps, warmup, split)
+    cases = bench(bundles, sizes, chosen, steps, warmup, split, engine, device)
     if plot_path:
         plot(cases, plot_path)
     if as_json:

@@ -16,13 +16,13 @@ def batch_for_profile(bundle_path: Path, profile_name: str, batch_size: int, aut
     profile = get_profile(profile_name)
     bundle = Bundle.open(bundle_path)
     if auto:
-        best, _ = largest_fitting_batch(bundle.path, bundle.manifest, profile.memory_budget_mb)
+        best, _ = largest_fitting_batch(bundle.manifest, profile.memory_budget_mb)
         if best == 0:
-            plan = plan_memory(bundle.path, bundle.manifest, 1)
+            plan = plan_memory(bundle.manifest, 1)
             raise ConfigError(f"even batch 1 needs {plan.total_mb:.0f} MB, over {profile.name}'s budget of "
                               f"{profile.memory_budget_mb} MB; export a lighter preset (head, bias, last:K).")
         return best, threads or profile.threads
-    plan = plan_memory(bundle.path, bundle.manifest, batch_size)
+    plan = plan_memory(bundle.manifest, batch_size)
     if plan.total_mb > profile.memory_budget_mb:
         over = plan.total_mb - profile.memory_budget_mb
         raise ConfigError(f"batch {batch_size} needs ~{plan.total_mb:.0f} MB, {over:.0f} MB over {profile.name}'s "

@@ -53,18 +53,27 @@ def inspect(bundle: Path = typer.Argument(..., help="Bundle folder."),
 
     table = Table("field", "value", title=f"bundle {bundle}", show_lines=False)
     for key, value in info.items():
-        if key != "files":
-            table.add_row(key, str(value))
-    for name, size in info["files"].items():
-        table.add_row(f"file {name}", f"{size:,} bytes")
+        for row in _rows(key, value):
+            table.add_row(*row)
     console().print(table)
+
+
+def _rows(key: str, value) -> list[tuple[str, str]]:
+    """Nested values (validation, memory plans, files) as one readable line per entry."""
+    if not isinstance(value, dict):
+        return [(key, str(value))]
+    if key == "files":
+        return [(key, "")] + [(f"  {name}", f"{size:,} bytes") for name, size in value.items()]
+    parts = [f"{k} {v:.2e}" if isinstance(v, float) and abs(v) < 1e-2 else f"{k} {v}" for k, v in value.items()]
+    return [(key, ", ".join(parts) or "-")]
 
 
 def train(
     bundle: Path = typer.Argument(..., help="Bundle folder (updated in place)."),
     data: Path = typer.Argument(..., help="Folder of class subfolders of images, .npz (x, y) or .csv."),
-    epochs: int = typer.Option(5, "--epochs"),
-    batch_size: int = typer.Option(32, "--batch-size"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Default: the bundle's (5)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size",
+                                             help="Default: the bundle's (32, or the one --trainable auto chose)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Default: the bundle's."),
     seed: int = typer.Option(0, "--seed"),
     schedule: str = typer.Option("cosine", "--schedule", help="cosine | linear | constant (after warm-up)."),
@@ -73,7 +82,9 @@ def train(
     patience: Optional[int] = typer.Option(None, "--patience", help="Early stopping after N epochs without gain."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop cleanly (resumable) after this."),
     augment: bool = typer.Option(False, "--augment/--no-augment", help="Light image augmentation."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda."),
+    engine: str = typer.Option("auto", "--engine", help="auto | onnxruntime | openvino | ort-training."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda[:N], gpu, npu, dml, coreml, qnn, … "
+                                                        "(`edgeadapt devices` lists this machine's)."),
     threads: Optional[int] = typer.Option(None, "--threads"),
     checkpoint_every: int = typer.Option(20, "--checkpoint-every", help="Steps between checkpoints."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run exactly."),
@@ -90,25 +101,29 @@ def train(
     """Train the bundle on local data (no torch needed)."""
     from edgeadapt.runtime.trainer import TrainConfig, Trainer
 
+    opened = _bundle(bundle, trusted_key)
     if profile:
         from edgeadapt.devices.fit import batch_for_profile
 
-        batch_size, threads = batch_for_profile(bundle, profile, batch_size, auto_batch, threads)
+        wanted = batch_size or int(opened.manifest.hyperparameters.get("batch_size", 32))
+        batch_size, threads = batch_for_profile(bundle, profile, wanted, auto_batch, threads)
         typer.echo(f"profile {profile}: batch {batch_size}, {threads} threads")
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, schedule=schedule, warmup=warmup,
                          val_split=val_split, patience=patience, max_minutes=max_minutes, augment=augment,
-                         device=device, threads=threads, checkpoint_every=checkpoint_every, resume=resume,
-                         split=split, prefix_device=prefix_device, prefix_int8=prefix_int8, cache_mb=cache_mb)
+                         engine=engine, device=device, threads=threads, checkpoint_every=checkpoint_every,
+                         resume=resume, split=split, prefix_device=prefix_device, prefix_int8=prefix_int8,
+                         cache_mb=cache_mb)
     with (contextlib.nullcontext(None) if quiet else progress_bar()) as on_batch:
-        summary = Trainer(_bundle(bundle, trusted_key), config, on_batch=on_batch).fit(data)
+        summary = Trainer(opened, config, on_batch=on_batch).fit(data)
     _print_summary(summary, bundle)
 
 
 def _print_summary(summary, bundle: Path) -> None:
     final = summary.final
     typer.echo(f"{summary.stopped}: {summary.epochs_completed} epochs, {summary.steps} steps in {summary.seconds:.1f}s "
-               f"on {summary.train_samples} samples ({summary.val_samples} held out for validation)")
+               f"on {summary.train_samples} samples ({summary.val_samples} held out for validation), engine "
+               f"{summary.engine}")
     if final is not None:
         parts = [f"train loss {final.train_loss:.4f}"]
         parts += [f"train acc {final.train_accuracy:.1%}"] if final.train_accuracy is not None else []
@@ -126,13 +141,15 @@ def _print_summary(summary, bundle: Path) -> None:
 
 def evaluate(bundle: Path = typer.Argument(...), data: Path = typer.Argument(...),
              batch_size: int = typer.Option(64, "--batch-size"), as_json: bool = typer.Option(False, "--json"),
+             engine: str = typer.Option("auto", "--engine", help="auto | onnxruntime | openvino | ort-training."),
+             device: str = typer.Option("cpu", "--device"),
              trusted_key: Optional[Path] = typer.Option(None, "--trusted-key",
                                                         help="Refuse bundles not signed by this key.")):
     """Accuracy, per-class accuracy and confusion matrix of the bundle's current model on labelled data."""
     from edgeadapt.runtime.inference import evaluate as run
 
     bundle_obj = _bundle(bundle, trusted_key)
-    metrics = run(bundle_obj, data, batch_size)
+    metrics = run(bundle_obj, data, batch_size, engine=engine, device=device)
     result = metrics.as_dict(bundle_obj.manifest.labels)
     if as_json:
         typer.echo(json.dumps(result))
@@ -155,18 +172,15 @@ def _bundle(path: Path, trusted_key: Path | None = None):
 
 def predict(bundle: Path = typer.Argument(...), inputs: List[Path] = typer.Argument(..., help="Images, .npz, .csv."),
             top_k: int = typer.Option(5, "--top-k"),
-            backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime | openvino."),
-            device: str = typer.Option("CPU", "--device", help="OpenVINO device: CPU | GPU | NPU."),
+            engine: str = typer.Option("auto", "--engine", help="auto | onnxruntime | openvino | ort-training."),
+            device: str = typer.Option("cpu", "--device", help="cpu, cuda, gpu, npu, …"),
             as_json: bool = typer.Option(False, "--json"),
             trusted_key: Optional[Path] = typer.Option(None, "--trusted-key",
                                                        help="Refuse bundles not signed by this key.")):
     """Top-k labels for each input."""
-    from edgeadapt.runtime.errors import ConfigError
     from edgeadapt.runtime.inference import predict as run
 
-    if backend not in ("onnxruntime", "openvino"):
-        raise ConfigError(f"unknown --backend '{backend}'; choose onnxruntime or openvino.")
-    predictions = run(_bundle(bundle, trusted_key), inputs, top_k, backend, device)
+    predictions = run(_bundle(bundle, trusted_key), inputs, top_k, engine, device)
     if as_json:
         typer.echo(json.dumps([asdict(p) for p in predictions]))
         return

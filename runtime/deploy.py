@@ -1,4 +1,5 @@
-"""`deploy`: the adapted model as a plain inference ONNX file or OpenVINO IR, each checked against the eval graph."""
+"""`deploy`: the adapted model as a plain inference ONNX file or OpenVINO IR, built from the forward graph and the
+bundle's state (no `onnx` package needed), each checked against the bundle's own evaluation path."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import numpy as np
 
 from edgeadapt.runtime.atomic import atomic_write, fsync_dir
 from edgeadapt.runtime.bundle import Bundle
-from edgeadapt.runtime.engine import Engine
 from edgeadapt.runtime.errors import BackendError, ConfigError, EdgeAdaptError, InternalError
-from edgeadapt.runtime.metrics import dummy_targets
+from edgeadapt.runtime.onnx_wire import bake_input
+from edgeadapt.runtime.ort import onnxruntime_module
+from edgeadapt.runtime.state import load_state
 
 FORMATS = ("onnx", "openvino")
 TOLERANCE = 1e-4
@@ -33,40 +35,19 @@ def check_batch(bundle: Bundle, batch: int = 4, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def eval_logits(bundle: Bundle, x: np.ndarray) -> np.ndarray:
-    engine = Engine(bundle.path, bundle.checkpoint, with_optimizer=False)
-    return engine.eval_step(x, dummy_targets(bundle.manifest, len(x)))[1]
+def inference_model(bundle: Bundle) -> bytes:
+    """The whole forward graph with the bundle's trained parameters baked in: a plain inference model."""
+    state = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id)
+    forward = bundle.graphs(split=False).forward.read_bytes()
+    return bake_input(forward, "params", state.params)
 
 
 def export_onnx(bundle: Bundle, path: Path) -> None:
-    if bundle.manifest.split is not None:
-        return export_stitched(bundle, path)
-    engine = Engine(bundle.path, bundle.checkpoint, with_optimizer=False)
-    atomic_write(path, lambda tmp: engine.export_inference(tmp, [bundle.manifest.output_name]))
-
-
-def export_stitched(bundle: Bundle, path: Path) -> None:
-    """A split bundle's inference model: prefix.onnx joined to the adapted suffix. The suffix takes its values
-    from the whole-graph checkpoint, which every training run (split or not) keeps current."""
-    import onnx
-    from onnx import compose
-
-    split = bundle.manifest.split
-    with tempfile.TemporaryDirectory() as tmp:
-        synced = Path(tmp) / "suffix_checkpoint"
-        Engine.copy_parameters(bundle.checkpoint, bundle.path / f"{split.suffix_prefix}checkpoint", synced, {},
-                               bundle.path, split.suffix_prefix)
-        suffix_file = Path(tmp) / "suffix.onnx"
-        Engine(bundle.path, synced, with_optimizer=False, graphs=split.suffix_prefix).export_inference(
-            suffix_file, [bundle.manifest.output_name])
-        prefix, suffix = onnx.load(str(bundle.path / split.prefix_model)), onnx.load(str(suffix_file))
-        merged = compose.merge_models(prefix, suffix, io_map=[(split.boundary, suffix.graph.input[0].name)])
-    atomic_write(path, lambda tmp: onnx.save(merged, str(tmp)))
+    model = inference_model(bundle)
+    atomic_write(path, lambda tmp: tmp.write_bytes(model))
 
 
 def onnx_logits(model: Path, x: np.ndarray, input_name: str) -> np.ndarray:
-    from edgeadapt.runtime.engine import onnxruntime_module
-
     session = onnxruntime_module().InferenceSession(str(model), providers=["CPUExecutionProvider"])
     return session.run(None, {input_name: x})[0]
 
@@ -93,13 +74,6 @@ def openvino_logits_from(model_path: Path, x: np.ndarray, device: str = "CPU") -
     # f32 explicitly: the CPU plugin otherwise runs bf16 where the processor has it
     compiled = openvino_device(device).compile_model(str(model_path), device, {"INFERENCE_PRECISION_HINT": "f32"})
     return np.asarray(compiled(x)[compiled.output(0)])
-
-
-def openvino_logits(bundle: Bundle, x: np.ndarray, device: str = "CPU") -> np.ndarray:
-    with tempfile.TemporaryDirectory() as tmp:
-        model = Path(tmp) / "model.onnx"
-        export_onnx(bundle, model)
-        return openvino_logits_from(model, x, device)
 
 
 def save_openvino(onnx_model: Path, xml: Path) -> None:
@@ -135,8 +109,10 @@ def deploy(bundle: Bundle | str | Path, fmt: str, out: str | Path, check: bool =
 
 
 def _checked(bundle: Bundle, out: Path, fmt: str) -> DeployResult:
+    from edgeadapt.runtime.inference import logits_for
+
     x = check_batch(bundle)
-    expected = eval_logits(bundle, x)
+    expected = logits_for(bundle, x)
     actual = onnx_logits(out, x, bundle.manifest.input.name) if fmt == "onnx" else openvino_logits_from(out, x)
     diff = float(np.abs(actual - expected).max())
     same = bool((actual.argmax(1) == expected.argmax(1)).all())

@@ -9,21 +9,28 @@ import numpy as np
 
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.data import IMAGE_SUFFIXES, Dataset, decode_image, load_dataset, preprocess
-from edgeadapt.runtime.engine import Engine
+from edgeadapt.runtime.engines import open_engine
 from edgeadapt.runtime.errors import DataError
 from edgeadapt.runtime.metrics import Metrics, dummy_targets, evaluate_arrays
+from edgeadapt.runtime.state import load_state
 
 
 def _open(bundle: Bundle | str | Path) -> Bundle:
     return bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
 
 
+def evaluation_engine(bundle: Bundle, engine: str = "auto", device: str = "cpu", threads: int | None = None):
+    """An engine over the whole graph, holding the bundle's current trained parameters."""
+    opened = open_engine(bundle, bundle.graphs(split=False), engine, device, threads, training=False)
+    opened.load(load_state(bundle.state_path, bundle.manifest, bundle.bundle_id))
+    return opened
+
+
 def evaluate(bundle: Bundle | str | Path, data: Dataset | str | Path, batch_size: int = 64,
-             threads: int | None = None) -> Metrics:
+             threads: int | None = None, engine: str = "auto", device: str = "cpu") -> Metrics:
     bundle = _open(bundle)
     dataset = data if isinstance(data, Dataset) else load_dataset(data, bundle.manifest)
-    engine = Engine(bundle.path, bundle.checkpoint, threads=threads, with_optimizer=False)
-    return evaluate_arrays(engine, dataset, bundle.manifest, batch_size)
+    return evaluate_arrays(evaluation_engine(bundle, engine, device, threads), dataset, bundle.manifest, batch_size)
 
 
 @dataclass(frozen=True)
@@ -55,21 +62,17 @@ def load_inputs(paths: list[str | Path], bundle: Bundle) -> tuple[list[str], np.
     return names, np.concatenate(samples), is_image
 
 
-def logits_for(bundle: Bundle, x: np.ndarray, backend: str = "onnxruntime", device: str = "CPU",
+def logits_for(bundle: Bundle, x: np.ndarray, engine: str = "auto", device: str = "cpu",
                threads: int | None = None) -> np.ndarray:
-    if backend == "onnxruntime":
-        engine = Engine(bundle.path, bundle.checkpoint, threads=threads, with_optimizer=False)
-        return engine.eval_step(x, dummy_targets(bundle.manifest, len(x)))[1]
-    from edgeadapt.runtime.deploy import openvino_logits
-
-    return openvino_logits(bundle, x, device)
+    opened = evaluation_engine(bundle, engine, device, threads)
+    return opened.eval_step(x, dummy_targets(bundle.manifest, len(x)))[1]
 
 
-def predict(bundle: Bundle | str | Path, inputs: list[str | Path], top_k: int = 5, backend: str = "onnxruntime",
-            device: str = "CPU") -> list[Prediction]:
+def predict(bundle: Bundle | str | Path, inputs: list[str | Path], top_k: int = 5, engine: str = "auto",
+            device: str = "cpu") -> list[Prediction]:
     bundle = _open(bundle)
     names, samples, is_image = load_inputs(inputs, bundle)
-    logits = logits_for(bundle, preprocess(samples, bundle.manifest, is_image), backend, device)
+    logits = logits_for(bundle, preprocess(samples, bundle.manifest, is_image), engine, device)
     scores = _scores(logits, bundle.manifest.loss)
     k = min(top_k, scores.shape[1])
     return [Prediction(name, [{"label": bundle.manifest.labels[i], "index": int(i), "score": float(row[i])}

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeadapt.runtime.bundle import Bundle
-from edgeadapt.runtime.checkpoints import read_progress
+from edgeadapt.runtime.state import read_progress
 
 
 def describe(bundle: Bundle | str | Path) -> dict:
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     m = bundle.manifest
-    progress = read_progress(bundle.checkpoint, bundle.bundle_id)
+    progress = read_progress(bundle.state_path, m, bundle.bundle_id)
     return {
         "backbone": m.backbone, "weights": m.weights, "preset": m.preset, "bn_policy": m.bn_policy,
         "input": f"{m.input.name} {m.input.shape} {m.input.dtype} {m.input.layout} {m.input.channels}".strip(),

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from edgeadapt.runtime.errors import BundleError
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMAS = (1,)
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMAS = (2,)
 MANIFEST_NAME = "manifest.json"
 TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT = (
     "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
@@ -53,6 +53,31 @@ class SplitSpec:
 
 
 @dataclass(frozen=True)
+class StateLayout:
+    """Where one trainable tensor lives in the flat state vectors."""
+
+    name: str
+    shape: list[int]
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class PortableSpec:
+    """The portable training step: standard-ONNX graphs any maintained engine runs (see runtime/COMPATIBILITY.md).
+    `train_step(input, labels, lr, step, *state) -> loss, logits, *state.new`; `forward(input, params) -> logits`.
+    Split bundles add the same two graphs for the suffix, named with the split's `suffix_prefix`."""
+
+    layout: list[StateLayout]
+    state: list[str]  # state vectors in the step's input order: params, then the optimizer's moments
+    opset: int
+    ir_version: int
+    train_step: str = "train_step.onnx"
+    forward: str = "forward.onnx"
+    state_file: str = "state.safetensors"
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema_version: int
     edgeadapt_version: str
@@ -78,7 +103,9 @@ class Manifest:
     validation: dict[str, float] = field(default_factory=dict)
     created: str = ""
     notes: list[str] = field(default_factory=list)
-    split: SplitSpec | None = None  # added in schema 1 as an optional field (older runtimes ignore it)
+    portable: PortableSpec | None = None  # schema 2: required (checked below)
+    split: SplitSpec | None = None
+    memory: dict[str, float] = field(default_factory=dict)  # per-sample activation bytes of each graph (planner)
 
     @property
     def num_outputs(self) -> int:
@@ -100,6 +127,10 @@ class Manifest:
         if not isinstance(raw, dict):
             raise BundleError(f"{source} must hold a JSON object; re-export the bundle.")
         version = raw.get("schema_version")
+        if version == 1:
+            raise BundleError(f"{source} is a schema-1 bundle (edgeadapt 0.1, onnxruntime-training only); this runtime "
+                              "trains schema 2, which adds the portable training step: re-export it with "
+                              "`edgeadapt export`.")
         if version not in SUPPORTED_SCHEMAS:
             raise BundleError(
                 f"{source} has schema_version {version!r}, this runtime reads {list(SUPPORTED_SCHEMAS)}; "
@@ -135,6 +166,8 @@ def _checked(m: "Manifest", source: str) -> "Manifest":
          "mean/std are empty, of different lengths, or std is not positive"),
         (not 0 < spec.crop <= 1, f"crop {spec.crop} is not in (0, 1]"),
         (not m.trainable, "no trainable parameter"),
+        (m.portable is None or [p.name for p in m.portable.layout] != m.trainable,
+         "the portable step's state layout does not list the trainable parameters"),
         ("lr" in m.hyperparameters and not m.hyperparameters["lr"] > 0, "the default lr is not positive"),
     ]
     for failed, what in problems:

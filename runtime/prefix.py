@@ -28,12 +28,12 @@ class PrefixRunner:
 
     @staticmethod
     def _onnxruntime(model: Path, provider: str, threads: int | None):
-        from edgeadapt.runtime.engine import available_providers, session_options
+        from edgeadapt.runtime.ort import available_providers, session_options
 
         if provider not in available_providers():
             raise BackendError(f"ONNX Runtime's {provider} is not available here (available: "
                                f"{', '.join(available_providers())}); use --prefix-device onnxruntime-cpu.")
-        from edgeadapt.runtime.engine import onnxruntime_module
+        from edgeadapt.runtime.ort import onnxruntime_module
 
         session = onnxruntime_module().InferenceSession(str(model), session_options(threads), providers=[provider])
         name = session.get_inputs()[0].name

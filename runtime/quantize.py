@@ -14,7 +14,6 @@ from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.data import load_dataset, preprocess
 from edgeadapt.runtime.errors import ConfigError
 from edgeadapt.runtime.prefix import PrefixRunner
-from edgeadapt.runtime.split_training import INT8_PREFIX
 
 
 @dataclass(frozen=True)
@@ -27,8 +26,12 @@ class QuantizeResult:
 
 
 def quantize_prefix(bundle: Bundle, data: Path, samples: int = 128, seed: int = 0) -> QuantizeResult:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    try:  # heavy and optional: onnxruntime's quantization tools need the onnx package
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as exc:
+        raise ConfigError(f"quantize-prefix needs onnxruntime's quantization tools ({exc.name} is missing): "
+                          "`pip install onnx`, or quantize on the host and copy prefix_int8.onnx.") from None
 
     split = bundle.manifest.split
     if split is None:
@@ -44,7 +47,7 @@ def quantize_prefix(bundle: Bundle, data: Path, samples: int = 128, seed: int = 
         def get_next(self):
             return next(self.batches, None)
 
-    source, target = bundle.path / split.prefix_model, bundle.path / INT8_PREFIX
+    source, target = bundle.prefix_path, bundle.int8_prefix_path
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)

@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeadapt.runtime.bundle import Bundle
-from edgeadapt.runtime.checkpoints import read_progress
-from edgeadapt.runtime.engine import Engine
 from edgeadapt.runtime.errors import EdgeAdaptError
+from edgeadapt.runtime.state import load_state, read_progress
 
 
 @dataclass
@@ -40,9 +39,10 @@ def train_command(bundle: Path, data: Path, options: list[str], resume: bool = F
         (["--resume"] if resume else [])
 
 
-def weights(bundle: Path) -> dict[str, np.ndarray]:
-    engine = Engine(bundle, bundle / "checkpoint", with_optimizer=False)
-    return {name: engine.parameter(name) for name in engine.parameter_names()}
+def weights(bundle: Path) -> np.ndarray:
+    """The bundle's trained parameters (one flat vector)."""
+    opened = Bundle.open(bundle)
+    return load_state(opened.state_path, opened.manifest, opened.bundle_id).params
 
 
 def _logged_epochs(bundle: Path) -> int:
@@ -53,11 +53,11 @@ def _logged_epochs(bundle: Path) -> int:
 
 def _inspect_after_kill(work: Path, tally: Tally) -> bool:
     """Check the killed bundle; return True if a run is left to resume."""
-    if list(work.glob(".checkpoint.tmp-*")):
+    if list(work.glob(".state.safetensors.tmp-*")):
         tally.during_checkpoint_write += 1
     try:
         bundle = Bundle.open(work)
-        progress = read_progress(bundle.checkpoint, bundle.bundle_id)
+        progress = read_progress(bundle.state_path, bundle.manifest, bundle.bundle_id)
     except EdgeAdaptError as exc:
         tally.corrupt_checkpoints += 1
         tally.notes.append(str(exc))
@@ -74,27 +74,27 @@ def _inspect_after_kill(work: Path, tally: Tally) -> bool:
 
 def _describe(work: Path) -> str:
     bundle = Bundle.open(work)
-    progress = read_progress(bundle.checkpoint, bundle.bundle_id)
+    progress = read_progress(bundle.state_path, bundle.manifest, bundle.bundle_id)
     where = "no progress" if progress is None else \
         f"epoch {progress.epoch} batch {progress.batch} step {progress.step} finished {progress.finished}"
     return f"{where}; logged epochs {_logged_epochs(work)}; files {sorted(p.name for p in work.iterdir())}"
 
 
 def _wait_for_training(process: subprocess.Popen, checkpoint: Path, limit: float = 120.0) -> float:
-    """Seconds until the trainer first rewrites the checkpoint (start-up done), or until it exits."""
+    """Seconds until the trainer first rewrites the state file (start-up done), or until it exits."""
     started, first = time.monotonic(), checkpoint.stat().st_mtime_ns
     while process.poll() is None and checkpoint.stat().st_mtime_ns == first and time.monotonic() - started < limit:
         time.sleep(0.005)
     return time.monotonic() - started
 
 
-def one_trial(template: Path, data: Path, options: list[str], reference: dict, train_seconds: float,
+def one_trial(template: Path, data: Path, options: list[str], reference: np.ndarray, train_seconds: float,
               rng: random.Random, work: Path, tally: Tally) -> None:
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(template, work)
     process = subprocess.Popen(train_command(work, data, options), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    _wait_for_training(process, work / "checkpoint")
+    _wait_for_training(process, work / "state.safetensors")
     time.sleep(rng.uniform(0.0, train_seconds))
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -111,7 +111,7 @@ def one_trial(template: Path, data: Path, options: list[str], reference: dict, t
             tally.notes.append(finished.stderr.strip()[-200:])
             return
     actual = weights(work)
-    if any(not np.array_equal(reference[name], actual[name]) for name in reference):
+    if not np.array_equal(reference, actual):
         tally.weight_mismatches += 1
         tally.notes.append(f"weights differ after a kill that left: {state}")
 
@@ -123,7 +123,7 @@ def torture(template: Path, data: Path, options: list[str], trials: int, workdir
     shutil.copytree(template, reference_dir)
     process = subprocess.Popen(train_command(reference_dir, data, options), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    startup = _wait_for_training(process, reference_dir / "checkpoint")
+    startup = _wait_for_training(process, reference_dir / "state.safetensors")
     started = time.monotonic()
     if process.wait() != 0:
         raise RuntimeError("the uninterrupted reference run failed")

@@ -3,6 +3,7 @@ a time budget, atomic resumable checkpoints and recovery from a diverging loss."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,20 +14,22 @@ from typing import Callable
 
 import numpy as np
 
-from edgeadapt.runtime import checkpoints, split_training
-from edgeadapt.runtime.bundle import LOCK_FILE, Bundle
+from edgeadapt.runtime import targets
+from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.data import Dataset, batch_inputs, load_dataset, split
-from edgeadapt.runtime.engine import Engine
+from edgeadapt.runtime.engines import Engine, open_engine, resolve_engine
 from edgeadapt.runtime.errors import ConfigError, DataError, TrainingError
 from edgeadapt.runtime.lock import bundle_lock
 from edgeadapt.runtime.metrics import RunningStats, evaluate_arrays
 from edgeadapt.runtime.schedule import SCHEDULES, learning_rate
+from edgeadapt.runtime.state import Progress, TrainState, keep_copy, load_state, resumable, save_state
+from edgeadapt.runtime.targets import TrainingTarget
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 5
-    batch_size: int = 32
+    epochs: int | None = None  # None: the bundle's (manifest hyperparameters), else 5
+    batch_size: int | None = None  # None: the bundle's (e.g. chosen by `--trainable auto`), else 32
     lr: float | None = None  # None: the bundle's default for its preset
     seed: int = 0
     schedule: str = "cosine"
@@ -35,6 +38,7 @@ class TrainConfig:
     patience: int | None = None  # early stopping: epochs without validation improvement
     max_minutes: float | None = None
     augment: bool = False
+    engine: str = "auto"  # auto | onnxruntime | openvino | ort-training
     device: str = "cpu"
     threads: int | None = None
     checkpoint_every: int = 20  # steps
@@ -45,8 +49,15 @@ class TrainConfig:
     prefix_int8: bool = False  # use prefix_int8.onnx (see `edgeadapt quantize-prefix`)
     cache_mb: int = 2048
 
+    def for_bundle(self, manifest) -> "TrainConfig":
+        """Unset epochs and batch size from the bundle; precedence: flag > manifest > default."""
+        given = manifest.hyperparameters
+        return dataclasses.replace(self, epochs=self.epochs or int(given.get("epochs", 5)),
+                                   batch_size=self.batch_size or int(given.get("batch_size", 32)),
+                                   engine=resolve_engine(self.engine, self.device))
+
     def check(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
+        if (self.epochs is not None and self.epochs < 1) or (self.batch_size is not None and self.batch_size < 1):
             raise ConfigError("--epochs and --batch-size must be at least 1.")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown --schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}.")
@@ -60,7 +71,7 @@ class TrainConfig:
     def run_settings(self, train_size: int) -> dict:
         """What a resumed run must share with the interrupted one."""
         keys = ("epochs", "batch_size", "lr", "seed", "schedule", "warmup", "val_split", "augment", "split",
-                "prefix_device", "prefix_int8")
+                "prefix_device", "prefix_int8", "engine")
         return {**{k: getattr(self, k) for k in keys}, "train_size": train_size}
 
 
@@ -88,6 +99,7 @@ class TrainSummary:
     records: list[EpochRecord] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    engine: str = ""
 
     @property
     def final(self) -> EpochRecord | None:
@@ -99,14 +111,16 @@ class _Diverged(Exception):
 
 
 class Trainer:
+    """Trains a bundle's state with any engine, on the whole graph or a split bundle's suffix (one state file)."""
+
     def __init__(self, bundle: Bundle | str | Path, config: TrainConfig = TrainConfig(),
                  on_batch: Callable[[int, int, float, float | None], None] | None = None,
                  on_epoch: Callable[[EpochRecord], None] | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        self.config = config
-        self.on_batch, self.on_epoch = on_batch, on_epoch
-        self.split_run = None
         config.check()
+        self.config = config.for_bundle(self.bundle.manifest)
+        self.on_batch, self.on_epoch = on_batch, on_epoch
+        self.target: TrainingTarget | None = None
 
     @property
     def manifest(self):
@@ -119,50 +133,47 @@ class Trainer:
         if self.manifest.loss == "cross_entropy" and len(np.unique(dataset.targets)) < 2:
             raise DataError("the data holds a single class; a classifier needs examples of at least 2 classes.")
         train, val = split(dataset, self.config.val_split, self.config.seed)
-        cfg = self.config
-        with bundle_lock(self.bundle.path / LOCK_FILE):
+        with bundle_lock(self.bundle.lock_path):
             self._remove_stale_temporaries()
-            train, val, self.split_run = split_training.prepare(self.bundle, cfg, train, val)
+            train, val, self.target = targets.prepare(self.bundle, self.config, train, val)
             summary = self._run(train, val)
         summary.skipped_files = dataset.skipped
-        summary.notes = self.split_run.notes if self.split_run else []
+        summary.notes = self.target.notes
+        summary.engine = self.config.engine
         summary.seconds = time.monotonic() - started  # data loading and prefix features included
         return summary
-
-    @property
-    def _checkpoint(self) -> Path:
-        return self.split_run.checkpoint if self.split_run else self.bundle.checkpoint
-
-    @property
-    def _best(self) -> Path:
-        return self.split_run.best if self.split_run else self.bundle.best_checkpoint
 
     # ---- the run ----------------------------------------------------------------------------------------------
 
     def _remove_stale_temporaries(self) -> None:
-        """Half-written files of a killed trainer (`.checkpoint.tmp-PID`); safe to drop while we hold the lock."""
+        """Half-written files of a killed trainer (`.state.safetensors.tmp-PID`); safe to drop under the lock."""
         for leftover in self.bundle.path.glob(".*.tmp-*"):
             leftover.unlink(missing_ok=True)
-        for leftover in self.bundle.path.glob(".*.fresh-*"):
-            leftover.unlink(missing_ok=True)
 
-    def _engine(self, checkpoint: Path) -> Engine:
-        graphs = self.split_run.graphs if self.split_run else ""
-        return Engine(self.bundle.path, checkpoint, self.config.device, self.config.threads, graphs=graphs)
+    def _engine(self) -> Engine:
+        return open_engine(self.bundle, self.target.graphs, self.config.engine, self.config.device,
+                           self.config.threads)
 
-    def _start(self, settings: dict) -> tuple[Engine, checkpoints.Progress]:
-        path = self._checkpoint
+    def _save(self, engine: Engine, progress: Progress, with_optimizer: bool = True) -> None:
+        state = engine.state()
+        state.progress = progress
+        if not with_optimizer:
+            state.optimizer = {}
+        save_state(self.bundle.state_path, state, self.manifest, self.bundle.bundle_id)
+
+    def _load(self) -> TrainState:
+        return load_state(self.bundle.state_path, self.manifest, self.bundle.bundle_id)
+
+    def _start(self, settings: dict) -> tuple[Engine, Progress]:
+        state, engine = self._load(), self._engine()
         if self.config.resume:
-            return self._engine(path), checkpoints.resumable(path, self.bundle.bundle_id, settings)
-        checkpoints.read_progress(path, self.bundle.bundle_id)  # refuses a checkpoint of another bundle
-        fresh = path.with_name(f".{path.name}.fresh-{os.getpid()}")
-        try:
-            Engine.without_optimizer_state(path, fresh)
-            engine = self._engine(fresh)
-        finally:
-            fresh.unlink(missing_ok=True)
-        progress = checkpoints.Progress(self.bundle.bundle_id, json.dumps(settings, sort_keys=True))
-        checkpoints.save(engine, path, progress)
+            progress = resumable(state.progress, settings)
+        else:  # a new run: the latest trained parameters, a fresh optimizer
+            progress = Progress(self.bundle.bundle_id, json.dumps(settings, sort_keys=True))
+            state = TrainState(state.params)
+            self.bundle.best_state_path.unlink(missing_ok=True)
+        engine.load(state)
+        self._save(engine, progress)
         return engine, progress
 
     def _run(self, train: Dataset, val: Dataset | None) -> TrainSummary:
@@ -175,30 +186,36 @@ class Trainer:
                 summary.stopped = self._epochs(engine, progress, train, val, summary, deadline)
                 break
             except _Diverged:
-                engine, progress = self._recover()
+                engine, progress = self._recover(engine)
         summary.epochs_completed, summary.steps, summary.best_epoch = progress.epoch, progress.step, progress.best_epoch
         if summary.stopped != "time_limit":
-            restore_best = self.config.patience is not None and self._best.is_file()
-            checkpoints.finalize(self._best if restore_best else self._checkpoint, self._checkpoint, progress)
-            if self.split_run:
-                checkpoints.merge_into(self._checkpoint, self.bundle.checkpoint, progress)
+            self._finish(engine, progress)
         summary.seconds = time.monotonic() - started
         return summary
 
-    def _recover(self) -> tuple[Engine, checkpoints.Progress]:
-        """A NaN/inf loss: back to the last good checkpoint with a 10× lower LR; a second time stops training."""
-        progress = checkpoints.read_progress(self._checkpoint, self.bundle.bundle_id)
+    def _finish(self, engine: Engine, progress: Progress) -> None:
+        """The run's result (the best epoch's state with early stopping) becomes the bundle's state, finished."""
+        progress.finished = 1
+        if self.config.patience is not None and self.bundle.best_state_path.is_file():
+            best = load_state(self.bundle.best_state_path, self.manifest, self.bundle.bundle_id)
+            engine.load(TrainState(best.params))
+        self._save(engine, progress, with_optimizer=False)
+
+    def _recover(self, engine: Engine) -> tuple[Engine, Progress]:
+        """A NaN/inf loss: back to the last good state with a 10× lower LR; a second time stops training."""
+        state = self._load()
+        progress = state.progress
         if progress.nan_events >= 1:
             raise TrainingError("the loss became NaN or infinite again after lowering the LR; the last good state is "
-                                "kept in the bundle's checkpoint: lower --lr further or check the data for outliers.")
+                                "kept in the bundle: lower --lr further or check the data for outliers.")
         progress.nan_events += 1
         progress.lr_scale *= 0.1
-        engine = self._engine(self._checkpoint)
-        checkpoints.save(engine, self._checkpoint, progress)
+        engine.load(state)
+        self._save(engine, progress)
         return engine, progress
 
     def _epochs(self, engine, progress, train, val, summary, deadline) -> str:
-        cfg, path = self.config, self._checkpoint
+        cfg = self.config
         per_epoch = math.ceil(len(train) / cfg.batch_size)
         total = cfg.epochs * per_epoch
         base_lr = cfg.lr or self.manifest.hyperparameters["lr"]
@@ -218,9 +235,9 @@ class Trainer:
                 if self.on_batch:
                     self.on_batch(progress.step, total, stats.loss, stats.accuracy)
                 if progress.step % cfg.checkpoint_every == 0:
-                    checkpoints.save(engine, path, progress)
+                    self._save(engine, progress)
                 if deadline and time.monotonic() > deadline:
-                    checkpoints.save(engine, path, progress)
+                    self._save(engine, progress)
                     return "time_limit"
             record = self._end_epoch(engine, progress, val, stats, lr, time.monotonic() - epoch_started)
             summary.records.append(record)
@@ -231,15 +248,12 @@ class Trainer:
     def _step(self, engine, train, index, position, lr, stats) -> None:
         rng = np.random.default_rng([*position, 1]) if self.config.augment and train.is_image else None
         x = batch_inputs(train, index, self.manifest, rng)
-        if self.split_run and self.split_run.per_batch:
-            x = self.split_run.runner(x)
+        if self.target.per_batch is not None:
+            x = self.target.per_batch(x)
         y = train.targets[index]
-        engine.set_learning_rate(lr)
-        loss, logits = engine.train_batch(x, y)
+        loss, logits = engine.train_step(x, y, lr)
         if not math.isfinite(loss):
-            engine.discard_gradients()
             raise _Diverged()
-        engine.apply_update()
         stats.add(loss, logits, y)
 
     def _end_epoch(self, engine, progress, val, stats, lr, seconds) -> EpochRecord:
@@ -255,21 +269,23 @@ class Trainer:
                 progress.best_metric, progress.best_epoch, progress.bad_epochs = score, progress.epoch, 0
             else:
                 progress.bad_epochs += 1
-        checkpoints.save(engine, self._checkpoint, progress)
+        self._save(engine, progress)
         if improved:
-            checkpoints.keep_copy(self._checkpoint, self._best)
+            keep_copy(self.bundle.state_path, self.bundle.best_state_path)
         self._log(record)
         if self.on_epoch:
             self.on_epoch(record)
         return record
 
     def _log(self, record: EpochRecord) -> None:
-        line = json.dumps({"time": time.time(), **asdict(record)}) + "\n"
+        entry = {"time": time.time(), **asdict(record), "engine": self.config.engine, "device": self.config.device,
+                 "split": self.target.split}
+        line = json.dumps(entry) + "\n"
         try:
             with open(self.bundle.log_path, "a", encoding="utf-8") as fh:
                 fh.write(line)
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as exc:
-            raise TrainingError(f"cannot append to {self.bundle.log_path} ({exc.strerror}); the checkpoint of this "
+            raise TrainingError(f"cannot append to {self.bundle.log_path} ({exc.strerror}); the state of this "
                                 "epoch is saved: free space and continue with --resume.") from None

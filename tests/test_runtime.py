@@ -13,7 +13,6 @@ import pytest
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.data import load_dataset, split
 from edgeadapt.runtime.deploy import deploy
-from edgeadapt.runtime.engine import Engine
 from edgeadapt.runtime.errors import TrainingError
 from edgeadapt.runtime.inference import evaluate, predict
 from edgeadapt.runtime.lock import bundle_lock
@@ -21,8 +20,12 @@ from edgeadapt.runtime.trainer import TrainConfig, Trainer
 
 
 def weights(bundle) -> dict[str, np.ndarray]:
-    engine = Engine(bundle, bundle / "checkpoint", with_optimizer=False)
-    return {name: engine.parameter(name) for name in engine.parameter_names()}
+    """The bundle's trained parameters, read from its state file."""
+    from edgeadapt.runtime.state import load_state
+
+    opened = Bundle.open(bundle)
+    params = load_state(opened.state_path, opened.manifest, opened.bundle_id).params
+    return {p.name: params[p.offset:p.offset + p.size].reshape(p.shape) for p in opened.manifest.portable.layout}
 
 
 def test_training_lifts_accuracy_and_evaluate_agrees_with_the_log(fresh_bundle, digits):
@@ -47,7 +50,7 @@ def test_csv_and_image_folders_train(fresh_bundle, digits, digit_images, bundle_
     assert data.samples.shape[1:] == (16, 16, 3) and len(data) == 200
 
 
-def _train_in_subprocess(bundle, data, kill_at_step=None, resume=False):
+def _train_in_subprocess(bundle, data, kill_at_step=None, resume=False, split="auto", engine="auto"):
     code = f"""
 import os, signal, sys
 sys.modules['torch'] = None
@@ -55,7 +58,8 @@ from edgeadapt.runtime.trainer import Trainer, TrainConfig
 def on_batch(step, total, loss, acc):
     if step == {kill_at_step!r}:
         os.kill(os.getpid(), signal.SIGKILL)
-config = TrainConfig(epochs=4, batch_size=64, lr=3e-3, seed=3, checkpoint_every=3, augment=True, resume={resume})
+config = TrainConfig(epochs=4, batch_size=64, lr=3e-3, seed=3, checkpoint_every=3, augment=True, resume={resume},
+                     split={split!r}, engine={engine!r})
 Trainer({str(bundle)!r}, config, on_batch=on_batch).fit({str(data)!r})
 """
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -119,11 +123,25 @@ def test_second_trainer_is_refused_and_stale_lock_is_taken_over(fresh_bundle, di
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
-def test_deploy_matches_the_eval_graph(fresh_bundle, digits, tmp_path, fmt):
+def test_deployed_model_computes_the_trained_model(fresh_bundle, digits, tmp_path, fmt):
     bundle = fresh_bundle("tiny_mlp", "full")
     Trainer(bundle, TrainConfig(epochs=1)).fit(digits["train"])
     result = deploy(bundle, fmt, tmp_path / "out")
-    assert result.max_abs_diff <= 1e-4 and result.same_predictions and result.path.is_file()
+    x = np.load(digits["test"])["x"][:16]
+    if fmt == "onnx":
+        import onnxruntime
+
+        actual = onnxruntime.InferenceSession(str(result.path)).run(None, {"input": x})[0]
+    else:
+        import openvino
+
+        compiled = openvino.Core().compile_model(str(result.path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        actual = compiled(x)[0]
+    trained = weights(bundle)  # the state file's parameters, through numpy: Linear, ReLU, Linear, ReLU, Linear
+    h = np.maximum(x @ trained["features.0.weight"].T + trained["features.0.bias"], 0)
+    h = np.maximum(h @ trained["features.2.weight"].T + trained["features.2.bias"], 0)
+    expected = h @ trained["classifier.weight"].T + trained["classifier.bias"]
+    assert np.abs(actual - expected).max() < 1e-4
 
 
 def test_predict_returns_top_k_with_labels(fresh_bundle, digits):
@@ -142,7 +160,7 @@ def test_openvino_predictions_match_onnxruntime(fresh_bundle, digits):
     bundle = fresh_bundle("tiny_mlp", "full")
     Trainer(bundle, TrainConfig(epochs=2)).fit(digits["train"])
     ort = predict(bundle, [digits["test"]], top_k=1)
-    ov = predict(bundle, [digits["test"]], top_k=1, backend="openvino")
+    ov = predict(bundle, [digits["test"]], top_k=1, engine="openvino")
     assert [p.top[0]["index"] for p in ort] == [p.top[0]["index"] for p in ov]
     assert max(abs(a.top[0]["score"] - b.top[0]["score"]) for a, b in zip(ort, ov)) <= 1e-4
 
@@ -151,7 +169,7 @@ def test_absent_openvino_device_is_one_line(fresh_bundle, digits):
     from conftest import run_cli
     from test_errors import assert_one_line_error
 
-    result = run_cli("predict", fresh_bundle(), digits["test"], "--backend", "openvino", "--device", "NPU")
+    result = run_cli("predict", fresh_bundle(), digits["test"], "--engine", "openvino", "--device", "npu")
     assert_one_line_error(result, "OpenVINO device NPU is not present")
 
 

@@ -1,4 +1,7 @@
-"""Step 3 of export: ONNX Runtime training artifacts (training, eval and optimizer graphs + checkpoint)."""
+"""Stage 2 of export: the graphs. The portable training step and forward graph (standard ONNX, any engine), and,
+where onnxruntime-training is installed on the host, ONNX Runtime training's own artifacts (training, eval and
+optimizer graphs + checkpoint) for the legacy engine and ORT's mobile packages. Split bundles get both for the
+suffix too."""
 
 from __future__ import annotations
 
@@ -13,9 +16,58 @@ import onnx
 
 from edgeadapt.runtime.errors import ExportError
 
+OUTPUT_NAME = "logits"
+
 LOSS_TYPES = {"cross_entropy": "CrossEntropyLoss", "bce_with_logits": "BCEWithLogitsLoss", "mse": "MSELoss",
               "l1": "L1Loss"}
 ADAMW = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+
+
+def has_ort_training() -> bool:
+    try:
+        from onnxruntime.training import artifacts  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_artifacts(source, lists, opts, out_dir: Path):
+    """All graphs of the bundle, its initial state, and the split (when the frozen part is a prefix)."""
+    from edgeadapt.toolchain.split import build_split
+    from edgeadapt.toolchain.stages import Artifacts, write_initial_state
+
+    ort_training = has_ort_training()
+    memory: dict[str, float] = {}
+
+    def make_graphs(graph, trainable, frozen, prefix=""):
+        portable = write_portable(graph, trainable, opts, out_dir, prefix, memory)
+        if ort_training:
+            generate(graph, trainable, frozen, opts.loss, opts.optimizer, opts.weight_decay, out_dir,
+                     opts.ort_format, OUTPUT_NAME, prefix)
+        return portable
+
+    portable = make_graphs(source.graph, lists.trainable, lists.frozen + lists.buffers)
+    split = build_split(source.graph, lists, out_dir, make_graphs, portable) if opts.split else None
+    if split is not None:  # the prefix's largest tensor is the network's (early layers are the widest)
+        memory["prefix_largest_bytes_per_sample"] = memory["largest_bytes_per_sample"]
+    write_initial_state(out_dir, source.graph, portable)
+    return Artifacts(portable, split, memory, ort_training)
+
+
+def write_portable(graph: onnx.ModelProto, trainable: list[str], opts, out_dir: Path, prefix: str,
+                   memory: dict[str, float]):
+    from edgeadapt.runtime.manifest import PortableSpec
+    from edgeadapt.toolchain.train_step import build_train_step
+
+    graphs = build_train_step(graph, trainable, opts.loss, opts.optimizer,
+                              opts.weight_decay if opts.optimizer == "adamw" else 0.0)
+    spec = PortableSpec(layout=graphs.layout, state=graphs.state_names, opset=graphs.step.opset_import[0].version,
+                        ir_version=graphs.step.ir_version)
+    onnx.save(graphs.step, str(out_dir / f"{prefix}{spec.train_step}"))
+    onnx.save(graphs.forward, str(out_dir / f"{prefix}{spec.forward}"))
+    memory[f"{prefix}kept_bytes_per_sample"] = float(graphs.kept_bytes_per_sample)
+    memory[f"{prefix}largest_bytes_per_sample"] = float(graphs.largest_bytes_per_sample)
+    return spec
 
 
 def optimizer_block(name: str, weight_decay: float):

@@ -6,40 +6,49 @@ per class, 3 seeds): `full` was the most accurate at every shot count (83.1% at 
 sixth of the time, so `bias` is never the best choice that fits; `head` came next (79.2%); every pretrained
 strategy beat `scratch` (68.7%) by 10-22 points. Candidates are therefore tried in the order full, last:2, head;
 the first whose planned peak fits 90% of the profile's budget at a batch of at least MIN_BATCH (head: 1) is chosen,
-with the largest such batch up to 32.
+with the largest such batch up to 32. Each candidate is planned from its training step built in memory: nothing is
+exported until the choice is made.
 """
 
 from __future__ import annotations
 
-import tempfile
-from dataclasses import replace
-from pathlib import Path
-
-from edgeadapt.devices.planner import largest_fitting_batch, planned_peak
+from edgeadapt.devices.planner import MB, plan_numbers
 from edgeadapt.devices.profiles import DeviceProfile
 from edgeadapt.runtime.errors import ConfigError
 
 PREFERENCE = ("full", "last:2", "head")
 MIN_BATCH, MAX_BATCH = 8, 32
-HEADROOM = 0.9  # plan to 90% of the budget: the planner was within ±4% on the reference machine
+HEADROOM = 0.9  # plan to 90% of the budget
 
 
-def choose(opts, profile: DeviceProfile) -> tuple[str, int, list[str]]:
+def _planner(source, opts, preset: str):
+    """batch -> planned peak MB of whole-graph training with `preset`."""
+    import numpy as np
+
+    from edgeadapt.toolchain.export import resolve_lists
+    from edgeadapt.toolchain.train_step import build_train_step
+
+    lists = resolve_lists(source, preset)
+    graphs = build_train_step(source.graph, lists.trainable, opts.loss, opts.optimizer, opts.weight_decay)
+    memory = {"kept_bytes_per_sample": graphs.kept_bytes_per_sample,
+              "largest_bytes_per_sample": graphs.largest_bytes_per_sample}
+    trainable = sum(p.size for p in graphs.layout)
+    weights = sum(int(np.prod(i.dims)) for i in source.graph.graph.initializer) * 4 / MB
+    return lambda batch: plan_numbers(trainable, len(graphs.state_names) - 1, memory, batch, weights).total_mb
+
+
+def choose(source, opts, profile: DeviceProfile) -> tuple[str, int, list[str]]:
     """(preset, batch size, reasons) for `opts` under `profile`'s memory budget."""
-    from edgeadapt.toolchain.export import export_bundle
-
-    reasons = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for preset in PREFERENCE:
-            candidate = export_bundle(replace(opts, out=Path(tmp) / preset.replace(":", ""), trainable=preset,
-                                              validate=False, sign=None, ort_format=False, force=True))
-            batch, peak = largest_fitting_batch(candidate.out, candidate.manifest, HEADROOM * profile.memory_budget_mb,
-                                                limit=MAX_BATCH, split=True)
-            if batch >= (1 if preset == "head" else MIN_BATCH):
-                reasons.append(f"chose {preset} at batch {batch} (planned {peak:.0f} MB of {profile.name}'s "
-                               f"{profile.memory_budget_mb} MB)")
-                return preset, batch, reasons
-            needed = planned_peak(candidate.out, candidate.manifest, MIN_BATCH, split=True)
-            reasons.append(f"{preset} needs {needed:.0f} MB at batch {MIN_BATCH}")
+    budget, reasons = HEADROOM * profile.memory_budget_mb, []
+    for preset in PREFERENCE:
+        peak_at = _planner(source, opts, preset)
+        batch = MAX_BATCH
+        while batch >= 1 and peak_at(batch) > budget:
+            batch //= 2
+        if batch >= (1 if preset == "head" else MIN_BATCH):
+            reasons.append(f"chose {preset} at batch {batch} (planned {peak_at(batch):.0f} MB of {profile.name}'s "
+                           f"{profile.memory_budget_mb} MB)")
+            return preset, batch, reasons
+        reasons.append(f"{preset} needs {peak_at(MIN_BATCH):.0f} MB at batch {MIN_BATCH}")
     raise ConfigError(f"nothing fits {profile.name}'s budget of {profile.memory_budget_mb} MB ({'; '.join(reasons)});"
                       " use a smaller --input-size or a smaller backbone.")

@@ -1,4 +1,5 @@
-"""`edgeadapt export` as a chain of small typed steps: build → ONNX → training artifacts → validate → bundle."""
+"""`edgeadapt export` as one chain of typed stages for every source (zoo backbone, `--model` factory, `--onnx`
+file): Source → Lists → Artifacts → ValidationReport → Manifest (see stages.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import onnx
+import numpy as np
 
 from edgeadapt import __version__
 from edgeadapt.models.registry import BackboneSpec
 from edgeadapt.runtime.atomic import check_output_dir, staged_dir
+from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.errors import ConfigError, UnknownNameError
 from edgeadapt.runtime.manifest import (
     LOSSES,
@@ -22,9 +24,11 @@ from edgeadapt.runtime.manifest import (
     Manifest,
     sha256_file,
 )
+from edgeadapt.toolchain.artifacts import write_artifacts
 from edgeadapt.toolchain.bn import BN_POLICIES
 from edgeadapt.toolchain.build import BuiltModel, HeadRequest, build_user_model, build_zoo_model
-from edgeadapt.toolchain.validate import ValidationReport
+from edgeadapt.toolchain.stages import Artifacts, Lists, Source
+from edgeadapt.toolchain.validate import ValidationReport, validate
 
 DEFAULT_LR = {"adamw": {"head": 1e-3, "bias": 1e-3, "scratch": 1e-3, "full": 1e-4, "other": 3e-4},
               "sgd": {"head": 1e-2, "bias": 1e-2, "scratch": 1e-2, "full": 1e-3, "other": 3e-3}}
@@ -79,6 +83,7 @@ def check_options(opts: ExportOptions) -> None:
 
 
 def build(opts: ExportOptions) -> BuiltModel:
+    """The torch model of a zoo backbone or a `--model` factory, head attached, weights loaded."""
     import torch
 
     from edgeadapt.models.layers import calibrate_batchnorm, init_weights
@@ -111,27 +116,55 @@ def _full_input_size(given: tuple[int, ...], default: tuple[int, ...]) -> tuple[
     return tuple(given)
 
 
-def resolve_lists(built: BuiltModel, opts: ExportOptions, graph: onnx.ModelProto) -> tuple[list, list, list]:
+def torch_source(opts: ExportOptions) -> Source:
+    """Stage 1 for torch models: the eval graph exported with the BN policy applied."""
+    import tempfile
+
+    import torch
+
+    from edgeadapt.toolchain.onnx_graph import export_eval_onnx
+
+    built = build(opts)
+    with tempfile.TemporaryDirectory() as tmp:
+        graph = export_eval_onnx(built.module, built.spec.input_size, opts.bn, Path(tmp) / "eval.onnx")
+    in_graph = {init.name for init in graph.graph.initializer}
+    params = [name for name, _ in built.module.named_parameters() if name in in_graph]
+    unused = [name for name, _ in built.module.named_parameters() if name not in in_graph]
+    if unused:
+        built.notes.append(f"parameters unused by the forward pass, left out: {', '.join(unused[:5])}")
+    head = [n for n in params if n == built.spec.head or n.startswith(built.spec.head + ".")]
+
+    def reference(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return built.module.eval()(torch.from_numpy(x)).numpy()
+    return Source(graph, params, [n for n in in_graph if n not in set(params)], built.labels, _input_spec(built.spec),
+                  opts.backbone or opts.model, built.weights, head, built.head_is_new, reference, built.module,
+                  built.spec.blocks, built.spec.head, list(built.notes))
+
+
+def resolve_lists(source: Source, preset: str) -> Lists:
     """(trainable, frozen parameters, frozen buffers/constants): every initializer lands in exactly one list."""
     from edgeadapt.toolchain.presets import resolve_trainable
 
-    params = [name for name, _ in built.module.named_parameters()]
-    wanted = resolve_trainable(opts.trainable, params, built.spec.head, built.spec.blocks)
-    initializers = [init.name for init in graph.graph.initializer]
-    in_graph = set(initializers)
-    trainable = [n for n in wanted if n in in_graph]
-    unused = [n for n in params if n not in in_graph]
-    if unused:
-        built.notes.append(f"parameters unused by the forward pass, left out: {', '.join(unused[:5])}")
+    if source.torch_module is None and (preset.startswith("last:") or preset == "scratch"):
+        raise ConfigError(f"--trainable {preset} needs a torch model (block boundaries, initialisers); with --onnx use "
+                          "head, bias, full or patterns over initializer names.")
+    if preset == "head":
+        wanted = set(source.head)
+    elif source.torch_module is not None:
+        wanted = set(resolve_trainable(preset, source.params, source.head_module, source.blocks))
+    else:  # an ONNX file has no module tree: the named head always trains
+        wanted = set(resolve_trainable(preset, source.params, "\0", ())) | set(source.head)
+    trainable = [n for n in source.params if n in wanted]
     if not trainable:
-        raise ConfigError(f"--trainable {opts.trainable} selects no parameter used by the model; pick another preset.")
-    head = [n for n in params if n == built.spec.head or n.startswith(built.spec.head + ".")]
-    if built.head_is_new and not set(head) <= set(trainable):
+        raise ConfigError(f"--trainable {preset} selects no parameter used by the model; pick another preset.")
+    if source.head_is_new and not set(source.head) <= set(trainable):
         raise ConfigError("the new head is randomly initialised but not trainable; include it in --trainable.")
-    chosen, param_set = set(trainable), set(params)
-    frozen = [n for n in initializers if n not in chosen and n in param_set]
-    buffers = [n for n in initializers if n not in chosen and n not in param_set]
-    return trainable, frozen, buffers
+    initializers = [init.name for init in source.graph.graph.initializer]
+    params = set(source.params)
+    frozen = [n for n in initializers if n in params and n not in wanted]
+    buffers = [n for n in initializers if n not in params]
+    return Lists(trainable, frozen, buffers)
 
 
 def list_parameters(opts: ExportOptions) -> list[tuple[str, tuple[int, ...]]]:
@@ -147,52 +180,42 @@ def default_lr(opts: ExportOptions) -> float:
     return table.get(opts.trainable, table["other"])
 
 
+def make_source(opts: ExportOptions) -> Source:
+    if opts.onnx:
+        from edgeadapt.toolchain.onnx_export import onnx_source
+
+        return onnx_source(opts)
+    return torch_source(opts)
+
+
 def export_bundle(opts: ExportOptions) -> ExportResult:
     """Run the whole chain; the bundle appears at `opts.out` complete, or not at all."""
-    from edgeadapt.toolchain.artifacts import generate
-    from edgeadapt.toolchain.onnx_graph import OUTPUT_NAME, export_eval_onnx
-    from edgeadapt.toolchain.split import build_split as make_split
-    from edgeadapt.toolchain.validate import validate, validate_split
-
     started = time.perf_counter()
     check_options(opts)
     out = Path(opts.out)
     check_output_dir(out, opts.force)
-    if opts.onnx:
-        from edgeadapt.toolchain.onnx_export import export_onnx_source
-
-        return export_onnx_source(opts, started)
+    source = make_source(opts)
     if opts.trainable == "auto":
-        return _export_auto(opts, started)
-    built = build(opts)
+        opts = _choose_auto(opts, source)
+    lists = resolve_lists(source, opts.trainable)
     with staged_dir(out) as staging:
-        graph = export_eval_onnx(built.module, built.spec.input_size, opts.bn, staging / "inference_base.onnx")
-        (staging / "inference_base.onnx").unlink()
-        trainable, frozen, buffers = resolve_lists(built, opts, graph)
-        def make_artifacts(model, train_names, frozen_names, prefix=""):
-            generate(model, train_names, frozen_names, opts.loss, opts.optimizer, opts.weight_decay, staging,
-                     opts.ort_format, OUTPUT_NAME, prefix)
-
-        make_artifacts(graph, trainable, frozen + buffers)
-        split = make_split(graph, trainable, frozen + buffers, staging, make_artifacts) if opts.split else None
-        report = validate(built.module, staging, built.spec.input_size, opts.loss, trainable,
-                          check_gradients=opts.bn != "ort") if opts.validate else None
-        if split and opts.validate:
-            validate_split(staging, split, built.spec.input_size, opts.loss, len(built.labels))
-        manifest = make_manifest(built, opts, graph, (trainable, frozen, buffers), staging, report, split)
+        artifacts = write_artifacts(source, lists, opts, staging)
+        manifest = make_manifest(source, lists, opts, artifacts, staging)
+        write_manifest(staging, manifest, None)
+        report = validate(source, lists, opts, Bundle(staging, manifest)) if opts.validate else None
+        manifest = replace(manifest, validation=report.as_dict() if report else {})
         write_manifest(staging, manifest, opts.sign)
     return ExportResult(out, manifest, time.perf_counter() - started, report)
 
 
-def _export_auto(opts: ExportOptions, started: float) -> ExportResult:
+def _choose_auto(opts: ExportOptions, source: Source) -> ExportOptions:
     from edgeadapt.devices.profiles import get_profile
     from edgeadapt.toolchain.auto import choose
 
     if not opts.profile:
         raise ConfigError("--trainable auto needs --profile (a device profile name or TOML file) to fit.")
-    preset, batch, reasons = choose(opts, get_profile(opts.profile))
-    result = export_bundle(replace(opts, trainable=preset, auto_notes=tuple(reasons), auto_batch=batch))
-    return replace(result, seconds=time.perf_counter() - started)
+    preset, batch, reasons = choose(source, opts, get_profile(opts.profile))
+    return replace(opts, trainable=preset, auto_notes=tuple(reasons), auto_batch=batch)
 
 
 def write_manifest(staging: Path, manifest: Manifest, sign_key: Path | None) -> None:
@@ -211,27 +234,39 @@ def _input_spec(spec: BackboneSpec) -> InputSpec:
                      resize=list(spec.input_size[1:]) if is_image else [])
 
 
-def make_manifest(built: BuiltModel, opts: ExportOptions, graph: onnx.ModelProto, lists: tuple, staging: Path,
-                  report: ValidationReport | None, split=None) -> Manifest:
-    import onnxruntime
+def _notes(source: Source, opts: ExportOptions, artifacts: Artifacts) -> list[str]:
+    notes = list(source.notes)
+    if opts.auto_notes:
+        notes.append(f"trainable auto for {opts.profile}: " + "; ".join(opts.auto_notes))
+    if opts.bn == "ort":
+        notes.append("training graph uses batch statistics for BN (ORT default): train and eval differ")
+    if not artifacts.ort_training:
+        notes.append("no ort-training artifacts: onnxruntime-training was not installed where this was exported")
+    if opts.optimizer == "adamw" and opts.weight_decay:
+        notes.append("weight decay applies to every trainable tensor, biases and norm scales included: ONNX Runtime "
+                     "training's AdamW takes one decay for all tensors, and the portable step matches it")
+    return notes
 
-    trainable, frozen, buffers = lists
-    sizes = {name: p.numel() for name, p in built.module.named_parameters()}
-    notes = list(built.notes) + [f"trainable auto for {opts.profile}: " + "; ".join(opts.auto_notes)] \
-        if opts.auto_notes else list(built.notes)
-    notes += ["training graph uses batch statistics for BN (ORT default): train and eval differ"] \
-        if opts.bn == "ort" else []
+
+def make_manifest(source: Source, lists: Lists, opts: ExportOptions, artifacts: Artifacts,
+                  staging: Path) -> Manifest:
+    sizes = {init.name: int(np.prod(init.dims)) for init in source.graph.graph.initializer}
     return Manifest(
-        schema_version=SCHEMA_VERSION, edgeadapt_version=__version__,
-        backbone=opts.backbone or opts.model, weights=built.weights, preset=opts.trainable, bn_policy=opts.bn,
-        input=_input_spec(built.spec), output_name="logits", labels=built.labels, loss=opts.loss,
-        optimizer=opts.optimizer,
+        schema_version=SCHEMA_VERSION, edgeadapt_version=__version__, backbone=source.backbone,
+        weights=source.weights, preset=opts.trainable, bn_policy=opts.bn, input=source.input,
+        output_name="logits", labels=source.labels, loss=opts.loss, optimizer=opts.optimizer,
         hyperparameters={"lr": default_lr(opts), "batch_size": float(opts.auto_batch or 32), "epochs": 5.0,
                          "weight_decay": opts.weight_decay if opts.optimizer == "adamw" else 0.0},
-        trainable=trainable, frozen=frozen, buffers=buffers,
-        trainable_params=sum(sizes[n] for n in trainable), frozen_params=sum(sizes[n] for n in frozen),
-        opset=next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), ir_version=graph.ir_version,
-        onnxruntime_version=onnxruntime.__version__,
-        files={f.name: sha256_file(f) for f in sorted(staging.iterdir()) if f.is_file()},
-        validation=report.as_dict() if report else {},
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=notes, split=split)
+        trainable=lists.trainable, frozen=lists.frozen, buffers=lists.buffers,
+        trainable_params=sum(sizes[n] for n in lists.trainable), frozen_params=sum(sizes[n] for n in lists.frozen),
+        opset=artifacts.portable.opset, ir_version=artifacts.portable.ir_version,
+        onnxruntime_version=_onnxruntime_version(),
+        files={f.name: sha256_file(f) for f in sorted(staging.iterdir()) if f.is_file() and f.name != MANIFEST_NAME},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=_notes(source, opts, artifacts),
+        portable=artifacts.portable, split=artifacts.split, memory=artifacts.memory)
+
+
+def _onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__

@@ -1,6 +1,7 @@
 """Split bundles: when the frozen part of the network is a prefix (presets `head`, `last:K`), emit it as a plain
-inference model (`prefix.onnx`, for an NPU, a GPU or a feature cache) and the trainable rest as training artifacts
-(`suffix_*`) that take the boundary tensor as input. The whole-graph artifacts stay in the bundle."""
+inference model (`prefix.onnx`, for an NPU, a GPU or a feature cache) and the trainable rest as training graphs
+(`suffix_*`) that take the boundary tensor as input. The suffix trains exactly the whole graph's trainable
+parameters, so both share one state file."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import onnx
 from onnx import shape_inference
 from onnx.utils import Extractor
 
+from edgeadapt.runtime.errors import InternalError
 from edgeadapt.runtime.manifest import SplitSpec
+from edgeadapt.toolchain.stages import INPUT_NAME as INPUT
+from edgeadapt.toolchain.stages import OUTPUT_NAME as OUTPUT
 
-INPUT, OUTPUT = "input", "logits"
+SUFFIX = "suffix_"
 
 
 def _from_input(model: onnx.ModelProto) -> set[str]:
@@ -45,31 +49,30 @@ def _shape(model: onnx.ModelProto, name: str) -> list[int]:
     raise ValueError(f"no shape for {name}")
 
 
-def _suffix_graph(model: onnx.ModelProto, boundary: str) -> onnx.ModelProto:
-    """Graph from the boundary to the logits. The Extractor keeps the weights the suffix needs as initializers."""
-    suffix = Extractor(model).extract_model([boundary], [OUTPUT])
-    suffix.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    suffix.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    return suffix
+def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
+    part = Extractor(model).extract_model(inputs, outputs)
+    part.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    part.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    del part.graph.value_info[:]
+    return part
 
 
-def build_split(model: onnx.ModelProto, trainable: list[str], frozen: list[str], out_dir: Path,
-                make_artifacts) -> SplitSpec | None:
-    """Write prefix.onnx and the suffix_* artifacts; `make_artifacts(graph, trainable, frozen, prefix)` builds the
-    training artifacts. Returns the manifest's split section, or None when the frozen part is not a prefix."""
+def build_split(model: onnx.ModelProto, lists, out_dir: Path, make_graphs, whole) -> SplitSpec | None:
+    """Write prefix.onnx and the suffix's graphs (`make_graphs(graph, trainable, frozen, prefix)`); the split
+    section of the manifest, or None when the frozen part is not a prefix of the network."""
     inferred = shape_inference.infer_shapes(model)
-    boundary = find_boundary(inferred, trainable)
+    boundary = find_boundary(inferred, lists.trainable)
     if boundary is None:
+        return None
+    suffix = _extract(inferred, [boundary], [OUTPUT])
+    names = {init.name for init in suffix.graph.initializer}
+    if not set(lists.trainable) <= names:
         return None
     shape = _shape(inferred, boundary)
     shape[0] = -1
-    prefix = Extractor(inferred).extract_model([INPUT], [boundary])
-    prefix.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    prefix.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    del prefix.graph.value_info[:]
-    onnx.save(prefix, str(out_dir / "prefix.onnx"))
-    suffix = _suffix_graph(inferred, boundary)
-    del suffix.graph.value_info[:]
-    names = {init.name for init in suffix.graph.initializer}
-    make_artifacts(suffix, [n for n in trainable if n in names], [n for n in frozen if n in names], "suffix_")
-    return SplitSpec(boundary=boundary, boundary_shape=shape)
+    onnx.save(_extract(inferred, [INPUT], [boundary]), str(out_dir / "prefix.onnx"))
+    frozen = [n for n in lists.frozen + lists.buffers if n in names]
+    suffix_spec = make_graphs(suffix, lists.trainable, frozen, SUFFIX)
+    if suffix_spec.layout != whole.layout:
+        raise InternalError("the suffix's state layout differs from the whole graph's")
+    return SplitSpec(boundary=boundary, boundary_shape=shape, suffix_prefix=SUFFIX)

@@ -1,36 +1,31 @@
-"""Step 4 of export: check the bundle against torch — the eval graph's outputs and one training step's loss and
-gradients — through the same engine the device uses."""
+"""Stage 3 of export: check the bundle against its source, through the engines the device uses.
+
+- The forward graph (portable engine) against the source model (torch, or the source ONNX file).
+- The portable step's loss and every trainable gradient against torch in float64 (the exact math), or, for sources
+  without a torch model, against the eval graph's loss and ONNX Runtime training's gradients.
+- ONNX Runtime training's graphs (where written) against the same references, and a split bundle's prefix + suffix
+  against the whole graph.
+"""
 
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
-import torch
-from torch.nn import functional as F
 
-from edgeadapt.runtime.engine import Engine
-from edgeadapt.runtime.errors import ExportError
+from edgeadapt.runtime.errors import ExportError, InternalError
 
 EVAL_TOLERANCE = 1e-4  # max abs difference of the outputs, fp32
 LOSS_TOLERANCE = 1e-4  # relative
-# Gradients are compared with torch in float64 (the exact math): ‖g_ort − g_64‖ / ‖g_64‖ per parameter must stay
-# under GRAD_TOLERANCE or within NOISE_FACTOR × torch-fp32's own error. Pretrained zoo models agree to ~1e-3. In
-# randomly initialised ReLU networks a pre-activation within ~1e-7 of a kink can fall on the other side in ONNX
-# Runtime's fp32 forward than in torch's, which moves a small bias gradient by up to ~1e-2 (measured: 1.1e-2 on
-# MobileNetV2 at 64 px from a single flipped element). The failures this check exists for are far larger:
-# initializers merged by the exporter (0.4-4) and BN in batch-statistics mode (O(1)).
+# Gradients are compared with torch in float64 (the exact math): ‖g − g_64‖ / ‖g_64‖ per parameter must stay under
+# GRAD_TOLERANCE or within NOISE_FACTOR × torch-fp32's own error. Pretrained zoo models agree to ~1e-3. In randomly
+# initialised ReLU networks a pre-activation within ~1e-7 of a kink can fall on the other side in ONNX Runtime's fp32
+# forward than in torch's, which moves a small bias gradient by up to ~1e-2 (measured: 1.1e-2 on MobileNetV2 at
+# 64 px from a single flipped element). The failures this check exists for are far larger: initializers merged by
+# the exporter (0.4-4), BN in batch-statistics mode (O(1)), a wrong gradient rule (O(1)).
 GRAD_TOLERANCE = 5e-2
 NOISE_FACTOR = 4.0
-
-TORCH_LOSSES = {
-    "cross_entropy": lambda out, y: F.cross_entropy(out, y),
-    "bce_with_logits": F.binary_cross_entropy_with_logits,
-    "mse": F.mse_loss,
-    "l1": F.l1_loss,
-}
 
 
 @dataclass(frozen=True)
@@ -39,103 +34,141 @@ class ValidationReport:
     loss_rel_diff: float
     grad_max_rel_diff: float
     worst_grad: str
+    ort_training_grad_max_rel_diff: float = float("nan")
+    split_max_abs_diff: float = float("nan")
 
     def as_dict(self) -> dict[str, float]:
         return {k: v for k, v in asdict(self).items() if isinstance(v, float) and np.isfinite(v)}
 
 
-def example_targets(loss: str, batch: int, outputs: int, generator: torch.Generator) -> torch.Tensor:
+def example_targets(loss: str, batch: int, outputs: int, rng: np.random.Generator) -> np.ndarray:
     if loss == "cross_entropy":
-        return torch.randint(0, outputs, (batch,), generator=generator)
+        return rng.integers(0, outputs, batch).astype(np.int64)
     if loss == "bce_with_logits":
-        return torch.randint(0, 2, (batch, outputs), generator=generator).float()
-    return torch.randn(batch, outputs, generator=generator)
-
-
-def validate(module: torch.nn.Module, bundle_dir: Path, input_size: tuple[int, ...], loss: str,
-             trainable: list[str], check_gradients: bool = True) -> ValidationReport:
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(4, *input_size, generator=generator)
-    engine = Engine(bundle_dir, bundle_dir / "checkpoint", with_optimizer=False)
-    with torch.no_grad():
-        reference = module.eval()(x)
-    y = example_targets(loss, 4, reference.shape[-1], generator)
-    _, logits = engine.eval_step(x.numpy(), y.numpy())
-    eval_diff = float(np.abs(logits - reference.numpy()).max())
-    if eval_diff > EVAL_TOLERANCE:
-        raise ExportError(f"the eval graph differs from torch by {eval_diff:.2e} (> {EVAL_TOLERANCE}); the export is "
-                          "wrong: try --bn affine, or report a bug with this model.")
-    if not check_gradients:
-        return ValidationReport(eval_diff, float("nan"), float("nan"), "")
-    return _check_training_step(module, engine, x, y, loss, trainable, eval_diff)
-
-
-def validate_against(reference, bundle_dir: Path, input_shape: tuple[int, ...], loss: str,
-                     outputs: int) -> ValidationReport:
-    """For sources without a torch model: the eval graph against `reference(x)`, and the training graph's loss
-    against the eval graph's at the same weights (they must compute one function)."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(4, *input_shape, generator=generator)
-    y = example_targets(loss, 4, outputs, generator).numpy()
-    engine = Engine(bundle_dir, bundle_dir / "checkpoint", with_optimizer=False)
-    eval_loss, logits = engine.eval_step(x.numpy(), y)
-    eval_diff = float(np.abs(logits - reference(x.numpy())).max())
-    if eval_diff > EVAL_TOLERANCE:
-        raise ExportError(f"the eval graph differs from the source model by {eval_diff:.2e}; report a bug with it.")
-    train_loss, _, _ = engine.forward_backward(x.numpy(), y)
-    loss_diff = abs(train_loss - eval_loss) / max(abs(eval_loss), 1e-6)
-    if loss_diff > LOSS_TOLERANCE:
-        raise ExportError(f"training and eval graphs disagree by {loss_diff:.2e}; a layer behaves differently in "
-                          "training (BatchNorm? Dropout?): export it in eval mode or freeze it.")
-    return ValidationReport(eval_diff, loss_diff, float("nan"), "")
-
-
-def validate_split(bundle_dir: Path, split, input_shape: tuple[int, ...], loss: str, outputs: int) -> float:
-    """prefix.onnx followed by the suffix's eval graph must give the whole eval graph's outputs."""
-    from edgeadapt.runtime.engine import onnxruntime_module
-
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(3, *input_shape, generator=generator).numpy()
-    y = example_targets(loss, 3, outputs, generator).numpy()
-    session = onnxruntime_module().InferenceSession(str(bundle_dir / split.prefix_model),
-                                                    providers=["CPUExecutionProvider"])
-    features = session.run(None, {"input": x})[0]
-    suffix = Engine(bundle_dir, bundle_dir / f"{split.suffix_prefix}checkpoint", with_optimizer=False,
-                    graphs=split.suffix_prefix)
-    whole = Engine(bundle_dir, bundle_dir / "checkpoint", with_optimizer=False)
-    diff = float(np.abs(suffix.eval_step(features, y)[1] - whole.eval_step(x, y)[1]).max())
-    if diff > EVAL_TOLERANCE:
-        raise ExportError(f"prefix + suffix differ from the whole graph by {diff:.2e}; export with --no-split and "
-                          "report a bug.")
-    return diff
+        return rng.integers(0, 2, (batch, outputs)).astype(np.float32)
+    return rng.standard_normal((batch, outputs)).astype(np.float32)
 
 
 def _relative_error(value: np.ndarray, reference: np.ndarray) -> float:
     return float(np.linalg.norm(value - reference)) / max(float(np.linalg.norm(reference)), 1e-12)
 
 
+def portable_gradients(source, trainable: list[str], loss: str, x: np.ndarray,
+                       y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+    """Loss and gradients of the portable step's backward pass, run on onnxruntime."""
+    from edgeadapt.runtime.ort import onnxruntime_module
+    from edgeadapt.toolchain.stages import initial_state
+    from edgeadapt.toolchain.train_step import build_gradient_graph
+
+    graph, layout = build_gradient_graph(source.graph, trainable, loss)
+    params = initial_state(source.graph, layout).params
+    session = onnxruntime_module().InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    value, flat = session.run(["loss", "gradients"], {"input": x, "labels": y, "params": params})
+    return float(value), {p.name: flat[p.offset:p.offset + p.size].reshape(p.shape) for p in layout}
+
+
 def _torch_gradients(module, x, y, loss: str, dtype) -> tuple[float, dict[str, np.ndarray]]:
+    import torch
+    from torch.nn import functional as F
+
+    losses = {"cross_entropy": F.cross_entropy, "bce_with_logits": F.binary_cross_entropy_with_logits,
+              "mse": F.mse_loss, "l1": F.l1_loss}
     model = copy.deepcopy(module).to(dtype).eval()
-    value = TORCH_LOSSES[loss](model(x.to(dtype)), y if loss == "cross_entropy" else y.to(dtype))
+    target = torch.from_numpy(y) if loss == "cross_entropy" else torch.from_numpy(y).to(dtype)
+    value = losses[loss](model(torch.from_numpy(x).to(dtype)), target)
     value.backward()
     grads = {n: p.grad.double().numpy() for n, p in model.named_parameters() if p.grad is not None}
     return float(value.detach()), grads
 
 
-def _check_training_step(module, engine, x, y, loss, trainable, eval_diff) -> ValidationReport:
-    ort_loss, _, ort_grads = engine.forward_backward(x.numpy(), y.numpy())
-    loss64, grads64 = _torch_gradients(module, x, y, loss, torch.float64)
-    _, grads32 = _torch_gradients(module, x, y, loss, torch.float32)
-    loss_diff = abs(ort_loss - loss64) / max(abs(loss64), 1e-6)
+def _check_gradients(grads: dict, reference: dict, noise: dict | None, trainable: list[str], what: str) -> tuple:
     worst, worst_name = 0.0, ""
     for name in trainable:
-        error = _relative_error(ort_grads[name], grads64[name])
-        allowed = max(GRAD_TOLERANCE, NOISE_FACTOR * _relative_error(grads32[name], grads64[name]))
+        error = _relative_error(grads[name], reference[name])
+        allowed = max(GRAD_TOLERANCE, NOISE_FACTOR * _relative_error(noise[name], reference[name])) if noise \
+            else GRAD_TOLERANCE
         if error > allowed:
-            raise ExportError(f"one training step differs from torch: gradient of {name} is off by {error:.2e} "
-                              f"(allowed {allowed:.1e}); the training graph is wrong: try --bn affine, or report "
-                              "a bug.")
+            raise ExportError(f"one training step of the {what} differs from its reference: gradient of {name} is off "
+                              f"by {error:.2e} (allowed {allowed:.1e}); try --bn affine, or report a bug.")
         worst, worst_name = max((worst, worst_name), (error, name))
+    return worst, worst_name
+
+
+def validate(source, lists, opts, bundle) -> ValidationReport:
+    """Check a written bundle (its manifest in place) against its source; an ExportError names what is off."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, *source.input_shape)).astype(np.float32)
+    reference = source.reference(x)
+    y = example_targets(opts.loss, 4, reference.shape[-1], rng)
+    eval_diff = _check_forward(bundle, x, reference)
+    loss, grads = portable_gradients(source, lists.trainable, opts.loss, x, y)
+    ort = _ort_training(bundle, x, y) if (bundle.path / "training_model.onnx").is_file() else None
+    if source.torch_module is not None:
+        loss_ref, ref = _torch_gradients(source.torch_module, x, y, opts.loss, torch_dtype("float64"))
+        noise = _torch_gradients(source.torch_module, x, y, opts.loss, torch_dtype("float32"))[1]
+    else:  # no torch model: the loss must be the eval graph's, the gradients ONNX Runtime training's
+        loss_ref, ref, noise = _eval_loss(opts.loss, reference, y), ort[1] if ort else None, None
+    loss_diff = abs(loss - loss_ref) / max(abs(loss_ref), 1e-6)
     if loss_diff > LOSS_TOLERANCE:
-        raise ExportError(f"one training step differs from torch: loss off by {loss_diff:.2e}; report a bug.")
-    return ValidationReport(eval_diff, loss_diff, worst, worst_name)
+        raise ExportError(f"the portable training step's loss differs from its reference by {loss_diff:.2e}; a layer "
+                          "behaves differently in training (BatchNorm? Dropout?): export it in eval mode or freeze it.")
+    worst, worst_name = _check_gradients(grads, ref, noise, lists.trainable, "portable step") if ref \
+        else (float("nan"), "")
+    ort_worst = float("nan")
+    if ort is not None and opts.bn != "ort" and source.torch_module is not None:
+        ort_worst = _check_gradients(ort[1], ref, noise, lists.trainable, "ort-training graph")[0]
+    split_diff = _check_split(bundle, x) if bundle.manifest.split else float("nan")
+    return ValidationReport(eval_diff, loss_diff, worst, worst_name, ort_worst, split_diff)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _eval_loss(loss: str, logits: np.ndarray, y: np.ndarray) -> float:
+    from edgeadapt.runtime.losses import mean_loss
+
+    return mean_loss(loss, logits, y)
+
+
+def _logits(bundle, x: np.ndarray, split: bool = False) -> np.ndarray:
+    from edgeadapt.runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
+    from edgeadapt.runtime.state import load_state
+
+    engine = OnnxRuntimeEngine(bundle.manifest, bundle.graphs(split), training=False)
+    engine.load(load_state(bundle.state_path, bundle.manifest, bundle.bundle_id))
+    return engine.logits(x)
+
+
+def _check_forward(bundle, x: np.ndarray, reference: np.ndarray) -> float:
+    diff = float(np.abs(_logits(bundle, x) - reference).max())
+    if diff > EVAL_TOLERANCE:
+        raise ExportError(f"the exported forward graph differs from the source model by {diff:.2e} (> "
+                          f"{EVAL_TOLERANCE}); the export is wrong: try --bn affine, or report a bug with this model.")
+    return diff
+
+
+def _ort_training(bundle, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+    """ONNX Runtime training's eval graph must match the forward graph; its gradients are returned."""
+    from edgeadapt.runtime.engines.ort_training_engine import OrtTrainingEngine
+    from edgeadapt.runtime.state import load_state
+
+    engine = OrtTrainingEngine(bundle.manifest, bundle.graphs(False))
+    engine.load(load_state(bundle.state_path, bundle.manifest, bundle.bundle_id))
+    diff = float(np.abs(engine.eval_step(x, y)[1] - _logits(bundle, x)).max())
+    if diff > EVAL_TOLERANCE:
+        raise InternalError(f"ONNX Runtime training's eval graph differs from the forward graph by {diff:.2e}")
+    return engine.gradients(x, y)
+
+
+def _check_split(bundle, x: np.ndarray) -> float:
+    """prefix.onnx followed by the suffix's forward graph must give the whole forward graph's outputs."""
+    from edgeadapt.runtime.prefix import PrefixRunner
+
+    features = PrefixRunner(bundle.prefix_path)(x)
+    diff = float(np.abs(_logits(bundle, features, split=True) - _logits(bundle, x)).max())
+    if diff > EVAL_TOLERANCE:
+        raise InternalError(f"prefix + suffix differ from the whole graph by {diff:.2e}")
+    return diff

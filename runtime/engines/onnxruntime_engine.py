@@ -1,0 +1,108 @@
+"""The portable training step on the maintained onnxruntime, any execution provider. The state lives in OrtValues
+on the provider's device between steps (I/O binding): a GPU keeps parameters and moments in its own memory."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edgeadapt.runtime.errors import BackendError
+from edgeadapt.runtime.losses import mean_loss
+from edgeadapt.runtime.ort import available_providers, onnxruntime_module, session_options
+from edgeadapt.runtime.state import TrainState
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "rocm": "ROCMExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider", "dml": "DmlExecutionProvider",
+             "coreml": "CoreMLExecutionProvider", "qnn": "QNNExecutionProvider",
+             "openvino": "OpenVINOExecutionProvider", "xnnpack": "XnnpackExecutionProvider",
+             "nnapi": "NnapiExecutionProvider", "webgpu": "WebGpuExecutionProvider"}
+_ON_DEVICE = {"cuda", "rocm"}  # providers whose memory the state can stay in between steps
+
+
+def devices() -> list[str]:
+    have = set(available_providers())
+    return [short for short, provider in PROVIDERS.items() if provider in have]
+
+
+def provider_for(device: str) -> tuple[str, int]:
+    kind, _, index = device.lower().partition(":")
+    provider = PROVIDERS.get(kind)
+    if provider is None:
+        raise BackendError(f"unknown --device '{device}' for onnxruntime; choose one of {', '.join(PROVIDERS)}.")
+    if provider not in available_providers():
+        raise BackendError(f"--device {device} needs onnxruntime's {provider}, which this install lacks (it has "
+                           f"{', '.join(available_providers())}); install the matching onnxruntime build "
+                           "(e.g. onnxruntime-gpu) or use --device cpu.")
+    return provider, int(index or 0)
+
+
+def create(bundle, graphs, device: str, threads: int | None, training: bool) -> "OnnxRuntimeEngine":
+    return OnnxRuntimeEngine(bundle.manifest, graphs, device, threads, training)
+
+
+class OnnxRuntimeEngine:
+    name = "onnxruntime"
+
+    def __init__(self, manifest, graphs, device: str = "cpu", threads: int | None = None, training: bool = True):
+        ort = onnxruntime_module()
+        provider, index = provider_for(device)
+        self.device, self.manifest, self._ort = device, manifest, ort
+        providers = [(provider, {"device_id": index})] if provider != "CPUExecutionProvider" else []
+        providers.append("CPUExecutionProvider")
+        options = session_options(threads)
+        self._forward = ort.InferenceSession(str(graphs.forward), options, providers=providers)
+        self._step = ort.InferenceSession(str(graphs.train_step), options, providers=providers) if training \
+            else None
+        kind = device.lower().partition(":")[0]
+        self._where = (kind, index) if kind in _ON_DEVICE else ("cpu", 0)
+        self._state_names = list(manifest.portable.state)
+        self._values: dict = {}
+        self._t = 0
+
+    def _ortvalue(self, array: np.ndarray):
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), *self._where)
+
+    def load(self, state: TrainState) -> None:
+        zeros = np.zeros_like(state.params)
+        self._values = {"params": self._ortvalue(state.params)}
+        for name in self._state_names[1:]:
+            self._values[name] = self._ortvalue(state.optimizer.get(name, zeros))
+        self._t = int(state.optimizer.get("step", np.zeros((), np.int64)))
+
+    def state(self) -> TrainState:
+        optimizer = {name: self._values[name].numpy() for name in self._state_names[1:]}
+        optimizer["step"] = np.asarray(self._t, np.int64)
+        return TrainState(self._values["params"].numpy(), optimizer)
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
+        binding = self._step.io_binding()
+        binding.bind_cpu_input(self._step.get_inputs()[0].name, np.ascontiguousarray(x, np.float32))
+        binding.bind_cpu_input("labels", np.ascontiguousarray(y))
+        binding.bind_cpu_input("lr", np.asarray(lr, np.float32))
+        binding.bind_cpu_input("step", np.asarray(self._t + 1, np.int64))
+        for name in self._state_names:
+            binding.bind_ortvalue_input(name, self._values[name])
+        binding.bind_output("loss", "cpu")
+        binding.bind_output(self.manifest.output_name, "cpu")
+        for name in self._state_names:
+            binding.bind_output(f"{name}.new", *self._where)
+        self._step.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        loss, logits = float(outputs[0].numpy()), outputs[1].numpy()
+        if math.isfinite(loss):
+            self._values = dict(zip(self._state_names, outputs[2:]))
+            self._t += 1
+        return loss, logits
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        binding = self._forward.io_binding()
+        binding.bind_cpu_input(self._forward.get_inputs()[0].name, np.ascontiguousarray(x, np.float32))
+        binding.bind_ortvalue_input("params", self._values["params"])
+        binding.bind_output(self.manifest.output_name, "cpu")
+        self._forward.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def eval_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        logits = self.logits(x)
+        return mean_loss(self.manifest.loss, logits, y), logits

@@ -1,0 +1,101 @@
+"""The portable training step on OpenVINO: CPU, GPU or NPU (f32 throughout). GPU and NPU get static shapes: one
+compiled step per batch size seen (the last, smaller batch of an epoch compiles once more)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edgeadapt.runtime.errors import BackendError
+from edgeadapt.runtime.losses import mean_loss
+from edgeadapt.runtime.state import TrainState
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise BackendError("the openvino engine needs OpenVINO: `pip install openvino` (or use --engine "
+                           "onnxruntime).") from None
+    return openvino
+
+
+def devices() -> list[str]:
+    return [d.lower() for d in _openvino().Core().available_devices]
+
+
+def create(bundle, graphs, device: str, threads: int | None, training: bool) -> "OpenVinoEngine":
+    return OpenVinoEngine(bundle.manifest, graphs, device, threads, training)
+
+
+class OpenVinoEngine:
+    name = "openvino"
+
+    def __init__(self, manifest, graphs, device: str = "cpu", threads: int | None = None, training: bool = True):
+        openvino = _openvino()
+        self._core = openvino.Core()
+        self.device, self.manifest = device, manifest
+        self._target = device.upper()
+        if self._target.partition(".")[0] not in {d.partition(".")[0] for d in self._core.available_devices}:
+            raise BackendError(f"OpenVINO device {self._target} is not present here (available: "
+                               f"{', '.join(self._core.available_devices)}); use --device cpu.")
+        self._config = {"INFERENCE_PRECISION_HINT": "f32"}
+        if threads and self._target == "CPU":
+            self._config["INFERENCE_NUM_THREADS"] = threads
+        self._static = self._target != "CPU"
+        self._paths = {"step": graphs.train_step, "forward": graphs.forward}
+        self._compiled: dict[tuple[str, int], object] = {}
+        self._state_names = list(manifest.portable.state)
+        self._values: dict[str, np.ndarray] = {}
+        self._t = 0
+
+    def _request(self, graph: str, batch: int):
+        key = (graph, batch if self._static else -1)
+        if key not in self._compiled:
+            model = self._core.read_model(str(self._paths[graph]))
+            if self._static:
+                model.reshape({p.get_any_name(): _batched(p, batch) for p in model.inputs})
+            self._compiled[key] = self._core.compile_model(model, self._target, self._config).create_infer_request()
+        return self._compiled[key]
+
+    def load(self, state: TrainState) -> None:
+        zeros = np.zeros_like(state.params)
+        self._values = {"params": np.ascontiguousarray(state.params, np.float32)}
+        for name in self._state_names[1:]:
+            self._values[name] = np.ascontiguousarray(state.optimizer.get(name, zeros), np.float32)
+        self._t = int(state.optimizer.get("step", np.zeros((), np.int64)))
+
+    def state(self) -> TrainState:
+        optimizer = {name: self._values[name].copy() for name in self._state_names[1:]}
+        optimizer["step"] = np.asarray(self._t, np.int64)
+        return TrainState(self._values["params"].copy(), optimizer)
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
+        request = self._request("step", len(x))
+        feed = {0: np.ascontiguousarray(x, np.float32), "labels": np.ascontiguousarray(y),
+                "lr": np.asarray(lr, np.float32), "step": np.asarray(self._t + 1, np.int64), **self._values}
+        result = request.infer(feed)
+        outputs = {k.get_any_name(): v for k, v in result.items()}
+        loss = float(outputs["loss"])
+        if math.isfinite(loss):
+            self._values = {name: np.array(outputs[f"{name}.new"], np.float32) for name in self._state_names}
+            self._t += 1
+        return loss, np.array(outputs[self.manifest.output_name])
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        request = self._request("forward", len(x))
+        result = request.infer({0: np.ascontiguousarray(x, np.float32), "params": self._values["params"]})
+        return np.array(next(v for k, v in result.items() if self.manifest.output_name in k.get_names()))
+
+    def eval_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        logits = self.logits(x)
+        return mean_loss(self.manifest.loss, logits, y), logits
+
+
+def _batched(port, batch: int) -> list[int]:
+    """The port's shape with the batch fixed (state vectors and scalars keep theirs)."""
+    shape = port.get_partial_shape()
+    if shape.rank.get_length() == 0 or port.get_any_name() in ("lr", "step", "params", "adam_m", "adam_v"):
+        return [d.get_length() for d in shape] if shape.is_static else shape
+    return [batch, *[d.get_length() for d in list(shape)[1:]]]

@@ -1,0 +1,107 @@
+"""Legacy engine: ONNX Runtime training's own artifacts (Module, Optimizer, CheckpointState). The only module
+that talks to `onnxruntime.training`. Its wheel exists for x86_64 (and macOS arm64, Windows) on Python <= 3.11
+only. The bundle's state file stays the source of truth: parameters are copied in and out, and ORT's own
+checkpoint (which holds its optimizer state) travels inside the state file for an exact resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edgeadapt.runtime.errors import BackendError, BundleError
+from edgeadapt.runtime.ort import available_providers, session_options, training_api
+from edgeadapt.runtime.state import TrainState
+
+CHECKPOINT_KEY = "ort_checkpoint"
+
+
+def devices() -> list[str]:
+    training_api()
+    return ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in available_providers() else [])
+
+
+def create(bundle, graphs, device: str, threads: int | None, training: bool) -> "OrtTrainingEngine":
+    return OrtTrainingEngine(bundle.manifest, graphs, device, threads)
+
+
+def _device_name(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    if device.startswith("cuda") and "CUDAExecutionProvider" in available_providers():
+        return device
+    raise BackendError(f"--device {device} is not available to the ort-training engine (providers: "
+                       f"{', '.join(available_providers())}); use --engine onnxruntime or --device cpu.")
+
+
+def _load_checkpoint(api, path: Path):
+    try:
+        return api.CheckpointState.load_checkpoint(str(path))
+    except Exception as exc:  # ORT raises its own Fail/RuntimeError types
+        raise BundleError(f"checkpoint {path} cannot be loaded ({str(exc).splitlines()[0][:120]}); it is truncated "
+                          "or corrupt: re-export the bundle.") from None
+
+
+class OrtTrainingEngine:
+    name = "ort-training"
+
+    def __init__(self, manifest, graphs, device: str = "cpu", threads: int | None = None):
+        self.api = training_api()
+        self.device, self.manifest, self.graphs = device, manifest, graphs
+        self._threads = threads
+        self._device = _device_name(device)
+        self.module = self.optimizer = self.checkpoint = None
+
+    def _open(self, checkpoint: Path) -> None:
+        self.checkpoint = _load_checkpoint(self.api, checkpoint)
+        self.module = self.api.Module(str(self.graphs.ort_training), self.checkpoint, str(self.graphs.ort_eval),
+                                      device=self._device, session_options=session_options(self._threads))
+        self.optimizer = self.api.Optimizer(str(self.graphs.ort_optimizer), self.module)
+
+    def load(self, state: TrainState) -> None:
+        saved = state.optimizer.get(CHECKPOINT_KEY)
+        if saved is None:
+            self._open(self.graphs.ort_checkpoint)
+            for p in self.manifest.portable.layout:
+                self.checkpoint.parameters[p.name] = state.params[p.offset:p.offset + p.size].reshape(p.shape)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "checkpoint"
+            path.write_bytes(saved.tobytes())
+            self._open(path)
+
+    def state(self) -> TrainState:
+        params = np.concatenate([np.asarray(self.checkpoint.parameters[p.name].data, np.float32).ravel()
+                                 for p in self.manifest.portable.layout])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "checkpoint"
+            self.api.CheckpointState.save_checkpoint(self.checkpoint, str(path), include_optimizer_state=True)
+            saved = np.frombuffer(path.read_bytes(), np.uint8).copy()
+            os.remove(path)
+        return TrainState(params, {CHECKPOINT_KEY: saved})
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
+        self.module.train()
+        self.optimizer.set_learning_rate(float(lr))
+        loss, logits = self.module(x, y)
+        if math.isfinite(float(loss)):
+            self.optimizer.step()
+        self.module.lazy_reset_grad()
+        return float(loss), logits
+
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        """One forward and backward pass without an update: the loss and each trainable parameter's gradient."""
+        self.module.train()
+        self.module.lazy_reset_grad()
+        loss, _ = self.module(x, y)
+        grads = {name: np.array(p.grad) for name, p in self.checkpoint.parameters if p.requires_grad}
+        self.module.lazy_reset_grad()
+        return float(loss), grads
+
+    def eval_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        self.module.eval()
+        loss, logits = self.module(x, y)
+        return float(loss), logits

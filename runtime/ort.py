@@ -1,0 +1,95 @@
+"""Loading ONNX Runtime on a device: the maintained `onnxruntime` package (any build: CPU, GPU, QNN, …), or the
+legacy training wheel, whose package `__init__` imports torch.
+
+In the training wheel, `import onnxruntime` itself runs a build check that imports `onnxruntime.training.ortmodule`,
+and `onnxruntime/training/__init__.py` imports onnx and torch (ORT issue #22070): ~2-3 s and ~280 MB when torch is
+installed, an ImportError-guarded detour when it is not. We import the core with a bare `onnxruntime.training`
+package and ORTModule blocked, then load `onnxruntime.training.api`, which needs only the compiled core
+(~0.2 s, ~40 MB). With the maintained `onnxruntime` (no training package) this is a plain import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+from edgeadapt.runtime.errors import BackendError
+
+_BARE = ("onnxruntime.training", "onnxruntime.training.ortmodule")
+
+
+def onnxruntime_module() -> types.ModuleType:
+    """`onnxruntime`, without the training wheel's torch-importing package (whose compiled API is loaded instead)."""
+    if "onnxruntime" in sys.modules:
+        return sys.modules["onnxruntime"]
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or spec.origin is None:
+        raise BackendError("onnxruntime is not installed; `pip install edgeadapt` installs it.")
+    training = Path(spec.origin).parent / "training"
+    if not training.is_dir():
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)  # warnings about graph rewrites are not the user's concern
+        return onnxruntime
+    bare = types.ModuleType("onnxruntime.training")
+    bare.__path__ = [str(training)]
+    sys.modules["onnxruntime.training"] = bare
+    sys.modules["onnxruntime.training.ortmodule"] = None  # ORT's build check reads this as "no ORTModule"
+    try:
+        import onnxruntime
+
+        importlib.import_module("onnxruntime.training.api")
+        onnxruntime.set_default_logger_severity(3)
+        return onnxruntime
+    except ImportError as exc:
+        raise BackendError(f"onnxruntime cannot be loaded ({exc}); reinstall edgeadapt.") from None
+    finally:
+        for name in _BARE:
+            sys.modules.pop(name, None)
+
+
+def training_api() -> types.ModuleType:
+    """ONNX Runtime's training API (legacy engine), loaded without torch."""
+    onnxruntime_module()
+    if "onnxruntime.training.api" not in sys.modules:
+        if "onnxruntime.training" not in sys.modules:
+            raise BackendError("the ort-training engine needs onnxruntime-training, which this install lacks (it "
+                               "exists for x86_64 and Python <= 3.11 only); use --engine onnxruntime.")
+        importlib.import_module("onnxruntime.training.api")
+    return sys.modules["onnxruntime.training.api"]
+
+
+def available_providers() -> list[str]:
+    return list(onnxruntime_module().get_available_providers())
+
+
+_ARENA_REGISTERED = False
+
+
+def _register_cpu_arena() -> None:
+    """One process-wide CPU arena that grows by what is requested, not in power-of-two chunks: peak memory then
+    follows the graph's needs (MobileNetV2 full, batch 8: 622 MB instead of 960 MB) and the planner can predict it."""
+    global _ARENA_REGISTERED
+    if _ARENA_REGISTERED:
+        return
+    ort = onnxruntime_module()
+    same_as_requested = 1
+    config = ort.OrtArenaCfg(0, same_as_requested, -1, -1)
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, config)
+    _ARENA_REGISTERED = True
+
+
+def session_options(threads: int | None = None):
+    """Options for every edgeadapt session: the shared arena, and `threads` intra-op threads if given."""
+    ort = onnxruntime_module()
+    _register_cpu_arena()
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.use_env_allocators", "1")
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options

@@ -1,0 +1,76 @@
+"""What a training run trains: the whole graph, or a split bundle's suffix behind its frozen prefix. Both read and
+write the same state file (the suffix's trainable parameters are the whole graph's), so any sequence of whole and
+split runs continues from the latest trained state. A split target runs the prefix on its backend once, through
+the feature cache, or per batch when augmentation changes the inputs every epoch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgeadapt.runtime.bundle import Bundle, GraphFiles
+from edgeadapt.runtime.data import Dataset, preprocess
+from edgeadapt.runtime.errors import ConfigError
+from edgeadapt.runtime.feature_cache import FeatureCache, namespace
+from edgeadapt.runtime.manifest import sha256_file
+from edgeadapt.runtime.prefix import PrefixRunner
+
+PREFIX_BATCH = 16  # prefix features are extracted in batches of min(16, batch size): early activations are large
+
+
+@dataclass
+class TrainingTarget:
+    graphs: GraphFiles
+    split: bool
+    per_batch: Callable[[np.ndarray], np.ndarray] | None = None  # the prefix, run on every batch (augmentation)
+    notes: list[str] = field(default_factory=list)
+
+
+def features_of(data: Dataset, bundle: Bundle, runner: PrefixRunner, cache: FeatureCache | None,
+                batch_size: int = PREFIX_BATCH) -> Dataset:
+    """Prefix outputs of `data` (small batches: a prefix's early activations are its largest tensors)."""
+    def compute(samples: np.ndarray) -> np.ndarray:
+        return np.concatenate([runner(preprocess(samples[i:i + batch_size], bundle.manifest, data.is_image))
+                               for i in range(0, len(samples), batch_size)])
+
+    values = cache.features(data.samples, compute) if cache else compute(data.samples)
+    return Dataset(values, data.targets, False, data.skipped, data.names, features=True)
+
+
+def prefix_model(bundle: Bundle, int8: bool) -> Path:
+    model = bundle.int8_prefix_path if int8 else bundle.prefix_path
+    if not model.is_file():
+        raise ConfigError(f"{model} does not exist; create it with `edgeadapt quantize-prefix {bundle.path} DATA`.")
+    return model
+
+
+def wants_split(bundle: Bundle, mode: str) -> bool:
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"unknown --split '{mode}'; choose auto, on or off.")
+    if mode == "on" and bundle.manifest.split is None:
+        raise ConfigError("--split on needs a split bundle: export with a `head` or `last:K` preset.")
+    return mode != "off" and bundle.manifest.split is not None
+
+
+def prepare(bundle: Bundle, config, train: Dataset,
+            val: Dataset | None) -> tuple[Dataset, Dataset | None, TrainingTarget]:
+    """(train, val, target): the datasets as the target's graphs see them."""
+    if not wants_split(bundle, config.split):
+        return train, val, TrainingTarget(bundle.graphs(split=False), split=False)
+    model = prefix_model(bundle, config.prefix_int8)
+    runner = PrefixRunner(model, config.prefix_device, config.threads)
+    space = namespace(sha256_file(model), bundle.manifest.input, config.prefix_device)
+    cache = FeatureCache(bundle.cache_path, space, config.cache_mb << 20)
+    target = TrainingTarget(bundle.graphs(split=True), split=True)
+    chunk = min(PREFIX_BATCH, config.batch_size or PREFIX_BATCH)
+    if config.augment and train.is_image:
+        target.per_batch = runner
+        target.notes.append("augmentation changes inputs every epoch: feature cache bypassed, prefix runs per batch")
+    else:
+        train = features_of(train, bundle, runner, cache, chunk)
+    val = features_of(val, bundle, runner, cache, chunk) if val is not None else None
+    target.notes += cache.notes
+    return train, val, target

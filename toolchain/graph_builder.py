@@ -1,0 +1,100 @@
+"""A small helper for writing standard-ONNX subgraphs: unique names, nodes, constants, and static shapes."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+Dim = int | str | None  # a size, a symbolic name (the batch), or unknown
+
+
+class GraphBuilder:
+    """Collects nodes and constant initializers to append to a graph; names never clash with the graph's own."""
+
+    def __init__(self, taken: set[str], shapes: dict[str, list[Dim]], tag: str = "g"):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.shapes = shapes
+        self._taken = set(taken)
+        self._tag = tag
+        self._count = 0
+        self._constants: dict[tuple, str] = {}
+        self.constants: dict[str, np.ndarray] = {}  # values of the source graph's constants, by tensor name
+
+    def name(self, hint: str) -> str:
+        while True:
+            self._count += 1
+            candidate = f"{self._tag}/{hint}_{self._count}"
+            if candidate not in self._taken:
+                self._taken.add(candidate)
+                return candidate
+
+    def op(self, op_type: str, inputs: list[str], **attrs) -> str:
+        """Add one node with one output; returns the output's name."""
+        return self.ops(op_type, inputs, 1, **attrs)[0]
+
+    def ops(self, op_type: str, inputs: list[str], outputs: int, **attrs) -> list[str]:
+        names = [self.name(op_type) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=self.name(op_type + "_node"), **attrs))
+        return names
+
+    def const(self, value, dtype=np.float32) -> str:
+        """A constant initializer (deduplicated by value for small ones)."""
+        array = np.asarray(value, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes()) if array.size <= 16 else None
+        if key is not None and key in self._constants:
+            return self._constants[key]
+        name = self.name("const")
+        self.initializers.append(numpy_helper.from_array(array, name))
+        if key is not None:
+            self._constants[key] = name
+        return name
+
+    def shape(self, tensor: str) -> list[Dim]:
+        shape = self.shapes.get(tensor)
+        if shape is None:
+            raise KeyError(tensor)
+        return shape
+
+    def static(self, tensor: str) -> list[int]:
+        """The shape without the batch dimension must be known; the batch stays symbolic (-1)."""
+        dims = self.shape(tensor)
+        if any(d is None for d in dims):
+            raise KeyError(tensor)
+        return [d if isinstance(d, int) else -1 for d in dims]
+
+
+def inferred_shapes(model: onnx.ModelProto, batches: tuple[int, int] = (2, 3)) -> dict[str, list[Dim]]:
+    """Shapes of every tensor, measured: the graph runs at two batch sizes; a dimension that follows the batch is
+    symbolic ("batch"), the rest are static. (Static inference loses sizes behind shape arithmetic such as
+    TensorFlow-style 'SAME' padding.)"""
+    import onnxruntime
+
+    typed = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type for v in [*typed.graph.value_info, *typed.graph.output]}
+    probe = copy.deepcopy(model)
+    del probe.graph.output[:]
+    outputs = [o for n in model.graph.node for o in n.output if o and o in types]
+    probe.graph.output.extend(helper.make_value_info(name, types[name]) for name in outputs)
+    session = onnxruntime.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    runs = [dict(zip(outputs, session.run(outputs, _example_feed(model, batch)))) for batch in batches]
+    shapes: dict[str, list[Dim]] = {name: [a if a == c else "batch" for a, c in zip(runs[0][name].shape,
+                                                                                   runs[1][name].shape)]
+                                    for name in outputs}
+    for value in model.graph.input:
+        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else "batch" for d in
+                              value.type.tensor_type.shape.dim]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return shapes
+
+
+def _example_feed(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
+    feed = {}
+    for value in model.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else batch for d in value.type.tensor_type.shape.dim]
+        feed[value.name] = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+    return feed

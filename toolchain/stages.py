@@ -1,0 +1,74 @@
+"""The typed stages every export goes through, whatever the model came from:
+
+    Source (eval graph + parameter lists + labels + reference)  →  Artifacts (graphs, state, split)
+    →  ValidationReport  →  Manifest (+ signature)
+
+`Source` is built from a zoo backbone, a `--model` factory or an `--onnx` file; everything after it is shared."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from edgeadapt.runtime.manifest import InputSpec, PortableSpec, SplitSpec
+from edgeadapt.runtime.state import STATE_FILE, TrainState, write_safetensors
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+@dataclass
+class Source:
+    """The first stage: an eval-mode graph (`input` → `logits`, BN folded) and what the later stages need."""
+
+    graph: onnx.ModelProto
+    params: list[str]  # trainable candidates, in model order
+    buffers: list[str]  # statistics and constants: always frozen
+    labels: list[str]
+    input: InputSpec
+    backbone: str
+    weights: str
+    head: list[str]
+    head_is_new: bool
+    reference: Callable[[np.ndarray], np.ndarray]  # the source model's logits, for validation
+    torch_module: object | None = None  # the torch model, when there is one: gradients are checked against it
+    blocks: tuple[str, ...] = ()  # block boundaries, input to output (`last:K`)
+    head_module: str = ""  # the head's module name in a torch model
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.input.shape[1:])
+
+
+@dataclass(frozen=True)
+class Lists:
+    """Every initializer lands in exactly one list."""
+
+    trainable: list[str]
+    frozen: list[str]
+    buffers: list[str]
+
+
+@dataclass
+class Artifacts:
+    portable: PortableSpec
+    split: SplitSpec | None
+    memory: dict[str, float]
+    ort_training: bool  # ONNX Runtime training artifacts written
+
+
+def initial_state(graph: onnx.ModelProto, layout: list) -> TrainState:
+    values = {init.name: onnx.numpy_helper.to_array(init) for init in graph.graph.initializer}
+    return TrainState(np.concatenate([values[p.name].astype(np.float32).ravel() for p in layout]))
+
+
+def write_initial_state(out_dir: Path, graph: onnx.ModelProto, portable: PortableSpec) -> None:
+    """The exported parameters as the bundle's first state (no optimizer state, no progress)."""
+    state = initial_state(graph, portable.layout)
+    tensors = {f"params/{p.name}": state.params[p.offset:p.offset + p.size].reshape(p.shape)
+               for p in portable.layout}
+    write_safetensors(out_dir / STATE_FILE, tensors, {"format": "pt"})

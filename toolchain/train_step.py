@@ -1,0 +1,267 @@
+"""The portable training step: one standard-ONNX graph that any maintained engine can run.
+
+    train_step(input, labels, lr, step, params, [adam_m, adam_v]) -> loss, logits, params.new, [adam_m.new, adam_v.new]
+
+`params` holds every trainable tensor flattened into one vector (the layout is recorded in the manifest), so AdamW
+is a handful of vector ops whatever the model. Frozen weights stay initializers. `forward(input, params) -> logits`
+is the eval/inference graph over the same state. Losses follow PyTorch's definitions and AdamW ONNX Runtime
+training's; the losses' gradients are written analytically, the model's by `gradients.backward`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from edgeadapt.runtime.manifest import StateLayout
+from edgeadapt.toolchain.fold import fold_constants
+from edgeadapt.toolchain.gradients import backward, prune
+from edgeadapt.toolchain.graph_builder import GraphBuilder, inferred_shapes
+
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+IR_VERSION = 8  # read by onnxruntime 1.19 and every later engine
+
+
+@dataclass(frozen=True)
+class PortableGraphs:
+    step: onnx.ModelProto
+    forward: onnx.ModelProto
+    layout: list[StateLayout]
+    state_names: list[str]
+    kept_bytes_per_sample: int  # forward activations the backward pass reads (the planner's main term)
+    largest_bytes_per_sample: int  # the largest forward tensor
+
+
+def state_layout(model: onnx.ModelProto, trainable: list[str]) -> list[StateLayout]:
+    dims = {init.name: list(init.dims) for init in model.graph.initializer}
+    layout, offset = [], 0
+    for name in trainable:
+        size = int(np.prod(dims[name])) if dims[name] else 1
+        layout.append(StateLayout(name, dims[name], offset, size))
+        offset += size
+    return layout
+
+
+def _unpack_params(b: GraphBuilder, layout: list[StateLayout]) -> None:
+    """params (flat) → one tensor per trainable parameter, under the parameter's own name."""
+    pieces = b.ops("Split", ["params", b.const([p.size for p in layout], np.int64)], len(layout), axis=0) \
+        if len(layout) > 1 else ["params"]
+    for piece, p in zip(pieces, layout):
+        b.nodes.append(helper.make_node("Reshape", [piece, b.const(p.shape, np.int64)], [p.name],
+                                        name=b.name("unpack")))
+
+
+def _without_trainable(model: onnx.ModelProto, trainable: set[str]) -> onnx.ModelProto:
+    result = copy.deepcopy(model)
+    kept = [init for init in result.graph.initializer if init.name not in trainable]
+    del result.graph.initializer[:]
+    result.graph.initializer.extend(kept)
+    return result
+
+
+def _finish(model: onnx.ModelProto, b: GraphBuilder, head: list, inputs: list, outputs: list) -> onnx.ModelProto:
+    nodes = prune(head + list(model.graph.node) + b.nodes, {o.name for o in outputs})
+    used = {name for node in nodes for name in node.input}
+    initializers = [i for i in list(model.graph.initializer) + b.initializers if i.name in used]
+    graph = helper.make_graph(nodes, model.graph.name, inputs, outputs, initializer=initializers)
+    result = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _opset(model))],
+                               producer_name="edgeadapt")
+    result.ir_version = IR_VERSION
+    return result
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _vector(name: str, size: int | str = "state") -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, [size])
+
+
+def build_forward(model: onnx.ModelProto, layout: list[StateLayout]) -> onnx.ModelProto:
+    model = fold_constants(model, {p.name for p in layout})
+    base = _without_trainable(model, {p.name for p in layout})
+    b = GraphBuilder(_names(model), {}, "unpack")
+    _unpack_params(b, layout)
+    head = list(b.nodes)
+    b.nodes.clear()
+    total = sum(p.size for p in layout)
+    inputs = list(base.graph.input) + [_vector("params", total)]
+    return _finish(base, b, head, inputs, list(base.graph.output))
+
+
+def _names(model: onnx.ModelProto) -> set[str]:
+    names = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
+    return names | {o for n in model.graph.node for o in n.output}
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    values = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+@dataclass
+class _Backward:
+    builder: GraphBuilder
+    base: onnx.ModelProto  # the eval graph without the trainable initializers
+    head: list  # nodes that unpack the flat params
+    labels: onnx.ValueInfoProto
+    loss: str
+    flat_grad: str
+    layout: list[StateLayout]
+    shapes: dict
+
+
+def _backward(model: onnx.ModelProto, trainable: list[str], loss: str, output: str) -> _Backward:
+    layout = state_layout(model, trainable)
+    model = fold_constants(model, set(trainable))
+    base = _without_trainable(model, set(trainable))
+    shapes = inferred_shapes(model)
+    b = GraphBuilder(_names(model), shapes, "step")
+    b.constants = {k: v for k, v in _constants(model).items() if k not in set(trainable)}
+    _unpack_params(b, layout)
+    head = list(b.nodes)
+    b.nodes.clear()
+    labels = _labels_input(loss, shapes[output])
+    loss_value, d_logits = LOSSES[loss](b, output, labels.name)
+    grads = backward(b, base.graph, trainable, output, d_logits)
+    flat = [b.op("Reshape", [grads[p.name], b.const([-1], np.int64)]) for p in layout]
+    flat_grad = flat[0] if len(flat) == 1 else b.op("Concat", flat, axis=0)
+    return _Backward(b, base, head, labels, loss_value, flat_grad, layout, shapes)
+
+
+def _identity(b: GraphBuilder, source: str, name: str) -> None:
+    b.nodes.append(helper.make_node("Identity", [source], [name], name=b.name("out")))
+
+
+def build_gradient_graph(model: onnx.ModelProto, trainable: list[str], loss: str,
+                         output: str = "logits") -> tuple[onnx.ModelProto, list[StateLayout]]:
+    """(input, labels, params) -> loss, logits, gradients: the step's backward pass alone, for validation."""
+    bw = _backward(model, trainable, loss, output)
+    _identity(bw.builder, bw.loss, "loss")
+    _identity(bw.builder, bw.flat_grad, "gradients")
+    total = sum(p.size for p in bw.layout)
+    inputs = [*bw.base.graph.input, bw.labels, _vector("params", total)]
+    outputs = [helper.make_tensor_value_info("loss", TensorProto.FLOAT, []), *bw.base.graph.output,
+               _vector("gradients", total)]
+    return _finish(bw.base, bw.builder, bw.head, inputs, outputs), bw.layout
+
+
+def build_train_step(model: onnx.ModelProto, trainable: list[str], loss: str, optimizer: str,
+                     weight_decay: float, output: str = "logits") -> PortableGraphs:
+    bw = _backward(model, trainable, loss, output)
+    b = bw.builder
+    total = sum(p.size for p in bw.layout)
+    state_names = ["params", "adam_m", "adam_v"] if optimizer == "adamw" else ["params"]
+    updates = _adamw(b, bw.flat_grad, weight_decay) if optimizer == "adamw" else [_sgd(b, bw.flat_grad)]
+    for new, name in zip(updates, state_names):
+        _identity(b, new, f"{name}.new")
+    _identity(b, bw.loss, "loss")
+    inputs = [*bw.base.graph.input, bw.labels, helper.make_tensor_value_info("lr", TensorProto.FLOAT, []),
+              helper.make_tensor_value_info("step", TensorProto.INT64, []),
+              *(_vector(n, total) for n in state_names)]
+    outputs = [helper.make_tensor_value_info("loss", TensorProto.FLOAT, []), *bw.base.graph.output,
+               *(_vector(f"{n}.new", total) for n in state_names)]
+    step = _finish(bw.base, b, bw.head, inputs, outputs)
+    kept, largest = _activation_bytes(step, bw.base, b, bw.shapes)
+    return PortableGraphs(step, build_forward(model, bw.layout), bw.layout, state_names, kept, largest)
+
+
+def _activation_bytes(step: onnx.ModelProto, base: onnx.ModelProto, b: GraphBuilder, shapes: dict) -> tuple[int, int]:
+    """Per-sample bytes of the forward tensors that backward nodes read, and of the largest forward tensor."""
+    forward = {o for n in base.graph.node for o in n.output} | {i.name for i in base.graph.input}
+    backward = {n.name for n in b.nodes}
+    read = {name for n in step.graph.node if n.name in backward for name in n.input if name in forward}
+
+    def per_sample(name: str) -> int:
+        dims = shapes.get(name) or []
+        if "batch" not in dims:
+            return 0
+        return 4 * int(np.prod([d for d in dims if isinstance(d, int)]))
+    return sum(per_sample(n) for n in read), max((per_sample(n) for n in forward), default=0)
+
+
+def _labels_input(loss: str, logits_shape: list) -> onnx.ValueInfoProto:
+    if loss == "cross_entropy":
+        return helper.make_tensor_value_info("labels", TensorProto.INT64, [logits_shape[0]])
+    return helper.make_tensor_value_info("labels", TensorProto.FLOAT, logits_shape)
+
+
+# ---- losses: (mean loss, d loss / d logits) -------------------------------------------------------------------
+
+def _count(b: GraphBuilder, logits: str, per_batch: bool) -> str:
+    if per_batch:
+        size = b.op("Gather", [b.op("Shape", [logits]), b.const(0, np.int64)], axis=0)
+    else:
+        size = b.op("Size", [logits])
+    return b.op("Cast", [size], to=TensorProto.FLOAT)
+
+
+def _cross_entropy(b: GraphBuilder, logits: str, labels: str) -> tuple[str, str]:
+    classes = b.op("Gather", [b.op("Shape", [logits]), b.const(1, np.int64)], axis=0)
+    onehot = b.op("OneHot", [labels, classes, b.const([0.0, 1.0])], axis=-1)
+    log_p = b.op("LogSoftmax", [logits], axis=1)
+    n = _count(b, logits, per_batch=True)
+    picked = b.op("ReduceSum", [b.op("Mul", [onehot, log_p]), b.const([1], np.int64)], keepdims=0)
+    loss = b.op("Neg", [b.op("Div", [b.op("ReduceSum", [picked], keepdims=0), n])])
+    grad = b.op("Div", [b.op("Sub", [b.op("Exp", [log_p]), onehot]), n])
+    return loss, grad
+
+
+def _bce_with_logits(b: GraphBuilder, logits: str, labels: str) -> tuple[str, str]:
+    n = _count(b, logits, per_batch=False)
+    softplus = b.op("Softplus", [b.op("Neg", [b.op("Abs", [logits])])])
+    terms = b.op("Add", [b.op("Sub", [b.op("Relu", [logits]), b.op("Mul", [logits, labels])]), softplus])
+    loss = b.op("Div", [b.op("ReduceSum", [terms], keepdims=0), n])
+    grad = b.op("Div", [b.op("Sub", [b.op("Sigmoid", [logits]), labels]), n])
+    return loss, grad
+
+
+def _mse(b: GraphBuilder, logits: str, labels: str) -> tuple[str, str]:
+    n = _count(b, logits, per_batch=False)
+    diff = b.op("Sub", [logits, labels])
+    loss = b.op("Div", [b.op("ReduceSum", [b.op("Mul", [diff, diff])], keepdims=0), n])
+    return loss, b.op("Div", [b.op("Mul", [diff, b.const(2.0)]), n])
+
+
+def _l1(b: GraphBuilder, logits: str, labels: str) -> tuple[str, str]:
+    n = _count(b, logits, per_batch=False)
+    diff = b.op("Sub", [logits, labels])
+    loss = b.op("Div", [b.op("ReduceSum", [b.op("Abs", [diff])], keepdims=0), n])
+    return loss, b.op("Div", [b.op("Sign", [diff]), n])
+
+
+LOSSES = {"cross_entropy": _cross_entropy, "bce_with_logits": _bce_with_logits, "mse": _mse, "l1": _l1}
+
+
+# ---- optimizers (over the flat state) ------------------------------------------------------------------------
+
+def _sgd(b: GraphBuilder, grad: str) -> str:
+    return b.op("Sub", ["params", b.op("Mul", [grad, "lr"])])
+
+
+def _adamw(b: GraphBuilder, grad: str, weight_decay: float) -> list[str]:
+    """AdamW as ONNX Runtime training computes it (its `adam_mode` 1, Hugging Face's AdamW): the bias correction
+    scales the learning rate, ε is added to √v, and the decoupled decay follows the update. Both engines then
+    train identically."""
+    beta1, beta2 = ADAM_BETAS
+    t = b.op("Cast", ["step"], to=TensorProto.FLOAT)
+    one = b.const(1.0)
+    correction1 = b.op("Sub", [one, b.op("Pow", [b.const(beta1), t])])
+    correction2 = b.op("Sub", [one, b.op("Pow", [b.const(beta2), t])])
+    m = b.op("Add", [b.op("Mul", ["adam_m", b.const(beta1)]), b.op("Mul", [grad, b.const(1 - beta1)])])
+    v = b.op("Add", [b.op("Mul", ["adam_v", b.const(beta2)]), b.op("Mul", [b.op("Mul", [grad, grad]),
+                                                                           b.const(1 - beta2)])])
+    step_size = b.op("Div", [b.op("Mul", ["lr", b.op("Sqrt", [correction2])]), correction1])
+    denom = b.op("Add", [b.op("Sqrt", [v]), b.const(ADAM_EPS)])
+    params = b.op("Sub", ["params", b.op("Mul", [b.op("Div", [m, denom]), step_size])])
+    if weight_decay:
+        params = b.op("Mul", [params, b.op("Sub", [one, b.op("Mul", ["lr", b.const(weight_decay)])])])
+    return [params, m, v]
