@@ -1,8 +1,11 @@
-"""edgeadapt vs PyTorch eager on the same training work, side by side in one run.
+"""edgeadapt's engines vs PyTorch eager on the same training work, side by side in one run.
 
-For each preset × batch size × input size, both engines train MobileNetV2 (ImageNet weights, 10-class head) in a
-fresh process each, limited to the same threads; rounds are interleaved and medians reported. Prints a markdown
-table with step time and peak RSS of each, and the ratios edgeadapt / PyTorch.
+For each preset × batch size × input size, PyTorch eager and each edgeadapt engine (ort-training: ONNX Runtime
+training's artifacts; onnxruntime and openvino: the portable step on the CPU) train MobileNetV2 (ImageNet weights,
+10-class head) in a fresh process each, limited to the same threads; rounds are interleaved and medians reported.
+For head and last:2, `onnxruntime-split` is what `edgeadapt train` runs in an uncached epoch (prefix inference +
+suffix step). Prints a markdown table of step time and peak RSS, with the portable engines' ratios to
+ort-training and to PyTorch.
 
     python benchmarks/compare_pytorch.py                # full grid: head last:2 bias full × 8,32 × 128,224
     python benchmarks/compare_pytorch.py --quick        # head and full, batch 32, 224 px, one round
@@ -35,16 +38,18 @@ def export(preset: str, size: int, root: Path) -> Path:
     return out
 
 
+ENGINES = ("pytorch", "ort-training", "onnxruntime", "openvino")
+
+
 def run(engine: str, bundle: Path, batch: int, threads: int, steps: int, warmup: int) -> dict:
-    """engine: pytorch; edgeadapt (whole-graph training step); edgeadapt-split (prefix inference + suffix step:
-    what `edgeadapt train` does for head/last:K in an epoch whose features are not cached yet)."""
-    script = ["-m", "edgeadapt.devices.bench_case"] if engine.startswith("edgeadapt") else \
-        [str(HERE / "torch_case.py")]
+    """engine: pytorch, or an edgeadapt engine; `-split` appended: prefix inference + suffix step."""
+    edgeadapt = engine != "pytorch"
+    script = ["-m", "edgeadapt.devices.bench_case"] if edgeadapt else [str(HERE / "torch_case.py")]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     args = [sys.executable, *script, str(bundle), str(batch), str(threads), str(steps), str(warmup)]
-    if engine.startswith("edgeadapt"):
-        args.append("--no-inference")
-    if engine == "edgeadapt-split":
+    if edgeadapt:
+        args += ["--no-inference", "--engine", engine.removesuffix("-split")]
+    if engine.endswith("-split"):
         args.append("--split")
     done = subprocess.run(args, capture_output=True, text=True, env=env, check=True)
     raw = json.loads(done.stdout.strip().splitlines()[-1])
@@ -72,11 +77,11 @@ def main() -> None:
         bundles = {(p, s): export(p, s, Path(tmp)) for p, _, s in cells}
         for round_ in range(args.rounds):
             for preset, batch, size in cells:
-                engines = ["pytorch", "edgeadapt"] + (["edgeadapt-split"] if preset in SPLIT_PRESETS else [])
+                engines = list(ENGINES) + (["onnxruntime-split"] if preset in SPLIT_PRESETS else [])
                 for engine in engines if round_ % 2 == 0 else engines[::-1]:
                     measured = run(engine, bundles[(preset, size)], batch, args.threads, args.steps, args.warmup)
                     results.setdefault((preset, batch, size, engine), []).append(measured)
-                    print(f"round {round_ + 1} {engine:9} {preset:6} batch {batch:2} {size}px: "
+                    print(f"round {round_ + 1} {engine:17} {preset:6} batch {batch:2} {size}px: "
                           f"{measured['step_ms']:.0f} ms, {measured['peak_rss_mb']:.0f} MB", file=sys.stderr)
     print_table(cells, results, args.threads)
     if args.json:
@@ -88,23 +93,37 @@ def _median(runs: list[dict], key: str) -> float:
     return float(np.median([r[key] for r in runs]))
 
 
+def _cell(results, key) -> tuple[float, float] | None:
+    runs = results.get(key)
+    return (_median(runs, "step_ms"), _median(runs, "peak_rss_mb")) if runs else None
+
+
 def print_table(cells, results, threads: int) -> None:
-    print(f"\nMobileNetV2 (ImageNet), {threads} threads, medians of interleaved rounds; ratio = edgeadapt / PyTorch\n")
-    print("| preset | batch | px | PyTorch step / peak RSS | edgeadapt whole-graph step / peak RSS | ratio | "
-          "edgeadapt train path (split, uncached) | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\nMobileNetV2 (ImageNet), {threads} threads, medians of interleaved rounds. Each cell: step ms / peak RSS "
+          "MB; ratios: time / memory against ORT-training (target ≤ 1) and against PyTorch (stretch: time ≤ 1)\n")
+    print("| preset | batch | px | PyTorch | ORT-training | onnxruntime | vs ORT-tr. | vs PyTorch | OpenVINO | "
+          "vs ORT-tr. | vs PyTorch | onnxruntime split path | vs PyTorch |")
+    print("|---" * 13 + "|")
     for preset, batch, size in cells:
-        t_ms, t_mb = (_median(results[(preset, batch, size, "pytorch")], k) for k in ("step_ms", "peak_rss_mb"))
-        e_ms, e_mb = (_median(results[(preset, batch, size, "edgeadapt")], k) for k in ("step_ms", "peak_rss_mb"))
-        row = f"| {preset} | {batch} | {size} | {t_ms:.0f} ms / {t_mb:.0f} MB | {e_ms:.0f} ms / {e_mb:.0f} MB | " \
-              f"{e_ms / t_ms:.2f} / {e_mb / t_mb:.2f} |"
-        split = results.get((preset, batch, size, "edgeadapt-split"))
-        if split:
-            s_ms, s_mb = _median(split, "step_ms"), _median(split, "peak_rss_mb")
-            row += f" {s_ms:.0f} ms / {s_mb:.0f} MB | {s_ms / t_ms:.2f} / {s_mb / t_mb:.2f} |"
-        else:
-            row += " – | – |"
-        print(row)
+        torch_, ort = (_cell(results, (preset, batch, size, e)) for e in ("pytorch", "ort-training"))
+        row = [preset, str(batch), str(size), _fmt(torch_), _fmt(ort)]
+        for engine in ("onnxruntime", "openvino"):
+            mine = _cell(results, (preset, batch, size, engine))
+            row += [_fmt(mine), _ratio(mine, ort), _ratio(mine, torch_, time_only=True)]
+        split = _cell(results, (preset, batch, size, "onnxruntime-split"))
+        row += [_fmt(split), _ratio(split, torch_, time_only=True)]
+        print("| " + " | ".join(row) + " |")
+
+
+def _fmt(cell) -> str:
+    return f"{cell[0]:.0f} / {cell[1]:.0f}" if cell else "–"
+
+
+def _ratio(cell, reference, time_only: bool = False) -> str:
+    if not cell or not reference:
+        return "–"
+    return f"{cell[0] / reference[0]:.2f}" if time_only else \
+        f"{cell[0] / reference[0]:.2f} / {cell[1] / reference[1]:.2f}"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""edgeadapt: export pretrained backbones to ONNX Runtime training bundles and adapt them on the device.
+"""edgeadapt: export pretrained backbones to portable ONNX training bundles and adapt them on the device.
 
 The package maps the repository's folders: `edgeadapt.toolchain` (toolchain/, host), `edgeadapt.runtime`
 (runtime/, device), `edgeadapt.models` (models/, the zoo), `edgeadapt.devices` (devices/, profiles and benchmarks).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -28,9 +28,11 @@ def progress_bar():
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[metrics]}"),
                TimeElapsedColumn())
     with Progress(*columns, transient=False) as bar:
-        task = bar.add_task("train", total=None, metrics="")
+        task = bar.add_task("train", total=None, metrics="", start=False)  # the clock starts with training
 
         def on_batch(step: int, total: int, loss: float, accuracy: float | None) -> None:
+            if not bar.tasks[0].started:
+                bar.start_task(task)
             metrics = f"loss {loss:.4f}" + (f" acc {accuracy:.1%}" if accuracy is not None else "")
             bar.update(task, completed=step, total=total, metrics=metrics)
 
@@ -121,8 +123,9 @@ def train(
 
 def _print_summary(summary, bundle: Path) -> None:
     final = summary.final
-    typer.echo(f"{summary.stopped}: {summary.epochs_completed} epochs, {summary.steps} steps in {summary.seconds:.1f}s "
-               f"on {summary.train_samples} samples ({summary.val_samples} held out for validation), engine "
+    typer.echo(f"{summary.stopped}: {summary.epochs_completed} epochs, {summary.steps} steps in "
+               f"{summary.loop_seconds:.1f}s of training ({summary.seconds:.1f}s with data loading) on "
+               f"{summary.train_samples} samples ({summary.val_samples} held out for validation), engine "
                f"{summary.engine}")
     if final is not None:
         parts = [f"train loss {final.train_loss:.4f}"]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeadapt.runtime.data import batch_inputs
 from edgeadapt.runtime.manifest import Manifest
 
 
@@ -63,8 +64,6 @@ def classification_metrics(logits: np.ndarray, targets: np.ndarray, labels: list
 
 def evaluate_arrays(engine, data, manifest: Manifest, batch_size: int = 64) -> Metrics:
     """Run the eval graph over a dataset (no augmentation) and compute the metrics."""
-    from edgeadapt.runtime.data import batch_inputs
-
     losses, outputs = [], []
     for start in range(0, len(data), batch_size):
         x = batch_inputs(data, slice(start, start + batch_size), manifest)

@@ -97,7 +97,8 @@ class TrainSummary:
     skipped_files: list[tuple[str, str]]
     best_epoch: int
     records: list[EpochRecord] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole fit: data loading and prefix features included
+    loop_seconds: float = 0.0  # the training loop alone (what the progress bar shows)
     notes: list[str] = field(default_factory=list)
     engine: str = ""
 
@@ -190,7 +191,7 @@ class Trainer:
         summary.epochs_completed, summary.steps, summary.best_epoch = progress.epoch, progress.step, progress.best_epoch
         if summary.stopped != "time_limit":
             self._finish(engine, progress)
-        summary.seconds = time.monotonic() - started
+        summary.loop_seconds = time.monotonic() - started
         return summary
 
     def _finish(self, engine: Engine, progress: Progress) -> None:

@@ -42,14 +42,27 @@ def mobilenet_bundles(bundle_factory):
 
 
 def test_planner_grows_with_batch_and_trainable_set(mobilenet_bundles):
-    plans = {p: {b: plan_memory(path, Bundle.open(path).manifest, b) for b in (8, 32)}
+    plans = {p: {b: plan_memory(Bundle.open(path).manifest, b) for b in (8, 32)}
              for p, path in mobilenet_bundles.items()}
     for by_batch in plans.values():
         assert by_batch[32].total_mb > by_batch[8].total_mb
     assert plans["head"][32].total_mb < plans["last:2"][32].total_mb < plans["full"][32].total_mb
     full = plans["full"][32]
-    assert full.optimizer_mb == pytest.approx(2 * full.gradients_mb)  # AdamW: two moments per trainable value
-    assert full.gradients_mb == pytest.approx(2_236_682 * 4 / 2**20)
+    assert full.optimizer_mb == pytest.approx(2 * full.gradients_mb)  # AdamW: two moments, each also fresh
+    assert full.gradients_mb == pytest.approx(2 * 2_236_682 * 4 / 2**20)  # the flat gradient and the new params
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["head", "full"])
+def test_planner_predicts_the_measured_peak(mobilenet_bundles, preset):
+    """The plan against a real training process's peak RSS (VmHWM), MobileNetV2 224 px, batch 8 and 16."""
+    from edgeadapt.devices.bench import run_case
+
+    manifest = Bundle.open(mobilenet_bundles[preset]).manifest
+    for batch in (8, 16):
+        measured = run_case(mobilenet_bundles[preset], batch, 2, steps=2, warmup=1, inference=False)["peak_rss_mb"]
+        planned = plan_memory(manifest, batch).total_mb
+        assert abs(planned - measured) / measured < 0.15, (preset, batch, planned, measured)
 
 
 def test_profile_budget_refuses_or_picks_a_batch(mobilenet_bundles):
@@ -58,7 +71,7 @@ def test_profile_budget_refuses_or_picks_a_batch(mobilenet_bundles):
         batch_for_profile(full, "raspberry-pi-4", 32, auto=False, threads=None)
     batch, threads = batch_for_profile(full, "raspberry-pi-4", 32, auto=True, threads=None)
     manifest = Bundle.open(full).manifest
-    assert plan_memory(full, manifest, batch).total_mb <= 1500 < plan_memory(full, manifest, batch * 2).total_mb
+    assert plan_memory(manifest, batch).total_mb <= 1500 < plan_memory(manifest, batch * 2).total_mb
     assert threads == 4
 
 
@@ -79,19 +92,28 @@ def test_bench_json_and_plot(bundle_factory, tmp_path):
 
 
 def test_devices_command_is_honest_about_this_machine():
+    from edgeadapt.runtime.engines import available
+
     result = run_cli("devices")
     assert result.returncode == 0
-    assert "this machine: onnxruntime providers CPUExecutionProvider" in result.stdout
+    here = available()
+    assert here["onnxruntime"][0] == "cpu" and "cuda" not in here["onnxruntime"]  # this machine has no GPU
+    for engine in ("onnxruntime", "openvino", "ort-training"):
+        assert engine in result.stdout
 
 
 def test_split_runs_are_planned_and_benched(bundle_factory, tmp_path):
     from edgeadapt.devices.planner import plan_split_memory, plan_summary
 
+    from edgeadapt.devices.planner import KEPT_FACTOR, MB
+
     bundle = bundle_factory("tiny_cnn", "head", input_size=(32,))
     manifest = Bundle.open(bundle).manifest
-    assert plan_split_memory(bundle, manifest, 8).total_mb > 0
+    split, whole = plan_split_memory(manifest, 8), plan_memory(manifest, 8)
+    assert split.activations_mb == pytest.approx(KEPT_FACTOR * manifest.memory["suffix_kept_bytes_per_sample"] * 8 / MB)
+    assert split.weights_mb > whole.weights_mb  # the prefix's inference session holds the frozen weights too
     info = plan_summary(Bundle.open(bundle))
-    assert "split" in info and "memory_plan_split_batch_32" in info
+    assert "split" in info and "memory plan, split run, batch 32" in info
     result = run_cli("bench", bundle, "--batch-sizes", "4", "--steps", "2", "--warmup", "1", "--split", "--json")
     assert result.returncode == 0, result.stderr
     case = json.loads(result.stdout)["cases"][0]

@@ -64,9 +64,14 @@ def _damaged(bundle_factory, tmp_path, damage):
     (lambda b: (b / "eval_model.onnx").write_bytes(b"x"), ["does not match the sha256"]),
     (lambda b: (b / "training_model.onnx").unlink(), ["misses training_model.onnx"]),
     (lambda b: (b / "manifest.json").write_text("{"), ["not valid JSON"]),
-    (lambda b: (b / "checkpoint").write_bytes((b / "checkpoint").read_bytes()[:100]), ["checkpoint", "corrupt"]),
+    (lambda b: (b / "checkpoint").write_bytes((b / "checkpoint").read_bytes()[:100]), ["checkpoint", "sha256"]),
+    (lambda b: (b / "state.safetensors").write_bytes((b / "state.safetensors").read_bytes()[:100]),
+     ["state.safetensors", "corrupt"]),
     (lambda b: (b / "manifest.json").write_text(
-        (b / "manifest.json").read_text().replace('"schema_version": 1', '"schema_version": 7')), ["schema_version 7"]),
+        (b / "manifest.json").read_text().replace('"schema_version": 2', '"schema_version": 7')), ["schema_version 7"]),
+    (lambda b: (b / "manifest.json").write_text(
+        (b / "manifest.json").read_text().replace('"schema_version": 2', '"schema_version": 1')),
+     ["schema-1 bundle", "re-export"]),
 ])
 def test_damaged_bundles_are_refused(bundle_factory, tmp_path, digits, damage, fragments):
     bundle = _damaged(bundle_factory, tmp_path, damage)
@@ -91,9 +96,9 @@ def _npz(path, **arrays):
 ])
 def test_bad_data_is_refused_and_checkpoint_untouched(bundle_factory, tmp_path, make, fragments):
     bundle = _damaged(bundle_factory, tmp_path, lambda b: None)
-    before = (bundle / "checkpoint").read_bytes()
+    before = (bundle / "state.safetensors").read_bytes()
     assert_one_line_error(run_cli("train", bundle, make(tmp_path), "--quiet"), *fragments)
-    assert (bundle / "checkpoint").read_bytes() == before
+    assert (bundle / "state.safetensors").read_bytes() == before
 
 
 def test_unreadable_images_are_skipped_and_reported(bundle_factory, digit_images, tmp_path):
@@ -110,4 +115,4 @@ def test_unreadable_images_are_skipped_and_reported(bundle_factory, digit_images
 
 def test_cuda_absent_is_one_line(fresh_bundle, digits):
     assert_one_line_error(run_cli("train", fresh_bundle(), digits["train"], "--device", "cuda", "--quiet"),
-                          "GPU training build")
+                          "CUDAExecutionProvider")

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_engines import fixed_batch
 
 from edgeadapt.models.registry import backbone_names, get_entry
 from edgeadapt.runtime.bundle import Bundle
@@ -14,7 +15,6 @@ from edgeadapt.runtime.engines import open_engine
 from edgeadapt.runtime.state import load_state
 from edgeadapt.toolchain.build import HeadRequest
 from edgeadapt.toolchain.export import ExportOptions, build
-from test_engines import fixed_batch
 
 PRESETS = ["head", "full", "last:2", "bias", "scratch"]
 SMALL_INPUT = {"mobilenet_v2": (64,), "mobilenet_v3_small": (64,), "resnet18": (64,), "efficientnet_lite0": (64,)}
@@ -190,3 +190,23 @@ def test_onnx_source(mobilenet_onnx, tmp_path, mode, preset):
     for _ in range(10):
         engine.train_step(x, y, 1e-3)
     assert engine.eval_step(x, y)[0] < first
+
+
+@pytest.mark.parametrize("policy", ["fold", "affine"])
+def test_bn_on_a_conv_with_two_consumers_is_not_folded_into_it(tmp_path, policy):
+    from edgeadapt.models.registry import BackboneSpec
+    from edgeadapt.toolchain.export import export_bundle
+
+    spec = BackboneSpec(name="user", input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.5,) * 3, feature_dim=0,
+                        head="classifier", blocks=())
+    options = ExportOptions(out=tmp_path / "b", model="user_models:conv_shared_with_bn", head=HeadRequest(keep_head=True),
+                            trainable="full", user_spec=spec, bn=policy, optimizer="sgd")
+    result = export_bundle(options)
+    graph = onnx.load(str(result.out / "forward.onnx"))
+    assert not any(n.op_type == "BatchNormalization" for n in graph.graph.node)
+    model = build(options).module.eval()
+    bundle, engine = _engine(result.out)
+    x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    assert np.abs(engine.eval_step(x, np.zeros(4, np.int64))[1] - expected).max() < 1e-4

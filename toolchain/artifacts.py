@@ -15,8 +15,10 @@ from pathlib import Path
 import onnx
 
 from edgeadapt.runtime.errors import ExportError
-
-OUTPUT_NAME = "logits"
+from edgeadapt.runtime.manifest import PortableSpec
+from edgeadapt.toolchain.split import build_split
+from edgeadapt.toolchain.stages import OUTPUT_NAME, Artifacts, write_initial_state
+from edgeadapt.toolchain.train_step import build_train_step
 
 LOSS_TYPES = {"cross_entropy": "CrossEntropyLoss", "bce_with_logits": "BCEWithLogitsLoss", "mse": "MSELoss",
               "l1": "L1Loss"}
@@ -33,9 +35,6 @@ def has_ort_training() -> bool:
 
 def write_artifacts(source, lists, opts, out_dir: Path):
     """All graphs of the bundle, its initial state, and the split (when the frozen part is a prefix)."""
-    from edgeadapt.toolchain.split import build_split
-    from edgeadapt.toolchain.stages import Artifacts, write_initial_state
-
     ort_training = has_ort_training()
     memory: dict[str, float] = {}
 
@@ -56,9 +55,6 @@ def write_artifacts(source, lists, opts, out_dir: Path):
 
 def write_portable(graph: onnx.ModelProto, trainable: list[str], opts, out_dir: Path, prefix: str,
                    memory: dict[str, float]):
-    from edgeadapt.runtime.manifest import PortableSpec
-    from edgeadapt.toolchain.train_step import build_train_step
-
     graphs = build_train_step(graph, trainable, opts.loss, opts.optimizer,
                               opts.weight_decay if opts.optimizer == "adamw" else 0.0)
     spec = PortableSpec(layout=graphs.layout, state=graphs.state_names, opset=graphs.step.opset_import[0].version,

@@ -12,9 +12,13 @@ exported until the choice is made.
 
 from __future__ import annotations
 
+import numpy as np
+
 from edgeadapt.devices.planner import MB, plan_numbers
 from edgeadapt.devices.profiles import DeviceProfile
 from edgeadapt.runtime.errors import ConfigError
+from edgeadapt.toolchain.presets import resolve_lists
+from edgeadapt.toolchain.train_step import build_train_step
 
 PREFERENCE = ("full", "last:2", "head")
 MIN_BATCH, MAX_BATCH = 8, 32
@@ -23,11 +27,6 @@ HEADROOM = 0.9  # plan to 90% of the budget
 
 def _planner(source, opts, preset: str):
     """batch -> planned peak MB of whole-graph training with `preset`."""
-    import numpy as np
-
-    from edgeadapt.toolchain.export import resolve_lists
-    from edgeadapt.toolchain.train_step import build_train_step
-
     lists = resolve_lists(source, preset)
     graphs = build_train_step(source.graph, lists.trainable, opts.loss, opts.optimizer, opts.weight_decay)
     memory = {"kept_bytes_per_sample": graphs.kept_bytes_per_sample,

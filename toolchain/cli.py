@@ -161,9 +161,9 @@ def demo(
     typer.echo(f"bundle: {report.bundle} (export {report.export_seconds:.1f}s)")
     typer.echo(f"held-out accuracy on {report.test_samples} texture patches: {report.accuracy_before:.1%} before "
                f"training, {report.accuracy_after:.1%} after {summary.epochs_completed} epochs "
-               f"({summary.steps} steps, {summary.seconds:.1f}s; chance is 25%)")
+               f"({summary.steps} steps, {summary.loop_seconds:.1f}s of training; chance is 25%)")
     for d in report.deployed:
-        typer.echo(f"deployed {d.format}: {d.path} (max |Δ| vs eval graph {d.max_abs_diff:.1e})")
+        typer.echo(f"deployed {d.format}: {d.path} (max |Δ| vs the bundle's forward graph {d.max_abs_diff:.1e})")
     top = report.prediction.top[0]
     typer.echo(f"predict {report.prediction.input}: {top['label']} ({top['score']:.2f})")
 

@@ -3,14 +3,18 @@ file): Source → Lists → Artifacts → ValidationReport → Manifest (see sta
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from edgeadapt import __version__
+from edgeadapt.devices.profiles import get_profile
+from edgeadapt.models.layers import calibrate_batchnorm, init_weights
 from edgeadapt.models.registry import BackboneSpec
 from edgeadapt.runtime.atomic import check_output_dir, staged_dir
 from edgeadapt.runtime.bundle import Bundle
@@ -25,8 +29,12 @@ from edgeadapt.runtime.manifest import (
     sha256_file,
 )
 from edgeadapt.toolchain.artifacts import write_artifacts
+from edgeadapt.toolchain.auto import choose
 from edgeadapt.toolchain.bn import BN_POLICIES
 from edgeadapt.toolchain.build import BuiltModel, HeadRequest, build_user_model, build_zoo_model
+from edgeadapt.toolchain.onnx_export import onnx_source
+from edgeadapt.toolchain.onnx_graph import export_eval_onnx
+from edgeadapt.toolchain.presets import resolve_lists
 from edgeadapt.toolchain.stages import Artifacts, Lists, Source
 from edgeadapt.toolchain.validate import ValidationReport, validate
 
@@ -84,10 +92,6 @@ def check_options(opts: ExportOptions) -> None:
 
 def build(opts: ExportOptions) -> BuiltModel:
     """The torch model of a zoo backbone or a `--model` factory, head attached, weights loaded."""
-    import torch
-
-    from edgeadapt.models.layers import calibrate_batchnorm, init_weights
-
     torch.manual_seed(opts.seed)
     if opts.model:
         built = build_user_model(opts.model, opts.head, opts.user_spec)
@@ -118,12 +122,6 @@ def _full_input_size(given: tuple[int, ...], default: tuple[int, ...]) -> tuple[
 
 def torch_source(opts: ExportOptions) -> Source:
     """Stage 1 for torch models: the eval graph exported with the BN policy applied."""
-    import tempfile
-
-    import torch
-
-    from edgeadapt.toolchain.onnx_graph import export_eval_onnx
-
     built = build(opts)
     with tempfile.TemporaryDirectory() as tmp:
         graph = export_eval_onnx(built.module, built.spec.input_size, opts.bn, Path(tmp) / "eval.onnx")
@@ -142,31 +140,6 @@ def torch_source(opts: ExportOptions) -> Source:
                   built.spec.blocks, built.spec.head, list(built.notes))
 
 
-def resolve_lists(source: Source, preset: str) -> Lists:
-    """(trainable, frozen parameters, frozen buffers/constants): every initializer lands in exactly one list."""
-    from edgeadapt.toolchain.presets import resolve_trainable
-
-    if source.torch_module is None and (preset.startswith("last:") or preset == "scratch"):
-        raise ConfigError(f"--trainable {preset} needs a torch model (block boundaries, initialisers); with --onnx use "
-                          "head, bias, full or patterns over initializer names.")
-    if preset == "head":
-        wanted = set(source.head)
-    elif source.torch_module is not None:
-        wanted = set(resolve_trainable(preset, source.params, source.head_module, source.blocks))
-    else:  # an ONNX file has no module tree: the named head always trains
-        wanted = set(resolve_trainable(preset, source.params, "\0", ())) | set(source.head)
-    trainable = [n for n in source.params if n in wanted]
-    if not trainable:
-        raise ConfigError(f"--trainable {preset} selects no parameter used by the model; pick another preset.")
-    if source.head_is_new and not set(source.head) <= set(trainable):
-        raise ConfigError("the new head is randomly initialised but not trainable; include it in --trainable.")
-    initializers = [init.name for init in source.graph.graph.initializer]
-    params = set(source.params)
-    frozen = [n for n in initializers if n in params and n not in wanted]
-    buffers = [n for n in initializers if n not in params]
-    return Lists(trainable, frozen, buffers)
-
-
 def list_parameters(opts: ExportOptions) -> list[tuple[str, tuple[int, ...]]]:
     """Parameter names and shapes of the model `opts` describes (for writing --trainable patterns)."""
     check_options(opts)
@@ -181,11 +154,7 @@ def default_lr(opts: ExportOptions) -> float:
 
 
 def make_source(opts: ExportOptions) -> Source:
-    if opts.onnx:
-        from edgeadapt.toolchain.onnx_export import onnx_source
-
-        return onnx_source(opts)
-    return torch_source(opts)
+    return onnx_source(opts) if opts.onnx else torch_source(opts)
 
 
 def export_bundle(opts: ExportOptions) -> ExportResult:
@@ -209,9 +178,6 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
 
 
 def _choose_auto(opts: ExportOptions, source: Source) -> ExportOptions:
-    from edgeadapt.devices.profiles import get_profile
-    from edgeadapt.toolchain.auto import choose
-
     if not opts.profile:
         raise ConfigError("--trainable auto needs --profile (a device profile name or TOML file) to fit.")
     preset, batch, reasons = choose(source, opts, get_profile(opts.profile))

@@ -363,8 +363,8 @@ def _conv_input_grad(b: GraphBuilder, node, g: str, geo: dict) -> str:
     rank = len(geo["kernel"])
     output_padding = [xs[2 + i] - ((ys[2 + i] - 1) * geo["strides"][i] + (geo["kernel"][i] - 1) * geo["dilations"][i]
                                    + 1 - geo["pads"][i] - geo["pads"][rank + i]) for i in range(rank)]
-    return b.op("ConvTranspose", [g, frozen_copy(b, w)], strides=geo["strides"], pads=geo["pads"], dilations=geo["dilations"],
-                group=geo["group"], output_padding=output_padding)
+    return b.op("ConvTranspose", [g, frozen_copy(b, w)], strides=geo["strides"], pads=geo["pads"],
+                dilations=geo["dilations"], group=geo["group"], output_padding=output_padding)
 
 
 def _conv_weight_grad(b: GraphBuilder, node, g: str, geo: dict) -> str:

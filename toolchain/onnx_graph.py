@@ -1,4 +1,4 @@
-"""Step 2 of export: the torch model (BN policy applied) as an eval-mode ONNX graph with a dynamic batch."""
+"""The torch model as an eval-mode ONNX graph with a dynamic batch, BN policy applied (toolchain/bn.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from edgeadapt.toolchain.bn import bn_policy_applied
+from edgeadapt.toolchain.bn import apply_policy
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -20,10 +20,10 @@ def export_eval_onnx(module: torch.nn.Module, input_size: tuple[int, ...], bn_po
     initializers of equal value in eval mode — e.g. all fresh BN scales of one width — so they would share one
     gradient in training.) The initializers are then taken back out of the graph inputs."""
     example = torch.randn(2, *input_size)
-    with bn_policy_applied(module.eval(), example, bn_policy), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            module.eval(), (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=OPSET,
             dynamo=False, do_constant_folding=False, training=torch.onnx.TrainingMode.EVAL,
             keep_initializers_as_inputs=True)
@@ -32,7 +32,7 @@ def export_eval_onnx(module: torch.nn.Module, input_size: tuple[int, ...], bn_po
     inputs = [i for i in model.graph.input if i.name not in initializers]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
-    return model
+    return apply_policy(model, bn_policy)
 
 
 def initializer_names(model: onnx.ModelProto) -> list[str]:

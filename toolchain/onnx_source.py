@@ -1,9 +1,8 @@
 """An existing ONNX model as the source of a bundle (`export --onnx model.onnx`), for models we do not ship.
 
 The user names the head: its initializers (`--head-params`, e.g. a final Gemm's weight and bias) or the feature
-output to put a new linear head on (`--feature-output`). BatchNormalization nodes are rewritten in the graph the
-same way the `fold` policy does it for torch models (conv weights scaled by γ/√(σ²+ε) in-graph, statistics frozen),
-so the training and eval graphs compute the same function.
+output to put a new linear head on (`--feature-output`). BatchNormalization nodes are rewritten by the same `fold`
+policy torch models get (toolchain/bn.py), so the training and eval graphs compute the same function.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeadapt.runtime.errors import ConfigError
+from edgeadapt.toolchain.bn import fold_batchnorm
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
@@ -62,63 +62,6 @@ def _rename_io(model: onnx.ModelProto, output: str, num_outputs: int) -> None:
     graph_input.type.tensor_type.shape.dim[0].dim_param = "batch"
     del model.graph.output[:]
     model.graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", num_outputs]))
-
-
-def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
-    """Rewrite each BatchNormalization node as frozen-statistics arithmetic; return the statistics' names."""
-    consumers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
-    producers = {out: node for node in model.graph.node for out in node.output}
-    outputs = {o.name for o in model.graph.output}
-    new_nodes, statistics = [], []
-    for node in model.graph.node:
-        if node.op_type != "BatchNormalization":
-            new_nodes.append(node)
-            continue
-        x, scale, bias, mean, var = node.input[:5]
-        statistics += [mean, var]
-        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-        prefix = f"bnfold/{node.name or node.output[0]}"
-        scale_of, shift_of = f"{prefix}/scale", f"{prefix}/shift"
-        model.graph.initializer.append(numpy_helper.from_array(np.array(eps, np.float32), f"{prefix}/eps"))
-        math_nodes = [helper.make_node("Add", [var, f"{prefix}/eps"], [f"{prefix}/var_eps"]),
-                      helper.make_node("Sqrt", [f"{prefix}/var_eps"], [f"{prefix}/std"]),
-                      helper.make_node("Div", [scale, f"{prefix}/std"], [scale_of]),
-                      helper.make_node("Mul", [mean, scale_of], [f"{prefix}/mean_scaled"]),
-                      helper.make_node("Sub", [bias, f"{prefix}/mean_scaled"], [shift_of])]
-        conv = producers.get(x)
-        if conv is not None and conv.op_type == "Conv" and consumers.get(x) == 1 and x not in outputs:
-            _fold_into_conv(model, conv, node, new_nodes, math_nodes, prefix)
-        else:
-            new_nodes += math_nodes + _affine_nodes(model, x, node.output[0], prefix)
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
-    return statistics
-
-
-def _fold_into_conv(model, conv, bn, new_nodes, math_nodes, prefix) -> None:
-    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), f"{prefix}/w_shape"))
-    math_nodes += [helper.make_node("Reshape", [f"{prefix}/scale", f"{prefix}/w_shape"], [f"{prefix}/scale4"]),
-                   helper.make_node("Mul", [conv.input[1], f"{prefix}/scale4"], [f"{prefix}/weight"])]
-    bias = f"{prefix}/shift"
-    if len(conv.input) > 2 and conv.input[2]:
-        math_nodes += [helper.make_node("Mul", [conv.input[2], f"{prefix}/scale"], [f"{prefix}/bias_scaled"]),
-                       helper.make_node("Add", [f"{prefix}/bias_scaled", f"{prefix}/shift"], [f"{prefix}/bias"])]
-        bias = f"{prefix}/bias"
-    position = next(i for i, n in enumerate(new_nodes) if n is conv)
-    new_nodes[position:position] = math_nodes
-    conv.input[:] = [conv.input[0], f"{prefix}/weight", bias]
-    conv.output[:] = [bn.output[0]]
-
-
-def _affine_nodes(model, x: str, y: str, prefix: str) -> list:
-    model.graph.initializer.append(numpy_helper.from_array(np.array([1, -1, 1, 1], np.int64), f"{prefix}/c_shape"))
-    return [helper.make_node("Reshape", [f"{prefix}/scale", f"{prefix}/c_shape"], [f"{prefix}/scale_c"]),
-            helper.make_node("Reshape", [f"{prefix}/shift", f"{prefix}/c_shape"], [f"{prefix}/shift_c"]),
-            helper.make_node("Mul", [x, f"{prefix}/scale_c"], [f"{prefix}/scaled"]),
-            helper.make_node("Add", [f"{prefix}/scaled", f"{prefix}/shift_c"], [y])]
 
 
 def attach_linear_head(model: onnx.ModelProto, features: str, num_outputs: int, seed: int) -> list[str]:

@@ -8,6 +8,7 @@ import fnmatch
 import re
 
 from edgeadapt.runtime.errors import ConfigError
+from edgeadapt.toolchain.stages import Lists, Source
 
 PRESETS = ("head", "full", "last:K", "bias", "scratch")
 
@@ -60,3 +61,26 @@ def _matches(pattern: str, names: list[str]) -> list[str]:
             raise ConfigError(f"--trainable regex '{pattern[3:]}' is invalid ({exc}).") from None
         return [n for n in names if regex.search(n)]
     return [n for n in names if fnmatch.fnmatchcase(n, pattern) or _under(n, pattern)]
+
+
+def resolve_lists(source: Source, preset: str) -> Lists:
+    """(trainable, frozen parameters, frozen buffers/constants): every initializer lands in exactly one list."""
+    if source.torch_module is None and (preset.startswith("last:") or preset == "scratch"):
+        raise ConfigError(f"--trainable {preset} needs a torch model (block boundaries, initialisers); with --onnx use "
+                          "head, bias, full or patterns over initializer names.")
+    if preset == "head":
+        wanted = set(source.head)
+    elif source.torch_module is not None:
+        wanted = set(resolve_trainable(preset, source.params, source.head_module, source.blocks))
+    else:  # an ONNX file has no module tree: the named head always trains
+        wanted = set(resolve_trainable(preset, source.params, "\0", ())) | set(source.head)
+    trainable = [n for n in source.params if n in wanted]
+    if not trainable:
+        raise ConfigError(f"--trainable {preset} selects no parameter used by the model; pick another preset.")
+    if source.head_is_new and not set(source.head) <= set(trainable):
+        raise ConfigError("the new head is randomly initialised but not trainable; include it in --trainable.")
+    initializers = [init.name for init in source.graph.graph.initializer]
+    params = set(source.params)
+    frozen = [n for n in initializers if n in params and n not in wanted]
+    buffers = [n for n in initializers if n not in params]
+    return Lists(trainable, frozen, buffers)

@@ -28,8 +28,12 @@ def _from_input(model: onnx.ModelProto) -> set[str]:
     return reached
 
 
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
 def find_boundary(model: onnx.ModelProto, trainable: list[str]) -> str | None:
-    """The one tensor where data enters the trainable part, if the frozen part is a prefix; else None."""
+    """The one tensor where data enters the trainable part, if the frozen part is a prefix with weights of its own
+    (a prefix of padding or reshapes alone is not worth a model); else None."""
     dependent, consumers = set(trainable), []
     for node in model.graph.node:
         if any(name in dependent for name in node.input):
@@ -37,7 +41,8 @@ def find_boundary(model: onnx.ModelProto, trainable: list[str]) -> str | None:
             consumers.append(node)
     data = _from_input(model)
     frontier = {name for node in consumers for name in node.input if name in data and name not in dependent}
-    if len(frontier) != 1 or frontier == {INPUT}:
+    frozen_layers = [n for n in model.graph.node if n.op_type in WEIGHTED and not set(n.output) & dependent]
+    if len(frontier) != 1 or frontier == {INPUT} or not frozen_layers:
         return None
     return frontier.pop()
 

@@ -14,7 +14,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from edgeadapt.runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
+from edgeadapt.runtime.engines.ort_training_engine import OrtTrainingEngine
 from edgeadapt.runtime.errors import ExportError, InternalError
+from edgeadapt.runtime.losses import mean_loss
+from edgeadapt.runtime.ort import onnxruntime_module
+from edgeadapt.runtime.prefix import PrefixRunner
+from edgeadapt.runtime.state import load_state
+from edgeadapt.toolchain.stages import initial_state
+from edgeadapt.toolchain.train_step import build_gradient_graph
 
 EVAL_TOLERANCE = 1e-4  # max abs difference of the outputs, fp32
 LOSS_TOLERANCE = 1e-4  # relative
@@ -56,9 +64,6 @@ def _relative_error(value: np.ndarray, reference: np.ndarray) -> float:
 def portable_gradients(source, trainable: list[str], loss: str, x: np.ndarray,
                        y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
     """Loss and gradients of the portable step's backward pass, run on onnxruntime."""
-    from edgeadapt.runtime.ort import onnxruntime_module
-    from edgeadapt.toolchain.stages import initial_state
-    from edgeadapt.toolchain.train_step import build_gradient_graph
 
     graph, layout = build_gradient_graph(source.graph, trainable, loss)
     params = initial_state(source.graph, layout).params
@@ -122,20 +127,16 @@ def validate(source, lists, opts, bundle) -> ValidationReport:
 
 
 def torch_dtype(name: str):
-    import torch
+    import torch  # heavy: only when the source is a torch model
 
     return getattr(torch, name)
 
 
 def _eval_loss(loss: str, logits: np.ndarray, y: np.ndarray) -> float:
-    from edgeadapt.runtime.losses import mean_loss
-
     return mean_loss(loss, logits, y)
 
 
 def _logits(bundle, x: np.ndarray, split: bool = False) -> np.ndarray:
-    from edgeadapt.runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
-    from edgeadapt.runtime.state import load_state
 
     engine = OnnxRuntimeEngine(bundle.manifest, bundle.graphs(split), training=False)
     engine.load(load_state(bundle.state_path, bundle.manifest, bundle.bundle_id))
@@ -152,8 +153,6 @@ def _check_forward(bundle, x: np.ndarray, reference: np.ndarray) -> float:
 
 def _ort_training(bundle, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
     """ONNX Runtime training's eval graph must match the forward graph; its gradients are returned."""
-    from edgeadapt.runtime.engines.ort_training_engine import OrtTrainingEngine
-    from edgeadapt.runtime.state import load_state
 
     engine = OrtTrainingEngine(bundle.manifest, bundle.graphs(False))
     engine.load(load_state(bundle.state_path, bundle.manifest, bundle.bundle_id))
@@ -165,7 +164,6 @@ def _ort_training(bundle, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str
 
 def _check_split(bundle, x: np.ndarray) -> float:
     """prefix.onnx followed by the suffix's forward graph must give the whole forward graph's outputs."""
-    from edgeadapt.runtime.prefix import PrefixRunner
 
     features = PrefixRunner(bundle.prefix_path)(x)
     diff = float(np.abs(_logits(bundle, features, split=True) - _logits(bundle, x)).max())
