@@ -200,7 +200,7 @@ def deploy(bundle: Path = typer.Argument(...),
     from edgeadapt.runtime.deploy import deploy as run
 
     result = run(_bundle(bundle, trusted_key), fmt, out)
-    typer.echo(f"wrote {result.path} ({result.format}); max |Δ| vs eval graph {result.max_abs_diff:.1e}, "
+    typer.echo(f"wrote {result.path} ({result.format}); max |Δ| vs the forward graph {result.max_abs_diff:.1e}, "
                f"same top-1: {result.same_predictions}")
 
 

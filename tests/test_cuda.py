@@ -3,12 +3,12 @@ Jetson's onnxruntime build): it trains like the CPU, with the state kept in GPU 
 
 import numpy as np
 import pytest
+from test_engines import fixed_batch
 
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.engines import open_engine
 from edgeadapt.runtime.ort import available_providers
 from edgeadapt.runtime.state import load_state
-from test_engines import fixed_batch
 
 pytestmark = pytest.mark.skipif("CUDAExecutionProvider" not in available_providers(),
                                 reason="no CUDAExecutionProvider in this onnxruntime (no GPU build or no GPU)")

@@ -41,6 +41,7 @@ def mobilenet_bundles(bundle_factory):
             for p in ("head", "last:2", "full")}
 
 
+@pytest.mark.slow
 def test_planner_grows_with_batch_and_trainable_set(mobilenet_bundles):
     plans = {p: {b: plan_memory(Bundle.open(path).manifest, b) for b in (8, 32)}
              for p, path in mobilenet_bundles.items()}
@@ -65,6 +66,7 @@ def test_planner_predicts_the_measured_peak(mobilenet_bundles, preset):
         assert abs(planned - measured) / measured < 0.15, (preset, batch, planned, measured)
 
 
+@pytest.mark.slow
 def test_profile_budget_refuses_or_picks_a_batch(mobilenet_bundles):
     full = mobilenet_bundles["full"]
     with pytest.raises(ConfigError, match="MB over raspberry-pi-4's budget"):
@@ -103,9 +105,7 @@ def test_devices_command_is_honest_about_this_machine():
 
 
 def test_split_runs_are_planned_and_benched(bundle_factory, tmp_path):
-    from edgeadapt.devices.planner import plan_split_memory, plan_summary
-
-    from edgeadapt.devices.planner import KEPT_FACTOR, MB
+    from edgeadapt.devices.planner import KEPT_FACTOR, MB, plan_split_memory, plan_summary
 
     bundle = bundle_factory("tiny_cnn", "head", input_size=(32,))
     manifest = Bundle.open(bundle).manifest
@@ -129,6 +129,7 @@ def _profile(tmp_path, name, budget_mb):
     return path
 
 
+@pytest.mark.slow
 def test_auto_picks_by_budget_and_each_pick_fits_when_measured(tmp_path):
     from edgeadapt.devices.bench import run_case
 
@@ -153,3 +154,26 @@ def test_auto_needs_a_profile(tmp_path):
 
     assert_one_line_error(run_cli("export", "tiny_cnn", "--classes", "3", "--trainable", "auto", "--out",
                                   tmp_path / "b"), "needs --profile")
+
+
+def test_bench_and_train_open_sessions_the_same_way(fresh_bundle, digits, monkeypatch):
+    """`bench` times the engine `train` runs: both go through the runtime's engine factory and its session options
+    (shared arena, threads), nothing of their own."""
+    from edgeadapt.devices.bench_case import time_training
+    from edgeadapt.runtime.engines import onnxruntime_engine
+    from edgeadapt.runtime.trainer import TrainConfig, Trainer
+
+    calls = []
+    original = onnxruntime_engine.session_options
+
+    def recording(threads=None):
+        calls.append(threads)
+        return original(threads)
+
+    monkeypatch.setattr(onnxruntime_engine, "session_options", recording)
+    bundle = fresh_bundle("tiny_mlp", "full")
+    time_training(Bundle.open(bundle), 4, 2, steps=1, warmup=0, engine="onnxruntime")
+    from_bench = list(calls)
+    calls.clear()
+    Trainer(bundle, TrainConfig(epochs=1, threads=2, engine="onnxruntime")).fit(digits["train"])
+    assert from_bench == [2] and calls == [2]

@@ -39,7 +39,8 @@ def _engine(bundle_path, name="onnxruntime"):
     return bundle, engine
 
 
-@pytest.mark.parametrize("backbone", backbone_names())
+@pytest.mark.parametrize("backbone", [pytest.param(b, marks=() if b.startswith("tiny") else pytest.mark.slow)
+                                      for b in backbone_names()])
 def test_every_backbone_exports_and_matches_torch(bundle_factory, backbone):
     bundle, engine = _engine(_bundle(bundle_factory, backbone, "full", optimizer="sgd"))
     x, y = fixed_batch(bundle.manifest)
@@ -164,6 +165,7 @@ def _source_logits(path, x, feature=None):
                            for i in range(len(x))])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, preset", [("keep", "full"), ("keep", "head"), ("feature", "bias")])
 def test_onnx_source(mobilenet_onnx, tmp_path, mode, preset):
     from edgeadapt.toolchain.export import export_bundle
@@ -199,8 +201,8 @@ def test_bn_on_a_conv_with_two_consumers_is_not_folded_into_it(tmp_path, policy)
 
     spec = BackboneSpec(name="user", input_size=(3, 16, 16), mean=(0.5,) * 3, std=(0.5,) * 3, feature_dim=0,
                         head="classifier", blocks=())
-    options = ExportOptions(out=tmp_path / "b", model="user_models:conv_shared_with_bn", head=HeadRequest(keep_head=True),
-                            trainable="full", user_spec=spec, bn=policy, optimizer="sgd")
+    options = ExportOptions(out=tmp_path / "b", model="user_models:conv_shared_with_bn",
+                            head=HeadRequest(keep_head=True), trainable="full", user_spec=spec, bn=policy)
     result = export_bundle(options)
     graph = onnx.load(str(result.out / "forward.onnx"))
     assert not any(n.op_type == "BatchNormalization" for n in graph.graph.node)

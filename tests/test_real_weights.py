@@ -10,6 +10,7 @@ import pytest
 from conftest import run_without_torch
 from edgeadapt.toolchain.build import HeadRequest
 
+pytestmark = pytest.mark.slow
 EXPECTED_TRAINABLE = {"head": 12_810, "full": 2_236_682, "scratch": 2_236_682, "last:2": None, "bias": None}
 
 
@@ -54,8 +55,32 @@ def test_preset_trains_in_stock_onnxruntime(mobilenet, preset):
 
 
 def test_pretrained_gradients_match_torch_tightly(mobilenet):
-    manifest = json.loads((mobilenet("full") / "manifest.json").read_text())
-    assert manifest["validation"]["grad_max_rel_diff"] <= 5e-3
+    """The portable step on the real model: its SGD update at lr 1 is the gradient, which must match torch's
+    float64 gradient per tensor to 1e-3 (pretrained weights: no kinks at rounding distance)."""
+    import torch
+
+    from edgeadapt.runtime.bundle import Bundle
+    from edgeadapt.runtime.engines import open_engine
+    from edgeadapt.runtime.state import load_state
+    from edgeadapt.toolchain.build import build_zoo_model
+
+    bundle = Bundle.open(mobilenet("full", optimizer="sgd", input_size=(96,)))
+    engine = open_engine(bundle, bundle.graphs(), "onnxruntime")
+    start = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id).params
+    engine.load(load_state(bundle.state_path, bundle.manifest, bundle.bundle_id))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 96, 96)).astype(np.float32)
+    y = np.arange(4, dtype=np.int64)
+    engine.train_step(x, y, 1.0)
+    gradient = start - engine.state().params
+    torch.manual_seed(0)  # the export's seed: the same new head
+    model = build_zoo_model("mobilenet_v2", HeadRequest(num_classes=10), "imagenet").module.double().eval()
+    torch.nn.functional.cross_entropy(model(torch.from_numpy(x).double()), torch.from_numpy(y)).backward()
+    grads = dict(model.named_parameters())
+    for p in bundle.manifest.portable.layout:
+        reference = grads[p.name].grad.numpy().ravel()
+        mine = gradient[p.offset:p.offset + p.size]
+        assert np.linalg.norm(mine - reference) / np.linalg.norm(reference) < 1e-3, p.name
 
 
 def _photo(name):

@@ -42,12 +42,18 @@ def test_training_lifts_accuracy_and_evaluate_agrees_with_the_log(fresh_bundle, 
     assert evaluate(bundle, val).accuracy == pytest.approx(log[-1]["val_accuracy"], abs=1e-9)
 
 
-def test_csv_and_image_folders_train(fresh_bundle, digits, digit_images, bundle_factory):
+def test_csv_and_image_folders_train(fresh_bundle, digits, digit_images, bundle_factory, tmp_path):
+    import shutil
+
     mlp = fresh_bundle("tiny_mlp", "full")
     assert Trainer(mlp, TrainConfig(epochs=1)).fit(digits["csv"]).steps > 0
-    image_bundle = bundle_factory("tiny_cnn", "full", input_size=(16,))
+    image_bundle = tmp_path / "images_bundle"
+    shutil.copytree(bundle_factory("tiny_cnn", "full", input_size=(16,)), image_bundle)
     data = load_dataset(digit_images, Bundle.open(image_bundle).manifest)
     assert data.samples.shape[1:] == (16, 16, 3) and len(data) == 200
+    before = evaluate(image_bundle, digit_images).loss
+    summary = Trainer(image_bundle, TrainConfig(epochs=6, batch_size=16, lr=3e-3, val_split=0)).fit(digit_images)
+    assert summary.steps == 6 * 13 and evaluate(image_bundle, digit_images).loss < before
 
 
 def _train_in_subprocess(bundle, data, kill_at_step=None, resume=False, split="auto", engine="auto"):
