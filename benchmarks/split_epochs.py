@@ -44,14 +44,16 @@ def held_out_accuracy(bundle: Path, data_file: Path, prefix_file: str) -> tuple[
     """(accuracy, prefix latency ms at batch 1) of the trained suffix on features from `prefix_file`."""
     from edgeadapt.runtime.bundle import Bundle
     from edgeadapt.runtime.data import load_dataset, preprocess
-    from edgeadapt.runtime.engine import Engine
+    from edgeadapt.runtime.engines import open_engine
     from edgeadapt.runtime.metrics import dummy_targets
     from edgeadapt.runtime.prefix import PrefixRunner
+    from edgeadapt.runtime.state import load_state
 
     b = Bundle.open(bundle)
     data = load_dataset(data_file, b.manifest)
     runner = PrefixRunner(b.path / prefix_file, threads=2)
-    suffix = Engine(b.path, b.path / "suffix_checkpoint", with_optimizer=False, graphs="suffix_")
+    suffix = open_engine(b, b.graphs(split=True), training=False)
+    suffix.load(load_state(b.state_path, b.manifest, b.bundle_id))
     correct = 0
     for i in range(0, len(data), 50):
         inputs = preprocess(data.samples[i:i + 50], b.manifest, True)

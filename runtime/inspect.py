@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from edgeadapt.runtime.bundle import Bundle
+from edgeadapt.runtime.engines import available
 from edgeadapt.runtime.state import read_progress
 
 
@@ -20,10 +22,28 @@ def describe(bundle: Bundle | str | Path) -> dict:
         "trainable_params": m.trainable_params, "frozen_params": m.frozen_params,
         "trainable_tensors": len(m.trainable), "frozen_tensors": len(m.frozen), "buffers": len(m.buffers),
         "validation": m.validation, "schema_version": m.schema_version, "edgeadapt_version": m.edgeadapt_version,
-        "opset": m.opset, "ir_version": m.ir_version, "onnxruntime_version": m.onnxruntime_version,
+        "portable step": f"{m.portable.train_step} (state: {', '.join(m.portable.state)}; "
+                         f"{len(m.portable.layout)} tensors), {m.portable.forward}; opset {m.portable.opset}, "
+                         f"IR {m.portable.ir_version}",
+        "engines here": _engines_here(bundle),
+        "hyperparameters": m.hyperparameters,
+        "opset": m.opset, "ir_version": m.ir_version, "exported with onnxruntime": m.onnxruntime_version,
         "trained": "no (exported state)" if progress is None else
-        f"{progress.epoch} epochs, {progress.step} steps" + ("" if progress.finished else " (unfinished: --resume)"),
+        f"{progress.epoch} epochs, {progress.step} steps, engine {_engine_of(progress)}" +
+        ("" if progress.finished else " (unfinished: --resume)"),
         "notes": "; ".join(m.notes) or "-",
         "files": {f.name: f.stat().st_size for f in sorted(bundle.path.iterdir()) if f.is_file()},
     }
 
+
+
+def _engine_of(progress) -> str:
+    return json.loads(progress.run_config).get("engine", "?")
+
+
+def _engines_here(bundle: Bundle) -> str:
+    """The engines this machine can train the bundle with, and their devices."""
+    engines = available()
+    if not (bundle.path / "training_model.onnx").is_file():
+        engines.pop("ort-training", None)  # the bundle has no ORT training artifacts
+    return "; ".join(f"{name} ({', '.join(devices)})" for name, devices in engines.items()) or "none"

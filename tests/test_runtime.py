@@ -187,3 +187,13 @@ def test_resume_right_after_an_epochs_last_batch(fresh_bundle, digits):
     assert first.stopped == "time_limit" and first.steps == 1
     resumed = Trainer(bundle, TrainConfig(resume=True, **config)).fit(digits["train"])
     assert resumed.stopped == "completed" and resumed.epochs_completed == 3
+
+
+def test_inspect_shows_nested_values_as_readable_lines(fresh_bundle):
+    from conftest import run_cli
+
+    result = run_cli("inspect", fresh_bundle("tiny_mlp", "full"))
+    assert result.returncode == 0, result.stderr
+    assert "{" not in result.stdout and "'" not in result.stdout  # no raw dicts
+    for field in ("validation", "memory plan, batch 32", "portable step", "engines here", "state.safetensors"):
+        assert field in result.stdout

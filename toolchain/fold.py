@@ -42,7 +42,9 @@ def fold_constants(model: onnx.ModelProto, variable: set[str]) -> onnx.ModelProt
                                    initializer=[i for i in model.graph.initializer if i.name in constant])
     probe_model = onnx.helper.make_model(probe, opset_imports=model.opset_import)
     probe_model.ir_version = model.ir_version
-    values = onnxruntime.InferenceSession(probe_model.SerializeToString(),
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # the probe holds initializers it does not use: no warnings for that
+    values = onnxruntime.InferenceSession(probe_model.SerializeToString(), options,
                                           providers=["CPUExecutionProvider"]).run(frontier, {})
     result = copy.deepcopy(model)
     del result.graph.node[:]

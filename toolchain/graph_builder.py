@@ -79,7 +79,9 @@ def inferred_shapes(model: onnx.ModelProto, batches: tuple[int, int] = (2, 3)) -
     del probe.graph.output[:]
     outputs = [o for n in model.graph.node for o in n.output if o and o in types]
     probe.graph.output.extend(helper.make_value_info(name, types[name]) for name in outputs)
-    session = onnxruntime.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     runs = [dict(zip(outputs, session.run(outputs, _example_feed(model, batch)))) for batch in batches]
     shapes: dict[str, list[Dim]] = {name: [a if a == c else "batch" for a, c in zip(runs[0][name].shape,
                                                                                    runs[1][name].shape)]
