@@ -180,6 +180,7 @@ def _edit(bundle, old, new):
     (bundle / "manifest.json").write_text(text.replace(old, new))
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 @pytest.mark.parametrize("case", list(BUNDLE_CASES))
 def test_bad_bundle_matrix(row_bundle, digits, case):
     damage, fragment = BUNDLE_CASES[case]

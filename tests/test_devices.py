@@ -77,6 +77,7 @@ def test_profile_budget_refuses_or_picks_a_batch(mobilenet_bundles):
     assert threads == 4
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 def test_bench_json_and_plot(bundle_factory, tmp_path):
     bundle = bundle_factory("tiny_cnn", "full")
     plot = tmp_path / "bench.png"
@@ -149,6 +150,7 @@ def test_auto_picks_by_budget_and_each_pick_fits_when_measured(tmp_path):
     assert picks["small"] != picks["large"] and picks["large"] == ("full", 32)
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 def test_auto_needs_a_profile(tmp_path):
     from test_errors import assert_one_line_error
 

@@ -17,6 +17,7 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 @pytest.mark.parametrize("args, fragments", [
     (["export", "mobilenet_v2x", "--classes", "3"], ["unknown backbone 'mobilenet_v2x'", "mobilenet_v2"]),
     (["export", "tiny_cnn", "--classes", "1"], ["at least 2 classes"]),
@@ -35,6 +36,7 @@ def test_export_errors(tmp_path, args, fragments):
     assert not out.exists() and not list(tmp_path.glob(".bundle*")), "a failed export left files behind"
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 def test_weight_file_with_wrong_hash(tmp_path):
     fake = tmp_path / "mobilenet_v2-b0353104.pth"
     fake.write_bytes(b"not the weights")
@@ -42,6 +44,7 @@ def test_weight_file_with_wrong_hash(tmp_path):
     assert_one_line_error(result, "sha256", "expected b03531047ffa")
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 def test_existing_output_is_refused_unless_forced(bundle_factory, tmp_path):
     out = tmp_path / "bundle"
     shutil.copytree(bundle_factory("tiny_cnn", "head"), out)

@@ -22,6 +22,7 @@ def snapshot(folder) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 def test_random_sigkills_never_corrupt_or_change_the_result(bundle_factory, digit_image_npz, tmp_path):
     template = bundle_factory("tiny_cnn", "full", input_size=(16,))
     options = ["--epochs", "3", "--batch-size", "32", "--seed", "5", "--checkpoint-every", "2", "--augment"]
@@ -96,6 +97,7 @@ def _signed_bundle(tmp_path, key, name="signed"):
     return out
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 def test_signed_bundle_trains_with_its_key(keys, tmp_path, digits):
     bundle = _signed_bundle(tmp_path, keys[0])
     assert (bundle / "manifest.sig").is_file()
@@ -103,6 +105,7 @@ def test_signed_bundle_trains_with_its_key(keys, tmp_path, digits):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 def test_tampered_unsigned_and_foreign_bundles_are_refused(keys, tmp_path, digits, bundle_factory):
     import shutil
 

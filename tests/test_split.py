@@ -139,6 +139,7 @@ def test_openvino_prefix_trains_like_onnxruntime(bundle_factory, tmp_path, digit
     assert_one_line_error(result, "OpenVINO device NPU is not present")
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 def test_int8_prefix(bundle_factory, tmp_path, digit_image_npz):
     import onnxruntime
 
