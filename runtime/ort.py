@@ -21,14 +21,18 @@ from edgeadapt.runtime.errors import BackendError
 _BARE = ("onnxruntime.training", "onnxruntime.training.ortmodule")
 
 
+def _training_dir() -> Path | None:
+    spec = importlib.util.find_spec("onnxruntime")
+    return None if spec is None or spec.origin is None else Path(spec.origin).parent / "training"
+
+
 def onnxruntime_module() -> types.ModuleType:
     """`onnxruntime`, without the training wheel's torch-importing package (whose compiled API is loaded instead)."""
     if "onnxruntime" in sys.modules:
         return sys.modules["onnxruntime"]
-    spec = importlib.util.find_spec("onnxruntime")
-    if spec is None or spec.origin is None:
+    training = _training_dir()
+    if training is None:
         raise BackendError("onnxruntime is not installed; `pip install edgeadapt` installs it.")
-    training = Path(spec.origin).parent / "training"
     if not training.is_dir():
         import onnxruntime
 
@@ -41,8 +45,11 @@ def onnxruntime_module() -> types.ModuleType:
     try:
         import onnxruntime
 
-        importlib.import_module("onnxruntime.training.api")
         onnxruntime.set_default_logger_severity(3)
+        try:
+            importlib.import_module("onnxruntime.training.api")
+        except ImportError:
+            pass  # a broken training install: the portable engines still run, training_api() says what to do
         return onnxruntime
     except ImportError as exc:
         raise BackendError(f"onnxruntime cannot be loaded ({exc}); reinstall edgeadapt.") from None
@@ -51,15 +58,26 @@ def onnxruntime_module() -> types.ModuleType:
             sys.modules.pop(name, None)
 
 
+_OVERWRITTEN = ("onnxruntime-training cannot be loaded: onnxruntime's files overwrote it; run `pip install --no-deps "
+                "--force-reinstall onnxruntime-training-cpu==1.19.2`.")
+
+
 def training_api() -> types.ModuleType:
     """ONNX Runtime's training API (legacy engine), loaded without torch."""
     onnxruntime_module()
-    if "onnxruntime.training.api" not in sys.modules:
-        if "onnxruntime.training" not in sys.modules:
-            raise BackendError("the ort-training engine needs onnxruntime-training, which this install lacks (it "
-                               "exists for x86_64 and Python <= 3.11 only); use --engine onnxruntime.")
-        importlib.import_module("onnxruntime.training.api")
-    return sys.modules["onnxruntime.training.api"]
+    api = sys.modules.get("onnxruntime.training.api")
+    if api is not None:
+        return api
+    if "onnxruntime.training" in sys.modules:  # the host imported the full package already
+        try:
+            return importlib.import_module("onnxruntime.training.api")
+        except ImportError:
+            raise BackendError(_OVERWRITTEN) from None
+    training = _training_dir()
+    if training is not None and training.is_dir():
+        raise BackendError(_OVERWRITTEN)
+    raise BackendError("the ort-training engine needs onnxruntime-training, which this install lacks (it exists for "
+                       "x86_64 and Python <= 3.11 only); use --engine onnxruntime.")
 
 
 def available_providers() -> list[str]:

@@ -26,10 +26,18 @@ ADAMW = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
 
 def has_ort_training() -> bool:
+    """Whether this host can write ONNX Runtime training's artifacts (no training wheel: the bundle goes without)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not (Path(spec.origin).parent / "training").is_dir():
+        return False
     try:
         from onnxruntime.training import artifacts  # noqa: F401
-    except ImportError:
-        return False
+    except ImportError as exc:
+        raise ExportError(f"onnxruntime-training is installed but cannot be loaded ({exc}): onnxruntime's files "
+                          "overwrote it; run `pip install --no-deps --force-reinstall "
+                          "onnxruntime-training-cpu==1.19.2`.") from None
     return True
 
 
