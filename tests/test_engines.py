@@ -15,6 +15,7 @@ from edgeadapt.toolchain.build import HeadRequest
 PRESETS = ("head", "last:2", "bias", "full", "scratch")
 STEPS = 20
 TINY = ("tiny_cnn", "tiny_mlp")
+PRETRAINED = ("mobilenet_v2", "efficientnet_lite0")  # ImageNet weights available offline
 
 
 def fixed_batch(manifest, size: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +51,7 @@ def per_tensor_error(bundle: Bundle, params: np.ndarray, reference: np.ndarray) 
 
 
 def _export(bundle_factory, backbone: str, preset: str, optimizer: str) -> Bundle:
-    pretrained = "imagenet" if backbone in ("mobilenet_v2", "efficientnet_lite0") else None
+    pretrained = "imagenet" if backbone in PRETRAINED else None
     return Bundle.open(bundle_factory(backbone, preset, input_size=None if backbone == "tiny_mlp" else (32,),
                                       validate=False, optimizer=optimizer, weights=pretrained, split=False,
                                       head=HeadRequest(num_classes=5)))
@@ -74,7 +75,7 @@ def fp32_noise(bundle: Bundle, backbone: str, preset: str) -> dict[str, float]:
 
     from edgeadapt.toolchain.export import ExportOptions, build
 
-    pretrained = "imagenet" if backbone in ("mobilenet_v2", "efficientnet_lite0") else None
+    pretrained = "imagenet" if backbone in PRETRAINED else None
     options = ExportOptions(out=None, backbone=backbone, head=HeadRequest(num_classes=5), trainable=preset,
                             weights=pretrained, input_size=None if backbone == "tiny_mlp" else (32,))
     x, y = fixed_batch(bundle.manifest)
@@ -109,7 +110,10 @@ AMPLIFIED = pytest.mark.xfail(strict=False, reason="AdamW's update is about lr·
 
 
 def _trajectory_cases():
-    cases = list(_cases(("head",)))
+    """Head on every backbone with real weights (a randomly initialised MobileNetV3 or ResNet-18 has features of
+    norm ~1e3: SGD on its head saturates the softmax within steps, and rounding then decides; their gradients are
+    checked above), and every preset on the tiny models."""
+    cases = [case for case in _cases(("head",)) if case.values[0] in PRETRAINED or case.values[0] in TINY]
     for backbone in TINY:
         for preset in PRESETS if backbone == "tiny_cnn" else ("full", "bias"):
             cases.append(pytest.param(backbone, preset, id=f"{backbone}-{preset}"))
