@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from edgeadapt.devices.profiles import load_profiles
 from edgeadapt.runtime.manifest import Manifest
 from edgeadapt.runtime.targets import PREFIX_BATCH
 
@@ -92,8 +93,6 @@ def largest_fitting_batch(manifest: Manifest, budget_mb: float, limit: int = 512
 def plan_summary(bundle) -> dict:
     """For `inspect`: predicted peak training memory at the bundle's default batch size (and for a split run), and
     which device profiles it fits."""
-    from edgeadapt.devices.profiles import load_profiles
-
     manifest = bundle.manifest
     batch = int(manifest.hyperparameters.get("batch_size", 32))
     plan = plan_memory(manifest, batch)

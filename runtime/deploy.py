@@ -12,9 +12,11 @@ import numpy as np
 
 from edgeadapt.runtime.atomic import atomic_write, fsync_dir
 from edgeadapt.runtime.bundle import Bundle
-from edgeadapt.runtime.errors import BackendError, ConfigError, EdgeAdaptError, InternalError
+from edgeadapt.runtime.errors import ConfigError, EdgeAdaptError, InternalError
+from edgeadapt.runtime.inference import logits_for
 from edgeadapt.runtime.onnx_wire import bake_input
 from edgeadapt.runtime.ort import onnxruntime_module
+from edgeadapt.runtime.ov import openvino_device, openvino_module
 from edgeadapt.runtime.state import load_state
 
 FORMATS = ("onnx", "openvino")
@@ -52,24 +54,6 @@ def onnx_logits(model: Path, x: np.ndarray, input_name: str) -> np.ndarray:
     return session.run(None, {input_name: x})[0]
 
 
-def _openvino():
-    try:
-        import openvino
-    except ImportError:
-        raise BackendError("OpenVINO is not installed; `pip install openvino` (or use --format onnx / "
-                           "--backend onnxruntime).") from None
-    return openvino
-
-
-def openvino_device(device: str):
-    openvino = _openvino()
-    core = openvino.Core()
-    if device not in core.available_devices:
-        raise BackendError(f"OpenVINO device {device} is not present on this machine (available: "
-                           f"{', '.join(core.available_devices)}); use --device CPU.")
-    return core
-
-
 def openvino_logits_from(model_path: Path, x: np.ndarray, device: str = "CPU") -> np.ndarray:
     # f32 explicitly: the CPU plugin otherwise runs bf16 where the processor has it
     compiled = openvino_device(device).compile_model(str(model_path), device, {"INFERENCE_PRECISION_HINT": "f32"})
@@ -78,7 +62,7 @@ def openvino_logits_from(model_path: Path, x: np.ndarray, device: str = "CPU") -
 
 def save_openvino(onnx_model: Path, xml: Path) -> None:
     """Convert to IR and place model.xml/.bin atomically (the .bin first, the .xml that names it last)."""
-    openvino = _openvino()
+    openvino = openvino_module()
     with tempfile.TemporaryDirectory(dir=xml.parent) as tmp:
         staged = Path(tmp) / xml.name
         openvino.save_model(openvino.convert_model(str(onnx_model)), str(staged), compress_to_fp16=False)
@@ -109,8 +93,6 @@ def deploy(bundle: Bundle | str | Path, fmt: str, out: str | Path, check: bool =
 
 
 def _checked(bundle: Bundle, out: Path, fmt: str) -> DeployResult:
-    from edgeadapt.runtime.inference import logits_for
-
     x = check_batch(bundle)
     expected = logits_for(bundle, x)
     actual = onnx_logits(out, x, bundle.manifest.input.name) if fmt == "onnx" else openvino_logits_from(out, x)

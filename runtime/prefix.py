@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeadapt.runtime.errors import BackendError, ConfigError
+from edgeadapt.runtime.ort import available_providers, onnxruntime_module, session_options
+from edgeadapt.runtime.ov import openvino_device
 
 PREFIX_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-qnn", "onnxruntime-nnapi",
                    "onnxruntime-xnnpack", "openvino-cpu", "openvino-gpu", "openvino-npu")
@@ -28,21 +30,15 @@ class PrefixRunner:
 
     @staticmethod
     def _onnxruntime(model: Path, provider: str, threads: int | None):
-        from edgeadapt.runtime.ort import available_providers, session_options
-
         if provider not in available_providers():
             raise BackendError(f"ONNX Runtime's {provider} is not available here (available: "
                                f"{', '.join(available_providers())}); use --prefix-device onnxruntime-cpu.")
-        from edgeadapt.runtime.ort import onnxruntime_module
-
         session = onnxruntime_module().InferenceSession(str(model), session_options(threads), providers=[provider])
         name = session.get_inputs()[0].name
         return lambda x: session.run(None, {name: x})[0]
 
     @staticmethod
     def _openvino(model: Path, device: str, threads: int | None):
-        from edgeadapt.runtime.deploy import openvino_device
-
         config = {"INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {}
         if threads and device == "CPU":
             config["INFERENCE_NUM_THREADS"] = threads

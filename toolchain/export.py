@@ -187,7 +187,7 @@ def _choose_auto(opts: ExportOptions, source: Source) -> ExportOptions:
 def write_manifest(staging: Path, manifest: Manifest, sign_key: Path | None) -> None:
     (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     if sign_key is not None:
-        from edgeadapt.runtime.signing import sign_bundle
+        from edgeadapt.runtime.signing import sign_bundle  # optional: cryptography only when signing
 
         sign_bundle(staging, sign_key)
 

@@ -9,20 +9,12 @@ import numpy as np
 
 from edgeadapt.runtime.errors import BackendError
 from edgeadapt.runtime.losses import mean_loss
+from edgeadapt.runtime.ov import openvino_module
 from edgeadapt.runtime.state import TrainState
 
 
-def _openvino():
-    try:
-        import openvino
-    except ImportError:
-        raise BackendError("the openvino engine needs OpenVINO: `pip install openvino` (or use --engine "
-                           "onnxruntime).") from None
-    return openvino
-
-
 def devices() -> list[str]:
-    return [d.lower() for d in _openvino().Core().available_devices]
+    return [d.lower() for d in openvino_module().Core().available_devices]
 
 
 def create(bundle, graphs, device: str, threads: int | None, training: bool) -> "OpenVinoEngine":
@@ -33,7 +25,7 @@ class OpenVinoEngine:
     name = "openvino"
 
     def __init__(self, manifest, graphs, device: str = "cpu", threads: int | None = None, training: bool = True):
-        openvino = _openvino()
+        openvino = openvino_module()
         self._core = openvino.Core()
         self.device, self.manifest = device, manifest
         self._target = device.upper()
