@@ -101,10 +101,23 @@ def _tensor(body: memoryview, info: dict) -> np.ndarray:
 
 # ---- TrainState <-> file ----------------------------------------------------------------------------------------
 
+def named_parameters(params: np.ndarray, layout) -> dict[str, np.ndarray]:
+    """The flat parameter vector as one (view) tensor per trainable parameter, by name."""
+    return {p.name: params[p.offset:p.offset + p.size].reshape(p.shape) for p in layout}
+
+
+def optimizer_vectors(state: TrainState, names: list[str]) -> tuple[dict[str, np.ndarray], int]:
+    """The portable step's optimizer state (e.g. adam_m, adam_v) from `state` — zeros for a fresh optimizer — and
+    its step count."""
+    zeros = np.zeros_like(state.params)
+    vectors = {name: np.ascontiguousarray(state.optimizer.get(name, zeros), np.float32) for name in names}
+    return vectors, int(state.optimizer.get("step", np.zeros((), np.int64)))
+
+
 def save_state(path: Path, state: TrainState, manifest: Manifest, bundle_id: str) -> None:
     """Atomically write `state` to `path`."""
-    tensors = {f"params/{p.name}": state.params[p.offset:p.offset + p.size].reshape(p.shape)
-               for p in manifest.portable.layout}
+    tensors = {f"params/{name}": value for name, value in
+               named_parameters(state.params, manifest.portable.layout).items()}
     tensors.update({f"optimizer/{k}": v for k, v in state.optimizer.items()})
     metadata = {"edgeadapt.bundle_id": bundle_id, "format": "pt"}
     if state.progress is not None:

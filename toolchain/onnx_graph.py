@@ -9,9 +9,9 @@ import onnx
 import torch
 
 from edgeadapt.toolchain.bn import apply_policy
+from edgeadapt.toolchain.stages import INPUT_NAME, OUTPUT_NAME
 
 OPSET = 17
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
 def export_eval_onnx(module: torch.nn.Module, input_size: tuple[int, ...], bn_policy: str,

@@ -16,8 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeadapt.runtime.errors import ConfigError
 from edgeadapt.toolchain.bn import fold_batchnorm
-
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
+from edgeadapt.toolchain.stages import INPUT_NAME, OUTPUT_NAME
 
 
 @dataclass

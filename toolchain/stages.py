@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from edgeadapt.runtime.manifest import InputSpec, PortableSpec, SplitSpec
-from edgeadapt.runtime.state import STATE_FILE, TrainState, write_safetensors
+from edgeadapt.runtime.state import STATE_FILE, TrainState, named_parameters, write_safetensors
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
@@ -69,6 +69,5 @@ def initial_state(graph: onnx.ModelProto, layout: list) -> TrainState:
 def write_initial_state(out_dir: Path, graph: onnx.ModelProto, portable: PortableSpec) -> None:
     """The exported parameters as the bundle's first state (no optimizer state, no progress)."""
     state = initial_state(graph, portable.layout)
-    tensors = {f"params/{p.name}": state.params[p.offset:p.offset + p.size].reshape(p.shape)
-               for p in portable.layout}
+    tensors = {f"params/{name}": value for name, value in named_parameters(state.params, portable.layout).items()}
     write_safetensors(out_dir / STATE_FILE, tensors, {"format": "pt"})

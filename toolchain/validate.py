@@ -20,7 +20,7 @@ from edgeadapt.runtime.errors import ExportError, InternalError
 from edgeadapt.runtime.losses import mean_loss
 from edgeadapt.runtime.ort import onnxruntime_module
 from edgeadapt.runtime.prefix import PrefixRunner
-from edgeadapt.runtime.state import load_state
+from edgeadapt.runtime.state import load_state, named_parameters
 from edgeadapt.toolchain.stages import initial_state
 from edgeadapt.toolchain.train_step import build_gradient_graph
 
@@ -69,7 +69,7 @@ def portable_gradients(source, trainable: list[str], loss: str, x: np.ndarray,
     params = initial_state(source.graph, layout).params
     session = onnxruntime_module().InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     value, flat = session.run(["loss", "gradients"], {"input": x, "labels": y, "params": params})
-    return float(value), {p.name: flat[p.offset:p.offset + p.size].reshape(p.shape) for p in layout}
+    return float(value), named_parameters(flat, layout)
 
 
 def _torch_gradients(module, x, y, loss: str, dtype) -> tuple[float, dict[str, np.ndarray]]:

@@ -10,7 +10,7 @@ import numpy as np
 from edgeadapt.runtime.errors import BackendError
 from edgeadapt.runtime.losses import mean_loss
 from edgeadapt.runtime.ort import available_providers, onnxruntime_module, session_options
-from edgeadapt.runtime.state import TrainState
+from edgeadapt.runtime.state import TrainState, optimizer_vectors
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "rocm": "ROCMExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider", "dml": "DmlExecutionProvider",
@@ -64,11 +64,8 @@ class OnnxRuntimeEngine:
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), *self._where)
 
     def load(self, state: TrainState) -> None:
-        zeros = np.zeros_like(state.params)
-        self._values = {"params": self._ortvalue(state.params)}
-        for name in self._state_names[1:]:
-            self._values[name] = self._ortvalue(state.optimizer.get(name, zeros))
-        self._t = int(state.optimizer.get("step", np.zeros((), np.int64)))
+        moments, self._t = optimizer_vectors(state, self._state_names[1:])
+        self._values = {name: self._ortvalue(value) for name, value in {"params": state.params, **moments}.items()}
 
     def state(self) -> TrainState:
         optimizer = {name: self._values[name].numpy() for name in self._state_names[1:]}

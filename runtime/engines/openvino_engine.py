@@ -10,7 +10,7 @@ import numpy as np
 from edgeadapt.runtime.errors import BackendError
 from edgeadapt.runtime.losses import mean_loss
 from edgeadapt.runtime.ov import openvino_module
-from edgeadapt.runtime.state import TrainState
+from edgeadapt.runtime.state import TrainState, optimizer_vectors
 
 
 def devices() -> list[str]:
@@ -52,11 +52,8 @@ class OpenVinoEngine:
         return self._compiled[key]
 
     def load(self, state: TrainState) -> None:
-        zeros = np.zeros_like(state.params)
-        self._values = {"params": np.ascontiguousarray(state.params, np.float32)}
-        for name in self._state_names[1:]:
-            self._values[name] = np.ascontiguousarray(state.optimizer.get(name, zeros), np.float32)
-        self._t = int(state.optimizer.get("step", np.zeros((), np.int64)))
+        moments, self._t = optimizer_vectors(state, self._state_names[1:])
+        self._values = {"params": np.ascontiguousarray(state.params, np.float32), **moments}
 
     def state(self) -> TrainState:
         optimizer = {name: self._values[name].copy() for name in self._state_names[1:]}

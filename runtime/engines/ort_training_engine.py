@@ -14,7 +14,7 @@ import numpy as np
 
 from edgeadapt.runtime.errors import BackendError, BundleError
 from edgeadapt.runtime.ort import available_providers, session_options, training_api
-from edgeadapt.runtime.state import TrainState
+from edgeadapt.runtime.state import TrainState, named_parameters
 
 CHECKPOINT_KEY = "ort_checkpoint"
 
@@ -65,8 +65,8 @@ class OrtTrainingEngine:
         saved = state.optimizer.get(CHECKPOINT_KEY)
         if saved is None:
             self._open(self.graphs.ort_checkpoint)
-            for p in self.manifest.portable.layout:
-                self.checkpoint.parameters[p.name] = state.params[p.offset:p.offset + p.size].reshape(p.shape)
+            for name, value in named_parameters(state.params, self.manifest.portable.layout).items():
+                self.checkpoint.parameters[name] = value
             return
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "checkpoint"
