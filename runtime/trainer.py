@@ -48,6 +48,7 @@ class TrainConfig:
     prefix_device: str = "onnxruntime-cpu"
     prefix_int8: bool = False  # use prefix_int8.onnx (see `edgeadapt quantize-prefix`)
     cache_mb: int = 2048
+    proximal_mu: float = 0.0  # FedProx: pull towards the run's starting parameters (see `_pull_to_anchor`)
 
     def for_bundle(self, manifest) -> "TrainConfig":
         """Unset epochs and batch size from the bundle; precedence: flag > manifest > default."""
@@ -67,6 +68,10 @@ class TrainConfig:
             raise ConfigError("--val-split must be in [0, 1).")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError("--lr must be positive.")
+        if self.proximal_mu < 0:
+            raise ConfigError("the proximal term's mu must be >= 0.")
+        if self.proximal_mu and self.resume:
+            raise ConfigError("a run with a proximal term starts from the global model; it cannot --resume.")
 
     def run_settings(self, train_size: int) -> dict:
         """What a resumed run must share with the interrupted one."""
@@ -122,6 +127,7 @@ class Trainer:
         self.config = config.for_bundle(self.bundle.manifest)
         self.on_batch, self.on_epoch = on_batch, on_epoch
         self.target: TrainingTarget | None = None
+        self._anchor: np.ndarray | None = None  # FedProx's global parameters
 
     @property
     def manifest(self):
@@ -173,6 +179,8 @@ class Trainer:
             progress = Progress(self.bundle.bundle_id, json.dumps(settings, sort_keys=True))
             state = TrainState(state.params)
             self.bundle.best_state_path.unlink(missing_ok=True)
+        if self.config.proximal_mu:
+            self._anchor = state.params.copy()
         engine.load(state)
         self._save(engine, progress)
         return engine, progress
@@ -255,7 +263,16 @@ class Trainer:
         loss, logits = engine.train_step(x, y, lr)
         if not math.isfinite(loss):
             raise _Diverged()
+        if self._anchor is not None:
+            self._pull_to_anchor(engine, lr)
         stats.add(loss, logits, y)
+
+    def _pull_to_anchor(self, engine, lr: float) -> None:
+        """FedProx's proximal term mu/2·|w - w_global|², applied decoupled from Adam like AdamW's weight decay:
+        w -= lr·mu·(w - w_global) after each step (the step graph stays the same for every engine)."""
+        state = engine.state()
+        state.params -= lr * self.config.proximal_mu * (state.params - self._anchor)
+        engine.load(state)
 
     def _end_epoch(self, engine, progress, val, stats, lr, seconds) -> EpochRecord:
         metrics = evaluate_arrays(engine, val, self.manifest, self.config.batch_size) if val else None
