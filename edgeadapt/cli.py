@@ -16,12 +16,14 @@ app = typer.Typer(help="Export pretrained backbones to ONNX Runtime training bun
 
 def _register() -> None:
     from edgeadapt.devices import cli as devices_cli
+    from edgeadapt.fleet import cli as fleet_cli
     from edgeadapt.runtime import cli as device_cli
     from edgeadapt.toolchain import cli as host_cli
 
     host_cli.register(app)
     device_cli.register(app)
     devices_cli.register(app)
+    fleet_cli.register(app)
 
 
 _register()

@@ -27,10 +27,11 @@ from edgeadapt.fleet.local import (
 )
 from edgeadapt.runtime.atomic import atomic_write_text
 from edgeadapt.runtime.bundle import Bundle
-from edgeadapt.runtime.errors import ConfigError
+from edgeadapt.runtime.errors import ConfigError, EdgeAdaptError
 from edgeadapt.runtime.trainer import TrainConfig
 
 STRATEGIES = ("fedavg", "fedprox")
+REFUSED_FILE = "fleet_refused.txt"
 
 
 # ---- client ---------------------------------------------------------------------------------------------------
@@ -43,6 +44,16 @@ def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
 
 
+def _admit(member: Member, config) -> None:
+    """Refuse a global model meant for another bundle; the refusal is also left in the bundle (REFUSED_FILE) for
+    `edgeadapt fleet client`, which stops with that one line."""
+    try:
+        check_fingerprint(member.bundle, config)
+    except ConfigError as exc:
+        atomic_write_text(member.bundle.path / REFUSED_FILE, str(exc))
+        raise
+
+
 def make_client_app(member_for: Callable[[Context], Member]) -> ClientApp:
     """A ClientApp whose member (bundle + data) comes from the node's context."""
     app = ClientApp()
@@ -50,7 +61,7 @@ def make_client_app(member_for: Callable[[Context], Member]) -> ClientApp:
     @app.train()
     def train(message: Message, context: Context) -> Message:
         member, config = member_for(context), message.content["config"]
-        check_fingerprint(member.bundle, config)
+        _admit(member, config)
         trained = member.train_on(_arrays(message), int(config["local-epochs"]), seed=int(config["server-round"]),
                                   proximal_mu=float(config.get("proximal-mu", 0.0)))
         metrics = MetricRecord({"num-examples": len(member.train)})
@@ -61,7 +72,7 @@ def make_client_app(member_for: Callable[[Context], Member]) -> ClientApp:
         """The global model on the member's held-out data, then personalized (local epochs from it) and measured
         again; the member's bundle keeps the personalized model, the one its device uses."""
         member, config = member_for(context), message.content["config"]
-        check_fingerprint(member.bundle, config)
+        _admit(member, config)
         arrays = _arrays(message)
         write_arrays(member.bundle, arrays)
         before = member.accuracy()
@@ -239,6 +250,14 @@ def make_server_app(settings_for: Callable[[Context], ServerSettings]) -> Server
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, settings_for(context))
+        settings = settings_for(context)
+        try:
+            run_server(grid, settings)
+        except EdgeAdaptError as exc:  # for `fleet server`, which waits on the report
+            if settings.report:
+                report = Path(settings.report)
+                done = json.loads(report.read_text()) if report.is_file() else {"rounds": []}
+                atomic_write_text(report, json.dumps({**done, "error": str(exc)}))
+            raise
 
     return app
