@@ -79,7 +79,7 @@ def make_client_app(member_for: Callable[[Context], Member]) -> ClientApp:
         epochs = int(config.get("personalize-epochs", 1))
         after = before
         if epochs:
-            member.train_on(arrays, epochs, seed=int(config["server-round"]))
+            member.personalize(arrays, epochs, seed=int(config["server-round"]))
             after = member.accuracy()
         metrics = MetricRecord({"num-examples": len(member.held_out), "accuracy": before,
                                 "personalized-accuracy": after})

@@ -115,14 +115,14 @@ def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 9092, l
         env = {**os.environ, "FLWR_HOME": str(home)}
         link = subprocess.Popen([_tool("flower-superlink"), "--insecure", "--host", host, "--port", str(port),
                                  "--disable-runtime-dependency-installation", "--database", str(home / "state.db")],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home)
+                                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
         try:
             _wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port, link)
             run_id = _submit(project, settings, env, home)
             return _wait_for_report(Path(settings.report), settings.rounds, link, lambda: _status(run_id, env, home),
                                     log_path)
         finally:
-            _stop(link)
+            _stop(link, group=True)
 
 
 def _exit_on_sigterm() -> None:
@@ -173,14 +173,20 @@ def _wait_for_report(report: Path, rounds: int, link: subprocess.Popen, status, 
         time.sleep(0.5)
 
 
-def _stop(process: subprocess.Popen) -> None:
+def _stop(process: subprocess.Popen, group: bool = False) -> None:
+    """Stop a Flower process; with `group`, also the app subprocesses it started (its own process group)."""
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGTERM) if group else process.terminate()
         try:
             process.wait(20)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    if group:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # leftovers of the group (the ServerApp subprocess)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def join(bundle: str, data: str, server: str, engine: str = "auto", device: str = "cpu",

@@ -95,13 +95,18 @@ class Member:
         train, kept = split(dataset, held_out, seed=0)
         return cls(bundle, train, kept, replace(config, val_split=0.0).for_bundle(bundle.manifest))
 
-    def train_on(self, arrays: dict[str, np.ndarray], epochs: int, seed: int = 0,
-                 proximal_mu: float = 0.0) -> dict[str, np.ndarray]:
+    def train_on(self, arrays: dict[str, np.ndarray], epochs: int, seed: int = 0, proximal_mu: float = 0.0,
+                 **settings) -> dict[str, np.ndarray]:
         """Start from `arrays`, train `epochs` epochs on the member's train part; the trained arrays."""
         write_arrays(self.bundle, arrays)
-        config = replace(self.config, epochs=epochs, seed=seed, proximal_mu=proximal_mu, resume=False)
+        config = replace(self.config, epochs=epochs, seed=seed, proximal_mu=proximal_mu, resume=False, **settings)
         Trainer(self.bundle, config).fit(self.train)
         return trainable_arrays(self.bundle)
+
+    def personalize(self, arrays: dict[str, np.ndarray], epochs: int, seed: int = 0) -> dict[str, np.ndarray]:
+        """Fine-tune the global model on the member's data: a constant LR (a warm-up and a decay over one epoch
+        would waste most of its few steps on a model that is already trained)."""
+        return self.train_on(arrays, epochs, seed, schedule="constant", warmup=0.0)
 
     def accuracy(self) -> float:
         """Accuracy of the bundle's current state on the member's held-out part."""

@@ -6,6 +6,7 @@ federation, the same clients train alone for the same total epochs: the baseline
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -15,7 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeadapt.fleet.local import PREPARED, Member, save_prepared, trainable_arrays
+from edgeadapt.fleet.local import (
+    PREPARED,
+    Member,
+    accuracy_of,
+    load_data,
+    save_prepared,
+    trainable_arrays,
+    write_arrays,
+)
 from edgeadapt.fleet.partition import dirichlet_split
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.data import Dataset, load_dataset, split
@@ -84,13 +93,20 @@ def simulation_member(root: Path, client: int, options: SimulationOptions) -> Me
 
 
 def local_only(root: Path, initial: dict, options: SimulationOptions) -> dict:
-    """Each client alone from the initial model for rounds × local epochs on its own train part."""
-    accuracies = []
+    """Each client alone from the initial model for rounds × local epochs on its own train part, measured on its
+    own held-out part and on the global held-out part (through a copy of the server bundle, whose feature cache
+    already holds that part)."""
+    judge = Bundle.open(shutil.copytree(root / "server", root / "local-only-judge"))
+    held_out = load_data(root / "server" / f"held_out{PREPARED}", judge)
+    own, overall = [], []
     for client in range(options.clients):
         member = simulation_member(root, client, options)
-        member.train_on(initial, options.rounds * options.local_epochs, seed=options.seed)
-        accuracies.append(member.accuracy())
-    return {"client_accuracy_mean": float(np.mean(accuracies)), "client_accuracy_min": float(np.min(accuracies)),
+        trained = member.train_on(initial, options.rounds * options.local_epochs, seed=options.seed)
+        own.append(member.accuracy())
+        write_arrays(judge, trained)
+        overall.append(accuracy_of(judge, held_out, member.config))
+    return {"client_accuracy_mean": float(np.mean(own)), "client_accuracy_min": float(np.min(own)),
+            "global_accuracy_mean": float(np.mean(overall)), "global_accuracy_max": float(np.max(overall)),
             "epochs": options.rounds * options.local_epochs}
 
 
@@ -143,6 +159,9 @@ def _run_flower(root: Path, settings, options: SimulationOptions) -> None:
         return simulation_member(root, int(context.node_config["partition-id"]), options)
 
     parallel = options.parallel or os.cpu_count() or 1
+    if not os.environ.get("EDGEADAPT_DEBUG"):  # Flower's per-message INFO lines; the report says what matters
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": parallel, "include_dashboard": False, "log_to_driver": False,
                              "logging_level": "error"}}
