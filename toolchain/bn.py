@@ -11,6 +11,9 @@ every BN the affine; `ort` keeps BN nodes (ORT's default behaviour, batch statis
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
@@ -90,3 +93,126 @@ def _affine_nodes(model, x: str, y: str, prefix: str, rank: int) -> list:
             helper.make_node("Reshape", [f"{prefix}/shift", f"{prefix}/c_shape"], [f"{prefix}/shift_c"]),
             helper.make_node("Mul", [x, f"{prefix}/scale_c"], [f"{prefix}/scaled"]),
             helper.make_node("Add", [f"{prefix}/scaled", f"{prefix}/shift_c"], [y])]
+
+
+# ---- BN statistics as bundle state (AdaBN) --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FoldedBN:
+    """One BN of a `fold`/`affine` graph, found by the names `fold_batchnorm` gives its arithmetic."""
+
+    prefix: str
+    mean: str
+    var: str
+    gamma: str
+    beta: str
+    eps: float
+    output: str  # the BN's output tensor
+
+
+def folded_batchnorms(model: onnx.ModelProto) -> list[FoldedBN]:
+    """The graph's BNs in graph order (none under policy `ort`, whose BN nodes stay)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    epsilons = {i.name: float(numpy_helper.to_array(i)) for i in model.graph.initializer if i.name.endswith("/eps")}
+    found = []
+    for node in model.graph.node:
+        name = node.output[0]
+        if not (node.op_type == "Add" and name.startswith("bnfold/") and name.endswith("/var_eps")):
+            continue
+        prefix = name[:-len("/var_eps")]
+        output = next(n.output[0] for n in model.graph.node
+                      if (n.op_type == "Conv" and len(n.input) > 1 and n.input[1] == f"{prefix}/weight")
+                      or (n.op_type == "Add" and f"{prefix}/scaled" in n.input))
+        found.append(FoldedBN(prefix, producers[f"{prefix}/mean_scaled"].input[0], node.input[0],
+                              producers[f"{prefix}/scale"].input[0], producers[f"{prefix}/shift"].input[0],
+                              epsilons[f"{prefix}/eps"], output))
+    return found
+
+
+def statistics_names(model: onnx.ModelProto) -> list[str]:
+    """Running means and variances, in the order of the bundle's statistics layout."""
+    return [name for bn in folded_batchnorms(model) for name in (bn.mean, bn.var)]
+
+
+STATISTICS_OUTPUT = "bn_batch"
+
+
+def statistics_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The network with every BN normalising by its batch statistics (train mode), outputting those statistics as
+    one flat vector in the statistics layout: per BN the batch mean and the unbiased batch variance — what
+    PyTorch's train-mode BN accumulates into its running statistics. AdaBN on the device runs it forward only."""
+    result = copy.deepcopy(model)
+    bns = {bn.prefix: bn for bn in folded_batchnorms(model)}
+    ranks = _ranks(model)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    nodes, pieces = [], []
+    for node in result.graph.node:
+        folded = _folded_prefix(node, bns)
+        if folded is not None and node.op_type == "Conv":  # conv(x, W·s, b·s + shift): recompute z = conv(x, W, b)
+            bn = bns[folded]
+            inputs = [node.input[0], producers[f"{folded}/weight"].input[0]]
+            if node.input[2] == f"{folded}/bias":
+                inputs.append(producers[f"{folded}/bias_scaled"].input[0])
+            z = f"{folded}/z"
+            nodes.append(helper.make_node("Conv", inputs, [z], name=f"{folded}/conv", **_attributes(node)))
+            nodes += _batch_norm(result, bn, z, ranks.get(bn.output, 4), pieces)
+        elif folded is not None:  # the affine's Add: y = z·scale + shift, with z the Mul's input
+            bn = bns[folded]
+            z = producers[f"{folded}/scaled"].input[0]
+            nodes += _batch_norm(result, bn, z, ranks.get(z, 4), pieces)
+        else:
+            nodes.append(node)
+    nodes.append(helper.make_node("Concat", pieces, [STATISTICS_OUTPUT], axis=0))
+    del result.graph.node[:]
+    result.graph.node.extend(nodes)
+    del result.graph.output[:]
+    result.graph.output.append(helper.make_tensor_value_info(STATISTICS_OUTPUT, onnx.TensorProto.FLOAT, [None]))
+    return result
+
+
+def _folded_prefix(node, bns: dict) -> str | None:
+    if node.op_type == "Conv" and len(node.input) > 1 and node.input[1].endswith("/weight"):
+        prefix = node.input[1][:-len("/weight")]
+        return prefix if prefix in bns else None
+    if node.op_type == "Add":
+        for name in node.input:
+            if name.endswith("/scaled") and name[:-len("/scaled")] in bns and bns[name[:-len("/scaled")]].output \
+                    == node.output[0]:
+                return name[:-len("/scaled")]
+    return None
+
+
+def _attributes(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _batch_norm(model, bn: FoldedBN, z: str, rank: int, pieces: list[str]) -> list:
+    """y = (z − mean_b)·γ/√(var_b + ε) + β over the batch and spatial axes; appends the statistics' names."""
+    p = f"{bn.prefix}/batch"
+    axes = [0, *range(2, rank)]
+    shape = numpy_helper.from_array(np.array([1, -1] + [1] * (rank - 2), np.int64), f"{p}/c_shape")
+    flat = numpy_helper.from_array(np.array([-1], np.int64), f"{p}/flat")
+    one = numpy_helper.from_array(np.array(1.0, np.float32), f"{p}/one")
+    model.graph.initializer.extend([shape, flat, one])
+    pieces += [f"{p}/mean_flat", f"{p}/var_unbiased"]
+    return [helper.make_node("ReduceMean", [z], [f"{p}/mean"], axes=axes, keepdims=1),
+            helper.make_node("Sub", [z, f"{p}/mean"], [f"{p}/centered"]),
+            helper.make_node("Mul", [f"{p}/centered", f"{p}/centered"], [f"{p}/squared"]),
+            helper.make_node("ReduceMean", [f"{p}/squared"], [f"{p}/var"], axes=axes, keepdims=1),
+            helper.make_node("Add", [f"{p}/var", f"{bn.prefix}/eps"], [f"{p}/var_eps"]),
+            helper.make_node("Sqrt", [f"{p}/var_eps"], [f"{p}/std"]),
+            helper.make_node("Div", [f"{p}/centered", f"{p}/std"], [f"{p}/normed"]),
+            helper.make_node("Reshape", [bn.gamma, f"{p}/c_shape"], [f"{p}/gamma"]),
+            helper.make_node("Reshape", [bn.beta, f"{p}/c_shape"], [f"{p}/beta"]),
+            helper.make_node("Mul", [f"{p}/normed", f"{p}/gamma"], [f"{p}/scaled_b"]),
+            helper.make_node("Add", [f"{p}/scaled_b", f"{p}/beta"], [bn.output]),
+            helper.make_node("Reshape", [f"{p}/mean", f"{p}/flat"], [f"{p}/mean_flat"]),
+            helper.make_node("Reshape", [f"{p}/var", f"{p}/flat"], [f"{p}/var_flat"]),
+            # n/(n−1) with n = elements per channel = Size(z) / channels
+            helper.make_node("Size", [z], [f"{p}/size"]),
+            helper.make_node("Size", [f"{p}/mean"], [f"{p}/channels"]),
+            helper.make_node("Div", [f"{p}/size", f"{p}/channels"], [f"{p}/count_i"]),
+            helper.make_node("Cast", [f"{p}/count_i"], [f"{p}/count"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Sub", [f"{p}/count", f"{p}/one"], [f"{p}/count_1"]),
+            helper.make_node("Div", [f"{p}/count", f"{p}/count_1"], [f"{p}/bessel"]),
+            helper.make_node("Mul", [f"{p}/var_flat", f"{p}/bessel"], [f"{p}/var_unbiased"])]

@@ -66,9 +66,20 @@ def frozen_copy(b: GraphBuilder, weight: str, transpose: bool = False) -> str:
     plugin (f32) computes a second Conv/ConvTranspose/MatMul over a constant that a forward node also reads with
     another layout wrongly (up to O(1) off); a distinct constant avoids it. Trainable weights pass through."""
     value = b.constants.get(weight)
-    if value is None:
-        return weight
+    if value is None or weight in b.statistics:
+        return b.op("Transpose", [weight], perm=[1, 0]) if transpose else weight
     return b.const(value.T.copy() if transpose else value.copy())
+
+
+def bn_folded_weight(b: GraphBuilder, weight: str) -> tuple[str, str] | None:
+    """(W, scale) when a conv weight is a frozen W·scale folded from a BN whose statistics stay replaceable
+    (toolchain/bn.py names it `bnfold/…/weight`), else None. Its dX then scales dY per output channel and reads
+    a copy of W: the folded product would be a constant shared with the forward conv (see frozen_copy)."""
+    node = b.producers.get(weight)
+    if node is None or node.op_type != "Mul" or not (weight.startswith("bnfold/") and weight.endswith("/weight")):
+        return None
+    raw, scale = node.input
+    return (raw, scale) if raw in b.constants and raw not in b.statistics else None
 
 
 def _scale(b: GraphBuilder, grad: str, factor: float) -> str:
@@ -326,7 +337,7 @@ def _matmul(b, node, dy):
     xs, ws = b.static(x), b.static(w)
     if len(ws) != 2:
         raise ExportError(f"MatMul {node.name}: only a 2-D right operand (a weight) can be differentiated.")
-    wt = frozen_copy(b, w, transpose=True) if w in b.constants else b.op("Transpose", [w], perm=[1, 0])
+    wt = frozen_copy(b, w, transpose=True)
     dx = b.op("MatMul", [dy[0], wt])
     rows_x = b.op("Reshape", [x, b.const([-1, xs[-1]], np.int64)])
     rows_g = b.op("Reshape", [dy[0], b.const([-1, ws[-1]], np.int64)])
@@ -353,6 +364,11 @@ def _is_pointwise(geo: dict) -> bool:
 
 def _conv_input_grad(b: GraphBuilder, node, g: str, geo: dict) -> str:
     x, w = node.input[0], node.input[1]
+    folded = bn_folded_weight(b, w)
+    if folded is not None:  # conv(x, W·s)'s dX = conv'(dY·s, W): s is per output channel
+        w, scale = folded
+        shape = b.const([1, b.static(w)[0]] + [1] * len(geo["kernel"]), np.int64)
+        g = b.op("Mul", [g, b.op("Reshape", [scale, shape])])
     xs, ys = b.static(x), b.static(node.output[0])
     if _is_pointwise(geo):  # dX = Wᵀ·dY per pixel
         c_out, c_in = b.static(w)[:2]

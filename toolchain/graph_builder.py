@@ -23,6 +23,8 @@ class GraphBuilder:
         self._count = 0
         self._constants: dict[tuple, str] = {}
         self.constants: dict[str, np.ndarray] = {}  # values of the source graph's constants, by tensor name
+        self.statistics: set[str] = set()  # BN running statistics: constants a device may replace
+        self.producers: dict[str, onnx.NodeProto] = {}  # the source graph's node producing each tensor
 
     def name(self, hint: str) -> str:
         while True:

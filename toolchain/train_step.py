@@ -3,7 +3,9 @@
     train_step(input, labels, lr, step, params, [adam_m, adam_v]) -> loss, logits, params.new, [adam_m.new, adam_v.new]
 
 `params` holds every trainable tensor flattened into one vector (the layout is recorded in the manifest), so AdamW
-is a handful of vector ops whatever the model. Frozen weights stay initializers. `forward(input, params) -> logits`
+is a handful of vector ops whatever the model. Frozen weights stay initializers; BN running statistics stay
+initializers of their own (not folded into the weights at export), so a device can replace them (AdaBN) when it
+opens a session, and the engine folds them then. `forward(input, params) -> logits`
 is the eval/inference graph over the same state. Losses follow PyTorch's definitions and AdamW ONNX Runtime
 training's; the losses' gradients are written analytically, the model's by `gradients.backward`.
 """
@@ -18,6 +20,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgeadapt.runtime.manifest import StateLayout
+from edgeadapt.toolchain.bn import statistics_names
 from edgeadapt.toolchain.fold import fold_constants
 from edgeadapt.toolchain.gradients import backward, prune
 from edgeadapt.toolchain.graph_builder import GraphBuilder, inferred_shapes
@@ -83,7 +86,7 @@ def _vector(name: str, size: int | str = "state") -> onnx.ValueInfoProto:
 
 
 def build_forward(model: onnx.ModelProto, layout: list[StateLayout]) -> onnx.ModelProto:
-    model = fold_constants(model, {p.name for p in layout})
+    model = fold_constants(model, {p.name for p in layout} | set(statistics_names(model)))
     base = _without_trainable(model, {p.name for p in layout})
     b = GraphBuilder(_names(model), {}, "unpack")
     _unpack_params(b, layout)
@@ -121,11 +124,13 @@ class _Backward:
 
 def _backward(model: onnx.ModelProto, trainable: list[str], loss: str, output: str) -> _Backward:
     layout = state_layout(model, trainable)
-    model = fold_constants(model, set(trainable))
+    model = fold_constants(model, set(trainable) | set(statistics_names(model)))  # BN statistics stay replaceable
     base = _without_trainable(model, set(trainable))
     shapes = inferred_shapes(model)
     b = GraphBuilder(_names(model), shapes, "step")
     b.constants = {k: v for k, v in _constants(model).items() if k not in set(trainable)}
+    b.statistics = set(statistics_names(model))
+    b.producers = {out: node for node in base.graph.node for out in node.output}
     _unpack_params(b, layout)
     head = list(b.nodes)
     b.nodes.clear()
