@@ -51,7 +51,8 @@ def held_out_accuracy(bundle: Path, data_file: Path, prefix_file: str) -> tuple[
 
     b = Bundle.open(bundle)
     data = load_dataset(data_file, b.manifest)
-    runner = PrefixRunner(b.path / prefix_file, threads=2)
+    runner = PrefixRunner(b.path / prefix_file, threads=2,
+                          statistics=load_state(b.state_path, b.manifest, b.bundle_id).statistics)
     suffix = open_engine(b, b.graphs(split=True), training=False)
     suffix.load(load_state(b.state_path, b.manifest, b.bundle_id))
     correct = 0

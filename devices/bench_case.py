@@ -57,8 +57,9 @@ def time_training(bundle, batch: int, threads: int, steps: int, warmup: int, eng
     from edgeadapt.runtime.targets import PREFIX_BATCH
 
     opened = open_engine(bundle, bundle.graphs(split), engine, device, threads)
-    opened.load(load_state(bundle.state_path, bundle.manifest, bundle.bundle_id))
-    runner = PrefixRunner(bundle.prefix_path, threads=threads) if split else None
+    state = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id)
+    opened.load(state)
+    runner = PrefixRunner(bundle.prefix_path, threads=threads, statistics=state.statistics) if split else None
     x, y = _batch(bundle.manifest, batch)
     chunk = min(PREFIX_BATCH, batch)  # as the trainer extracts features
     times = []
@@ -83,7 +84,7 @@ def _latency(run, x, repeats: int = 20) -> float:
 
 def inference_latencies(bundle, threads: int) -> dict[str, float]:
     """Batch-1 latency (ms, median) of the deployed model on every backend present here."""
-    from edgeadapt.runtime.deploy import export_onnx
+    from edgeadapt.runtime.deploy import export_onnx, inference_prefix
 
     x, _ = _batch(bundle.manifest, 1)
     results = {}
@@ -91,9 +92,10 @@ def inference_latencies(bundle, threads: int) -> dict[str, float]:
         model = Path(tmp) / "model.onnx"
         export_onnx(bundle, model)
         results.update(_latencies(model, x, threads))
-    if bundle.manifest.split is not None:  # where the frozen prefix could run
-        prefix = bundle.path / bundle.manifest.split.prefix_model
-        results.update({f"prefix {k}": v for k, v in _latencies(prefix, x, threads).items()})
+        if bundle.manifest.split is not None:  # where the frozen prefix could run
+            prefix = Path(tmp) / "prefix.onnx"
+            prefix.write_bytes(inference_prefix(bundle))
+            results.update({f"prefix {k}": v for k, v in _latencies(prefix, x, threads).items()})
     return results
 
 

@@ -19,7 +19,7 @@ from edgeadapt.runtime.engines import open_engine
 from edgeadapt.runtime.errors import ConfigError
 from edgeadapt.runtime.lock import bundle_lock
 from edgeadapt.runtime.metrics import evaluate_arrays
-from edgeadapt.runtime.state import TrainState, load_state, named_parameters, save_state
+from edgeadapt.runtime.state import load_state, named_parameters, save_state
 from edgeadapt.runtime.trainer import TrainConfig, Trainer
 
 PREPARED = ".fleet.npz"  # samples already decoded and resized for the bundle (simulation workspaces)
@@ -65,7 +65,7 @@ def trainable_arrays(bundle: Bundle) -> dict[str, np.ndarray]:
 
 
 def write_arrays(bundle: Bundle, arrays: dict[str, np.ndarray]) -> None:
-    """Make `arrays` the bundle's trained state (a finished state, fresh optimizer), under the trainer's lock."""
+    """Make `arrays` the bundle's trainable state (fresh optimizer, no progress), under the trainer's lock."""
     layout = bundle.manifest.portable.layout
     params = np.empty(sum(p.size for p in layout), np.float32)
     for p in layout:
@@ -74,8 +74,9 @@ def write_arrays(bundle: Bundle, arrays: dict[str, np.ndarray]) -> None:
             raise ConfigError(f"the global model lacks {p.name} of shape {p.shape}; server and client bundles "
                               "differ: give the client a copy of the server's bundle.")
         params[p.offset:p.offset + p.size] = np.asarray(value, np.float32).ravel()
-    with bundle_lock(bundle.lock_path):
-        save_state(bundle.state_path, TrainState(params), bundle.manifest, bundle.bundle_id)
+    with bundle_lock(bundle.lock_path):  # the device's own BN statistics (AdaBN) stay
+        current = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id)
+        save_state(bundle.state_path, current.carried(params), bundle.manifest, bundle.bundle_id)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from edgeadapt.runtime.inference import logits_for
 from edgeadapt.runtime.onnx_wire import bake_input
 from edgeadapt.runtime.ort import onnxruntime_module
 from edgeadapt.runtime.ov import openvino_device, openvino_module
-from edgeadapt.runtime.state import load_state
+from edgeadapt.runtime.state import STATISTICS_INPUT, load_state
 
 FORMATS = ("onnx", "openvino")
 TOLERANCE = 1e-4
@@ -40,8 +40,17 @@ def check_batch(bundle: Bundle, batch: int = 4, seed: int = 0) -> np.ndarray:
 def inference_model(bundle: Bundle) -> bytes:
     """The whole forward graph with the bundle's trained parameters baked in: a plain inference model."""
     state = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id)
-    forward = bundle.graphs(split=False).forward.read_bytes()
-    return bake_input(forward, "params", state.params)
+    forward = bake_input(bundle.graphs(split=False).forward.read_bytes(), "params", state.params)
+    if state.statistics is not None:  # the BN statistics, re-estimated or not, become constants too
+        forward = bake_input(forward, STATISTICS_INPUT, state.statistics)
+    return forward
+
+
+def inference_prefix(bundle: Bundle) -> bytes:
+    """A split bundle's frozen prefix with its current BN statistics baked in: a plain inference model."""
+    state = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id)
+    prefix = bundle.prefix_path.read_bytes()
+    return bake_input(prefix, STATISTICS_INPUT, state.statistics) if state.statistics is not None else prefix
 
 
 def export_onnx(bundle: Bundle, path: Path) -> None:

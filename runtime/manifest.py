@@ -50,6 +50,7 @@ class SplitSpec:
     boundary_shape: list[int]  # -1 for the batch dimension
     prefix_model: str = "prefix.onnx"
     suffix_prefix: str = "suffix_"
+    prefix_statistics: list[str] = field(default_factory=list)  # the BN statistics the prefix reads
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,11 @@ class PortableSpec:
     train_step: str = "train_step.onnx"
     forward: str = "forward.onnx"
     state_file: str = "state.safetensors"
+    # BN running statistics, frozen in training: every graph's `bn_stats` input, in the state file; re-estimated
+    # on the device by `adapt-bn` through `statistics_graph` ((input, params) -> per BN: batch mean, unbiased var)
+    statistics: list[StateLayout] = field(default_factory=list)
+    statistics_graph: str = ""
+    statistics_sha256: str = ""  # of the exported statistics, which ONNX Runtime training's artifacts fold in
 
 
 @dataclass(frozen=True)

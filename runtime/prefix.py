@@ -10,6 +10,7 @@ import numpy as np
 from edgeadapt.runtime.errors import BackendError, ConfigError
 from edgeadapt.runtime.ort import available_providers, onnxruntime_module, session_options
 from edgeadapt.runtime.ov import openvino_device
+from edgeadapt.runtime.state import STATISTICS_INPUT
 
 PREFIX_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-qnn", "onnxruntime-nnapi",
                    "onnxruntime-xnnpack", "openvino-cpu", "openvino-gpu", "openvino-npu")
@@ -18,33 +19,38 @@ _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "q
 
 
 class PrefixRunner:
-    """`runner(x)` → boundary features for preprocessed inputs `x`."""
+    """`runner(x)` → boundary features for preprocessed inputs `x`; `statistics`: the bundle's BN statistics, fed
+    to a prefix that reads them (an INT8 prefix has them baked in)."""
 
-    def __init__(self, model: Path, backend: str = "onnxruntime-cpu", threads: int | None = None):
+    def __init__(self, model: Path, backend: str = "onnxruntime-cpu", threads: int | None = None,
+                 statistics: np.ndarray | None = None):
         if backend not in PREFIX_BACKENDS:
             raise ConfigError(f"unknown prefix backend '{backend}'; choose one of {', '.join(PREFIX_BACKENDS)}.")
         self.backend = backend
         engine, device = backend.split("-", 1)
         self._run = self._openvino(model, device.upper(), threads) if engine == "openvino" else \
             self._onnxruntime(model, _PROVIDERS[device], threads)
+        self._extra = {STATISTICS_INPUT: np.ascontiguousarray(statistics, np.float32)} \
+            if statistics is not None and STATISTICS_INPUT in self._inputs else {}
+        if STATISTICS_INPUT in self._inputs and not self._extra:
+            raise ConfigError(f"{model} reads BN statistics: give the bundle's (its state file) to run it.")
 
-    @staticmethod
-    def _onnxruntime(model: Path, provider: str, threads: int | None):
+    def _onnxruntime(self, model: Path, provider: str, threads: int | None):
         if provider not in available_providers():
             raise BackendError(f"ONNX Runtime's {provider} is not available here (available: "
                                f"{', '.join(available_providers())}); use --prefix-device onnxruntime-cpu.")
         session = onnxruntime_module().InferenceSession(str(model), session_options(threads), providers=[provider])
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: x})[0]
+        self._inputs = [i.name for i in session.get_inputs()]
+        return lambda x: session.run(None, {self._inputs[0]: x, **self._extra})[0]
 
-    @staticmethod
-    def _openvino(model: Path, device: str, threads: int | None):
+    def _openvino(self, model: Path, device: str, threads: int | None):
         config = {"INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {}
         if threads and device == "CPU":
             config["INFERENCE_NUM_THREADS"] = threads
         compiled = openvino_device(device).compile_model(str(model), device, config)
+        self._inputs = [port.get_any_name() for port in compiled.inputs]
         output = compiled.output(0)
-        return lambda x: np.asarray(compiled(x)[output])
+        return lambda x: np.asarray(compiled({0: x, **self._extra})[output])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(self._run(np.ascontiguousarray(x, dtype=np.float32)), dtype=np.float32)

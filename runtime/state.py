@@ -23,6 +23,7 @@ from edgeadapt.runtime.errors import BundleError, TrainingError
 from edgeadapt.runtime.manifest import Manifest
 
 STATE_FILE, BEST_STATE_FILE = "state.safetensors", "state.best.safetensors"
+STATISTICS_INPUT = "bn_stats"  # the graphs' input for the BN running statistics
 _DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "I32": np.int32, "U8": np.uint8}
 _NAMES = {np.dtype(v).str: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 << 20
@@ -52,6 +53,11 @@ class TrainState:
     params: np.ndarray
     optimizer: dict[str, np.ndarray] = field(default_factory=dict)
     progress: Progress | None = None
+    statistics: np.ndarray | None = None  # BN running statistics (manifest layout): frozen in training, AdaBN's
+
+    def carried(self, params: np.ndarray | None = None) -> "TrainState":
+        """A fresh state (no optimizer, no progress) with `params` (default: these) and these statistics."""
+        return TrainState(self.params if params is None else params, statistics=self.statistics)
 
 
 # ---- safetensors, in numpy ------------------------------------------------------------------------------------
@@ -119,6 +125,9 @@ def save_state(path: Path, state: TrainState, manifest: Manifest, bundle_id: str
     tensors = {f"params/{name}": value for name, value in
                named_parameters(state.params, manifest.portable.layout).items()}
     tensors.update({f"optimizer/{k}": v for k, v in state.optimizer.items()})
+    if state.statistics is not None:
+        tensors.update({f"statistics/{name}": value for name, value in
+                        named_parameters(state.statistics, manifest.portable.statistics).items()})
     metadata = {"edgeadapt.bundle_id": bundle_id, "format": "pt"}
     if state.progress is not None:
         metadata["edgeadapt.progress"] = json.dumps(dataclasses.asdict(state.progress))
@@ -130,15 +139,22 @@ def load_state(path: Path, manifest: Manifest, bundle_id: str) -> TrainState:
     owner = metadata.get("edgeadapt.bundle_id")
     if owner not in (None, bundle_id):
         raise BundleError(f"state file {path} belongs to another bundle; restore this bundle's state or re-export.")
-    params = np.empty(sum(p.size for p in manifest.portable.layout), np.float32)
-    for p in manifest.portable.layout:
-        value = tensors.get(f"params/{p.name}")
-        if value is None or value.dtype != np.float32 or list(value.shape) != list(p.shape):
-            raise BundleError(f"state file {path} lacks parameter {p.name} of shape {p.shape}; restore "
-                              f"{BEST_STATE_FILE} or re-export the bundle.")
-        params[p.offset:p.offset + p.size] = value.ravel()
+    params = _gather(tensors, "params", manifest.portable.layout, path)
+    statistics = _gather(tensors, "statistics", manifest.portable.statistics, path) \
+        if manifest.portable.statistics else None
     optimizer = {k[len("optimizer/"):]: v for k, v in tensors.items() if k.startswith("optimizer/")}
-    return TrainState(params, optimizer, _progress(metadata.get("edgeadapt.progress"), path))
+    return TrainState(params, optimizer, _progress(metadata.get("edgeadapt.progress"), path), statistics)
+
+
+def _gather(tensors: dict, group: str, layout, path: Path) -> np.ndarray:
+    flat = np.empty(sum(p.size for p in layout), np.float32)
+    for p in layout:
+        value = tensors.get(f"{group}/{p.name}")
+        if value is None or value.dtype != np.float32 or list(value.shape) != list(p.shape):
+            raise BundleError(f"state file {path} lacks {group} tensor {p.name} of shape {p.shape}; restore "
+                              f"{BEST_STATE_FILE} or re-export the bundle.")
+        flat[p.offset:p.offset + p.size] = value.ravel()
+    return flat
 
 
 def _progress(text: str | None, path: Path) -> Progress | None:

@@ -5,6 +5,7 @@ the feature cache, or per batch when augmentation changes the inputs every epoch
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,7 @@ from edgeadapt.runtime.errors import ConfigError
 from edgeadapt.runtime.feature_cache import FeatureCache, namespace
 from edgeadapt.runtime.manifest import sha256_file
 from edgeadapt.runtime.prefix import PrefixRunner
+from edgeadapt.runtime.state import load_state
 
 PREFIX_BATCH = 16  # prefix features are extracted in batches of min(16, batch size): early activations are large
 
@@ -40,6 +42,18 @@ def features_of(data: Dataset, bundle: Bundle, runner: PrefixRunner, cache: Feat
     return Dataset(values, data.targets, False, data.skipped, data.names, features=True)
 
 
+def bundle_statistics(bundle: Bundle) -> np.ndarray | None:
+    """The bundle's current BN statistics (re-estimated by adapt-bn, or the exported ones)."""
+    return load_state(bundle.state_path, bundle.manifest, bundle.bundle_id).statistics
+
+
+def prefix_identity(model: Path, statistics: np.ndarray | None) -> str:
+    """What the prefix computes: its file and the BN statistics it is fed (AdaBN changes the features)."""
+    if statistics is None:
+        return sha256_file(model)
+    return f"{sha256_file(model)}:{hashlib.sha256(np.ascontiguousarray(statistics).tobytes()).hexdigest()}"
+
+
 def prefix_model(bundle: Bundle, int8: bool) -> Path:
     model = bundle.int8_prefix_path if int8 else bundle.prefix_path
     if not model.is_file():
@@ -61,8 +75,9 @@ def prepare(bundle: Bundle, config, train: Dataset,
     if not wants_split(bundle, config.split):
         return train, val, TrainingTarget(bundle.graphs(split=False), split=False)
     model = prefix_model(bundle, config.prefix_int8)
-    runner = PrefixRunner(model, config.prefix_device, config.threads)
-    space = namespace(sha256_file(model), bundle.manifest.input, config.prefix_device)
+    statistics = bundle_statistics(bundle)
+    runner = PrefixRunner(model, config.prefix_device, config.threads, statistics)
+    space = namespace(prefix_identity(model, statistics), bundle.manifest.input, config.prefix_device)
     cache = FeatureCache(bundle.cache_path, space, config.cache_mb << 20)
     target = TrainingTarget(bundle.graphs(split=True), split=True)
     chunk = min(PREFIX_BATCH, config.batch_size or PREFIX_BATCH)

@@ -177,7 +177,7 @@ class Trainer:
             progress = resumable(state.progress, settings)
         else:  # a new run: the latest trained parameters, a fresh optimizer
             progress = Progress(self.bundle.bundle_id, json.dumps(settings, sort_keys=True))
-            state = TrainState(state.params)
+            state = state.carried()
             self.bundle.best_state_path.unlink(missing_ok=True)
         if self.config.proximal_mu:
             self._anchor = state.params.copy()
@@ -207,7 +207,7 @@ class Trainer:
         progress.finished = 1
         if self.config.patience is not None and self.bundle.best_state_path.is_file():
             best = load_state(self.bundle.best_state_path, self.manifest, self.bundle.bundle_id)
-            engine.load(TrainState(best.params))
+            engine.load(best.carried())
         self._save(engine, progress, with_optimizer=False)
 
     def _recover(self, engine: Engine) -> tuple[Engine, Progress]:

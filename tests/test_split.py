@@ -90,9 +90,11 @@ def test_deployed_split_bundle_computes_prefix_then_trained_suffix(bundle_factor
     opened = Bundle.open(bundle)
     data = load_dataset(digit_image_npz, opened.manifest)
     x = preprocess(data.samples[:8], opened.manifest, True)
-    prefix = onnxruntime.InferenceSession(str(bundle / "prefix.onnx")).run(None, {"input": x})[0]
+    state = load_state(opened.state_path, opened.manifest, opened.bundle_id)
+    prefix = onnxruntime.InferenceSession(str(bundle / "prefix.onnx")).run(None, {"input": x,
+                                                                                 "bn_stats": state.statistics})[0]
     suffix = open_engine(opened, opened.graphs(split=True), "onnxruntime", training=False)
-    suffix.load(load_state(opened.state_path, opened.manifest, opened.bundle_id))
+    suffix.load(state)
     deployed = onnxruntime.InferenceSession(str(result.path)).run(None, {"input": x})[0]
     assert np.abs(deployed - suffix.eval_step(prefix, np.zeros(8, np.int64))[1]).max() < 1e-4
 

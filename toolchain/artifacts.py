@@ -6,19 +6,22 @@ suffix too."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
 
 from edgeadapt.runtime.errors import ExportError
 from edgeadapt.runtime.manifest import PortableSpec
+from edgeadapt.toolchain.bn import statistics_graph, statistics_layout
 from edgeadapt.toolchain.split import build_split
-from edgeadapt.toolchain.stages import OUTPUT_NAME, Artifacts, write_initial_state
-from edgeadapt.toolchain.train_step import build_train_step
+from edgeadapt.toolchain.stages import OUTPUT_NAME, Artifacts, initial_values, write_initial_state
+from edgeadapt.toolchain.train_step import build_forward, build_train_step
 
 LOSS_TYPES = {"cross_entropy": "CrossEntropyLoss", "bce_with_logits": "BCEWithLogitsLoss", "mse": "MSELoss",
               "l1": "L1Loss"}
@@ -45,28 +48,39 @@ def write_artifacts(source, lists, opts, out_dir: Path):
     """All graphs of the bundle, its initial state, and the split (when the frozen part is a prefix)."""
     ort_training = has_ort_training()
     memory: dict[str, float] = {}
+    statistics = statistics_layout(source.graph)
 
     def make_graphs(graph, trainable, frozen, prefix=""):
-        portable = write_portable(graph, trainable, opts, out_dir, prefix, memory)
+        portable = write_portable(graph, trainable, opts, out_dir, prefix, memory, statistics)
         if ort_training:
             generate(graph, trainable, frozen, opts.loss, opts.optimizer, opts.weight_decay, out_dir,
                      opts.ort_format, OUTPUT_NAME, prefix)
         return portable
 
     portable = make_graphs(source.graph, lists.trainable, lists.frozen + lists.buffers)
-    split = build_split(source.graph, lists, out_dir, make_graphs, portable) if opts.split else None
+    split = build_split(source.graph, lists, out_dir, make_graphs, portable, statistics) if opts.split else None
     if split is not None:  # the prefix's largest tensor is the network's (early layers are the widest)
         memory["prefix_largest_bytes_per_sample"] = memory["largest_bytes_per_sample"]
+    if statistics:
+        portable = write_statistics_graph(source.graph, portable, out_dir)
     write_initial_state(out_dir, source.graph, portable)
     return Artifacts(portable, split, memory, ort_training)
 
 
+def write_statistics_graph(graph: onnx.ModelProto, portable: PortableSpec, out_dir: Path) -> PortableSpec:
+    """AdaBN's graph, `(input, params) -> bn_batch`, and the exported statistics' hash."""
+    name = "adabn.onnx"
+    onnx.save(build_forward(statistics_graph(graph), portable.layout), str(out_dir / name))
+    values = initial_values(graph, portable.statistics)
+    return replace(portable, statistics_graph=name, statistics_sha256=hashlib.sha256(values.tobytes()).hexdigest())
+
+
 def write_portable(graph: onnx.ModelProto, trainable: list[str], opts, out_dir: Path, prefix: str,
-                   memory: dict[str, float]):
+                   memory: dict[str, float], statistics: list | None = None):
     graphs = build_train_step(graph, trainable, opts.loss, opts.optimizer,
-                              opts.weight_decay if opts.optimizer == "adamw" else 0.0)
+                              opts.weight_decay if opts.optimizer == "adamw" else 0.0, statistics=statistics or [])
     spec = PortableSpec(layout=graphs.layout, state=graphs.state_names, opset=graphs.step.opset_import[0].version,
-                        ir_version=graphs.step.ir_version)
+                        ir_version=graphs.step.ir_version, statistics=list(statistics or []))
     onnx.save(graphs.step, str(out_dir / f"{prefix}{spec.train_step}"))
     onnx.save(graphs.forward, str(out_dir / f"{prefix}{spec.forward}"))
     memory[f"{prefix}kept_bytes_per_sample"] = float(graphs.kept_bytes_per_sample)

@@ -18,6 +18,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper, shape_inference
 
+from edgeadapt.runtime.manifest import StateLayout
+from edgeadapt.runtime.state import STATISTICS_INPUT
+
 BN_POLICIES = ("fold", "affine", "ort")
 
 
@@ -216,3 +219,45 @@ def _batch_norm(model, bn: FoldedBN, z: str, rank: int, pieces: list[str]) -> li
             helper.make_node("Sub", [f"{p}/count", f"{p}/one"], [f"{p}/count_1"]),
             helper.make_node("Div", [f"{p}/count", f"{p}/count_1"], [f"{p}/bessel"]),
             helper.make_node("Mul", [f"{p}/var_flat", f"{p}/bessel"], [f"{p}/var_unbiased"])]
+
+
+
+
+def statistics_layout(model: onnx.ModelProto) -> list[StateLayout]:
+    """Where each running statistic lives in the flat `bn_stats` vector (the bundle's statistics state)."""
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    layout, offset = [], 0
+    for name in statistics_names(model):
+        size = int(np.prod(dims[name]))
+        layout.append(StateLayout(name, dims[name], offset, size))
+        offset += size
+    return layout
+
+
+def statistics_as_input(model: onnx.ModelProto, layout: list[StateLayout]) -> onnx.ModelProto:
+    """`model` reading the BN statistics of `layout` that it has from one flat graph input, `bn_stats` (the whole
+    vector, in every graph), instead of from initializers: the engines then cannot fold them into the weights,
+    and a device feeds re-estimated statistics (AdaBN) without touching the graph."""
+    present = {i.name for i in model.graph.initializer} & {p.name for p in layout}
+    if not present:
+        return model
+    result = copy.deepcopy(model)
+    kept = [i for i in result.graph.initializer if i.name not in present]
+    del result.graph.initializer[:]
+    result.graph.initializer.extend(kept)
+    pieces = [f"bnstats/{p.name}/flat" for p in layout]
+    nodes = [helper.make_node("Split", [STATISTICS_INPUT, "bnstats/sizes"], pieces, axis=0, name="bnstats/split")] \
+        if len(layout) > 1 else [helper.make_node("Identity", [STATISTICS_INPUT], pieces, name="bnstats/split")]
+    result.graph.initializer.append(numpy_helper.from_array(np.array([p.size for p in layout], np.int64),
+                                                            "bnstats/sizes"))
+    for p, piece in zip(layout, pieces):
+        if p.name in present:
+            shape = numpy_helper.from_array(np.array(p.shape, np.int64), f"bnstats/{p.name}/shape")
+            result.graph.initializer.append(shape)
+            nodes.append(helper.make_node("Reshape", [piece, shape.name], [p.name], name=f"bnstats/{p.name}/unpack"))
+    old = list(result.graph.node)
+    del result.graph.node[:]
+    result.graph.node.extend(nodes + old)
+    total = sum(p.size for p in layout)
+    result.graph.input.append(helper.make_tensor_value_info(STATISTICS_INPUT, onnx.TensorProto.FLOAT, [total]))
+    return result

@@ -13,6 +13,7 @@ from onnx.utils import Extractor
 
 from edgeadapt.runtime.errors import InternalError
 from edgeadapt.runtime.manifest import SplitSpec
+from edgeadapt.toolchain.bn import statistics_as_input
 from edgeadapt.toolchain.stages import INPUT_NAME as INPUT
 from edgeadapt.toolchain.stages import OUTPUT_NAME as OUTPUT
 
@@ -62,7 +63,8 @@ def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> o
     return part
 
 
-def build_split(model: onnx.ModelProto, lists, out_dir: Path, make_graphs, whole) -> SplitSpec | None:
+def build_split(model: onnx.ModelProto, lists, out_dir: Path, make_graphs, whole,
+                statistics: list | None = None) -> SplitSpec | None:
     """Write prefix.onnx and the suffix's graphs (`make_graphs(graph, trainable, frozen, prefix)`); the split
     section of the manifest, or None when the frozen part is not a prefix of the network."""
     inferred = shape_inference.infer_shapes(model)
@@ -75,9 +77,12 @@ def build_split(model: onnx.ModelProto, lists, out_dir: Path, make_graphs, whole
         return None
     shape = _shape(inferred, boundary)
     shape[0] = -1
-    onnx.save(_extract(inferred, [INPUT], [boundary]), str(out_dir / "prefix.onnx"))
+    prefix = _extract(inferred, [INPUT], [boundary])
+    read = {init.name for init in prefix.graph.initializer}
+    onnx.save(statistics_as_input(prefix, statistics or []), str(out_dir / "prefix.onnx"))
     frozen = [n for n in lists.frozen + lists.buffers if n in names]
     suffix_spec = make_graphs(suffix, lists.trainable, frozen, SUFFIX)
     if suffix_spec.layout != whole.layout:
         raise InternalError("the suffix's state layout differs from the whole graph's")
-    return SplitSpec(boundary=boundary, boundary_shape=shape, suffix_prefix=SUFFIX)
+    return SplitSpec(boundary=boundary, boundary_shape=shape, suffix_prefix=SUFFIX,
+                     prefix_statistics=[p.name for p in statistics or [] if p.name in read])

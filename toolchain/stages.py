@@ -61,13 +61,23 @@ class Artifacts:
     ort_training: bool  # ONNX Runtime training artifacts written
 
 
-def initial_state(graph: onnx.ModelProto, layout: list) -> TrainState:
+def initial_values(graph: onnx.ModelProto, layout: list) -> np.ndarray:
+    """The graph's initializers of `layout` as one flat float32 vector."""
     values = {init.name: onnx.numpy_helper.to_array(init) for init in graph.graph.initializer}
-    return TrainState(np.concatenate([values[p.name].astype(np.float32).ravel() for p in layout]))
+    return np.concatenate([values[p.name].astype(np.float32).ravel() for p in layout]) if layout \
+        else np.zeros(0, np.float32)
+
+
+def initial_state(graph: onnx.ModelProto, portable: PortableSpec) -> TrainState:
+    statistics = initial_values(graph, portable.statistics) if portable.statistics else None
+    return TrainState(initial_values(graph, portable.layout), statistics=statistics)
 
 
 def write_initial_state(out_dir: Path, graph: onnx.ModelProto, portable: PortableSpec) -> None:
-    """The exported parameters as the bundle's first state (no optimizer state, no progress)."""
-    state = initial_state(graph, portable.layout)
+    """The exported parameters (and BN statistics) as the bundle's first state (no optimizer state, no progress)."""
+    state = initial_state(graph, portable)
     tensors = {f"params/{name}": value for name, value in named_parameters(state.params, portable.layout).items()}
+    if state.statistics is not None:
+        tensors.update({f"statistics/{name}": value for name, value in
+                        named_parameters(state.statistics, portable.statistics).items()})
     write_safetensors(out_dir / STATE_FILE, tensors, {"format": "pt"})

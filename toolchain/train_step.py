@@ -1,11 +1,12 @@
 """The portable training step: one standard-ONNX graph that any maintained engine can run.
 
-    train_step(input, labels, lr, step, params, [adam_m, adam_v]) -> loss, logits, params.new, [adam_m.new, adam_v.new]
+    train_step(input, [bn_stats], labels, lr, step, params, [adam_m, adam_v])
+        -> loss, logits, params.new, [adam_m.new, adam_v.new]
 
 `params` holds every trainable tensor flattened into one vector (the layout is recorded in the manifest), so AdamW
-is a handful of vector ops whatever the model. Frozen weights stay initializers; BN running statistics stay
-initializers of their own (not folded into the weights at export), so a device can replace them (AdaBN) when it
-opens a session, and the engine folds them then. `forward(input, params) -> logits`
+is a handful of vector ops whatever the model. Frozen weights stay initializers; BN running statistics come in as
+one more flat input, `bn_stats` (frozen: no gradient, no optimizer state), so a device can re-estimate them
+(AdaBN) without touching the graphs. `forward(input, params) -> logits`
 is the eval/inference graph over the same state. Losses follow PyTorch's definitions and AdamW ONNX Runtime
 training's; the losses' gradients are written analytically, the model's by `gradients.backward`.
 """
@@ -20,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgeadapt.runtime.manifest import StateLayout
-from edgeadapt.toolchain.bn import statistics_names
+from edgeadapt.toolchain.bn import statistics_as_input
 from edgeadapt.toolchain.fold import fold_constants
 from edgeadapt.toolchain.gradients import backward, prune
 from edgeadapt.toolchain.graph_builder import GraphBuilder, inferred_shapes
@@ -85,8 +86,9 @@ def _vector(name: str, size: int | str = "state") -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, [size])
 
 
-def build_forward(model: onnx.ModelProto, layout: list[StateLayout]) -> onnx.ModelProto:
-    model = fold_constants(model, {p.name for p in layout} | set(statistics_names(model)))
+def build_forward(model: onnx.ModelProto, layout: list[StateLayout],
+                  statistics: list[StateLayout] = ()) -> onnx.ModelProto:
+    model = fold_constants(statistics_as_input(model, list(statistics)), {p.name for p in layout})
     base = _without_trainable(model, {p.name for p in layout})
     b = GraphBuilder(_names(model), {}, "unpack")
     _unpack_params(b, layout)
@@ -122,14 +124,15 @@ class _Backward:
     shapes: dict
 
 
-def _backward(model: onnx.ModelProto, trainable: list[str], loss: str, output: str) -> _Backward:
+def _backward(model: onnx.ModelProto, trainable: list[str], loss: str, output: str,
+              statistics: list[StateLayout]) -> _Backward:
     layout = state_layout(model, trainable)
-    model = fold_constants(model, set(trainable) | set(statistics_names(model)))  # BN statistics stay replaceable
+    model = fold_constants(statistics_as_input(model, statistics), set(trainable))
     base = _without_trainable(model, set(trainable))
     shapes = inferred_shapes(model)
     b = GraphBuilder(_names(model), shapes, "step")
     b.constants = {k: v for k, v in _constants(model).items() if k not in set(trainable)}
-    b.statistics = set(statistics_names(model))
+    b.statistics = {p.name for p in statistics}
     b.producers = {out: node for node in base.graph.node for out in node.output}
     _unpack_params(b, layout)
     head = list(b.nodes)
@@ -146,10 +149,11 @@ def _identity(b: GraphBuilder, source: str, name: str) -> None:
     b.nodes.append(helper.make_node("Identity", [source], [name], name=b.name("out")))
 
 
-def build_gradient_graph(model: onnx.ModelProto, trainable: list[str], loss: str,
-                         output: str = "logits") -> tuple[onnx.ModelProto, list[StateLayout]]:
-    """(input, labels, params) -> loss, logits, gradients: the step's backward pass alone, for validation."""
-    bw = _backward(model, trainable, loss, output)
+def build_gradient_graph(model: onnx.ModelProto, trainable: list[str], loss: str, output: str = "logits",
+                         statistics: list[StateLayout] = ()) -> tuple[onnx.ModelProto, list[StateLayout]]:
+    """(input, [bn_stats], labels, params) -> loss, logits, gradients: the step's backward pass alone, for
+    validation."""
+    bw = _backward(model, trainable, loss, output, list(statistics))
     _identity(bw.builder, bw.loss, "loss")
     _identity(bw.builder, bw.flat_grad, "gradients")
     total = sum(p.size for p in bw.layout)
@@ -160,8 +164,9 @@ def build_gradient_graph(model: onnx.ModelProto, trainable: list[str], loss: str
 
 
 def build_train_step(model: onnx.ModelProto, trainable: list[str], loss: str, optimizer: str,
-                     weight_decay: float, output: str = "logits") -> PortableGraphs:
-    bw = _backward(model, trainable, loss, output)
+                     weight_decay: float, output: str = "logits",
+                     statistics: list[StateLayout] = ()) -> PortableGraphs:
+    bw = _backward(model, trainable, loss, output, list(statistics))
     b = bw.builder
     total = sum(p.size for p in bw.layout)
     state_names = ["params", "adam_m", "adam_v"] if optimizer == "adamw" else ["params"]
@@ -176,7 +181,7 @@ def build_train_step(model: onnx.ModelProto, trainable: list[str], loss: str, op
                *(_vector(f"{n}.new", total) for n in state_names)]
     step = _finish(bw.base, b, bw.head, inputs, outputs)
     kept, largest = _activation_bytes(step, bw.base, b, bw.shapes)
-    return PortableGraphs(step, build_forward(model, bw.layout), bw.layout, state_names, kept, largest)
+    return PortableGraphs(step, build_forward(model, bw.layout, statistics), bw.layout, state_names, kept, largest)
 
 
 def _activation_bytes(step: onnx.ModelProto, base: onnx.ModelProto, b: GraphBuilder, shapes: dict) -> tuple[int, int]:

@@ -21,7 +21,9 @@ from edgeadapt.runtime.losses import mean_loss
 from edgeadapt.runtime.ort import onnxruntime_module
 from edgeadapt.runtime.prefix import PrefixRunner
 from edgeadapt.runtime.state import load_state, named_parameters
-from edgeadapt.toolchain.stages import initial_state
+from edgeadapt.runtime.targets import bundle_statistics
+from edgeadapt.toolchain.bn import STATISTICS_INPUT, statistics_layout
+from edgeadapt.toolchain.stages import initial_values
 from edgeadapt.toolchain.train_step import build_gradient_graph
 
 EVAL_TOLERANCE = 1e-4  # max abs difference of the outputs, fp32
@@ -65,10 +67,14 @@ def portable_gradients(source, trainable: list[str], loss: str, x: np.ndarray,
                        y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
     """Loss and gradients of the portable step's backward pass, run on onnxruntime."""
 
-    graph, layout = build_gradient_graph(source.graph, trainable, loss)
-    params = initial_state(source.graph, layout).params
+    statistics = statistics_layout(source.graph)
+    graph, layout = build_gradient_graph(source.graph, trainable, loss, statistics=statistics)
+    params = initial_values(source.graph, layout)
     session = onnxruntime_module().InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    value, flat = session.run(["loss", "gradients"], {"input": x, "labels": y, "params": params})
+    feed = {"input": x, "labels": y, "params": params}
+    if statistics:
+        feed[STATISTICS_INPUT] = initial_values(source.graph, statistics)
+    value, flat = session.run(["loss", "gradients"], feed)
     return float(value), named_parameters(flat, layout)
 
 
@@ -165,7 +171,7 @@ def _ort_training(bundle, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str
 def _check_split(bundle, x: np.ndarray) -> float:
     """prefix.onnx followed by the suffix's forward graph must give the whole forward graph's outputs."""
 
-    features = PrefixRunner(bundle.prefix_path)(x)
+    features = PrefixRunner(bundle.prefix_path, statistics=bundle_statistics(bundle))(x)
     diff = float(np.abs(_logits(bundle, features, split=True) - _logits(bundle, x)).max())
     if diff > EVAL_TOLERANCE:
         raise InternalError(f"prefix + suffix differ from the whole graph by {diff:.2e}")

@@ -10,7 +10,7 @@ import numpy as np
 from edgeadapt.runtime.errors import BackendError
 from edgeadapt.runtime.losses import mean_loss
 from edgeadapt.runtime.ort import available_providers, onnxruntime_module, session_options
-from edgeadapt.runtime.state import TrainState, optimizer_vectors
+from edgeadapt.runtime.state import STATISTICS_INPUT, TrainState, optimizer_vectors
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "rocm": "ROCMExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider", "dml": "DmlExecutionProvider",
@@ -58,6 +58,7 @@ class OnnxRuntimeEngine:
         self._where = (kind, index) if kind in _ON_DEVICE else ("cpu", 0)
         self._state_names = list(manifest.portable.state)
         self._values: dict = {}
+        self._statistics: dict = {}  # {"bn_stats": OrtValue} when the graphs take BN statistics
         self._t = 0
 
     def _ortvalue(self, array: np.ndarray):
@@ -66,11 +67,14 @@ class OnnxRuntimeEngine:
     def load(self, state: TrainState) -> None:
         moments, self._t = optimizer_vectors(state, self._state_names[1:])
         self._values = {name: self._ortvalue(value) for name, value in {"params": state.params, **moments}.items()}
+        self._statistics = {STATISTICS_INPUT: self._ortvalue(state.statistics)} if state.statistics is not None \
+            else {}
 
     def state(self) -> TrainState:
         optimizer = {name: self._values[name].numpy() for name in self._state_names[1:]}
         optimizer["step"] = np.asarray(self._t, np.int64)
-        return TrainState(self._values["params"].numpy(), optimizer)
+        statistics = self._statistics[STATISTICS_INPUT].numpy() if self._statistics else None
+        return TrainState(self._values["params"].numpy(), optimizer, statistics=statistics)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         binding = self._step.io_binding()
@@ -80,6 +84,7 @@ class OnnxRuntimeEngine:
         binding.bind_cpu_input("step", np.asarray(self._t + 1, np.int64))
         for name in self._state_names:
             binding.bind_ortvalue_input(name, self._values[name])
+        self._bind_statistics(binding, self._step)
         binding.bind_output("loss", "cpu")
         binding.bind_output(self.manifest.output_name, "cpu")
         for name in self._state_names:
@@ -96,9 +101,17 @@ class OnnxRuntimeEngine:
         binding = self._forward.io_binding()
         binding.bind_cpu_input(self._forward.get_inputs()[0].name, np.ascontiguousarray(x, np.float32))
         binding.bind_ortvalue_input("params", self._values["params"])
+        self._bind_statistics(binding, self._forward)
         binding.bind_output(self.manifest.output_name, "cpu")
         self._forward.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()
+
+    def _bind_statistics(self, binding, session) -> None:
+        """BN statistics go to the graphs that read them (a head's suffix has no BN)."""
+        wanted = {i.name for i in session.get_inputs()}
+        for name, value in self._statistics.items():
+            if name in wanted:
+                binding.bind_ortvalue_input(name, value)
 
     def eval_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         logits = self.logits(x)

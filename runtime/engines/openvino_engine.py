@@ -10,7 +10,7 @@ import numpy as np
 from edgeadapt.runtime.errors import BackendError
 from edgeadapt.runtime.losses import mean_loss
 from edgeadapt.runtime.ov import openvino_module
-from edgeadapt.runtime.state import TrainState, optimizer_vectors
+from edgeadapt.runtime.state import STATISTICS_INPUT, TrainState, optimizer_vectors
 
 
 def devices() -> list[str]:
@@ -40,6 +40,7 @@ class OpenVinoEngine:
         self._compiled: dict[tuple[str, int], object] = {}
         self._state_names = list(manifest.portable.state)
         self._values: dict[str, np.ndarray] = {}
+        self._statistics: dict[str, np.ndarray] = {}  # {"bn_stats": vector} when the graphs take BN statistics
         self._t = 0
 
     def _request(self, graph: str, batch: int):
@@ -54,16 +55,20 @@ class OpenVinoEngine:
     def load(self, state: TrainState) -> None:
         moments, self._t = optimizer_vectors(state, self._state_names[1:])
         self._values = {"params": np.ascontiguousarray(state.params, np.float32), **moments}
+        self._statistics = {STATISTICS_INPUT: np.ascontiguousarray(state.statistics, np.float32)} \
+            if state.statistics is not None else {}
 
     def state(self) -> TrainState:
         optimizer = {name: self._values[name].copy() for name in self._state_names[1:]}
         optimizer["step"] = np.asarray(self._t, np.int64)
-        return TrainState(self._values["params"].copy(), optimizer)
+        statistics = self._statistics[STATISTICS_INPUT].copy() if self._statistics else None
+        return TrainState(self._values["params"].copy(), optimizer, statistics=statistics)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         request = self._request("step", len(x))
         feed = {0: np.ascontiguousarray(x, np.float32), "labels": np.ascontiguousarray(y),
-                "lr": np.asarray(lr, np.float32), "step": np.asarray(self._t + 1, np.int64), **self._values}
+                "lr": np.asarray(lr, np.float32), "step": np.asarray(self._t + 1, np.int64), **self._values,
+                **self._statistics_for(request)}
         result = request.infer(feed)
         outputs = {k.get_any_name(): v for k, v in result.items()}
         loss = float(outputs["loss"])
@@ -74,8 +79,14 @@ class OpenVinoEngine:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         request = self._request("forward", len(x))
-        result = request.infer({0: np.ascontiguousarray(x, np.float32), "params": self._values["params"]})
+        result = request.infer({0: np.ascontiguousarray(x, np.float32), "params": self._values["params"],
+                                **self._statistics_for(request)})
         return np.array(next(v for k, v in result.items() if self.manifest.output_name in k.get_names()))
+
+    def _statistics_for(self, request) -> dict:
+        """BN statistics for the graphs that read them (a head's suffix has no BN)."""
+        wanted = {name for port in request.model_inputs for name in port.get_names()}
+        return {name: value for name, value in self._statistics.items() if name in wanted}
 
     def eval_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         logits = self.logits(x)
@@ -85,6 +96,7 @@ class OpenVinoEngine:
 def _batched(port, batch: int) -> list[int]:
     """The port's shape with the batch fixed (state vectors and scalars keep theirs)."""
     shape = port.get_partial_shape()
-    if shape.rank.get_length() == 0 or port.get_any_name() in ("lr", "step", "params", "adam_m", "adam_v"):
+    if shape.rank.get_length() == 0 or port.get_any_name() in ("lr", "step", "params", "adam_m", "adam_v",
+                                                                             STATISTICS_INPUT):
         return [d.get_length() for d in shape] if shape.is_static else shape
     return [batch, *[d.get_length() for d in list(shape)[1:]]]

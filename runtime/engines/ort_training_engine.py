@@ -5,6 +5,7 @@ checkpoint (which holds its optimizer state) travels inside the state file for a
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -54,6 +55,7 @@ class OrtTrainingEngine:
         self._threads = threads
         self._device = _device_name(device)
         self.module = self.optimizer = self.checkpoint = None
+        self._statistics: np.ndarray | None = None
 
     def _open(self, checkpoint: Path) -> None:
         self.checkpoint = _load_checkpoint(self.api, checkpoint)
@@ -62,6 +64,8 @@ class OrtTrainingEngine:
         self.optimizer = self.api.Optimizer(str(self.graphs.ort_optimizer), self.module)
 
     def load(self, state: TrainState) -> None:
+        self._check_statistics(state.statistics)
+        self._statistics = state.statistics
         saved = state.optimizer.get(CHECKPOINT_KEY)
         if saved is None:
             self._open(self.graphs.ort_checkpoint)
@@ -81,7 +85,16 @@ class OrtTrainingEngine:
             self.api.CheckpointState.save_checkpoint(self.checkpoint, str(path), include_optimizer_state=True)
             saved = np.frombuffer(path.read_bytes(), np.uint8).copy()
             os.remove(path)
-        return TrainState(params, {CHECKPOINT_KEY: saved})
+        return TrainState(params, {CHECKPOINT_KEY: saved}, statistics=self._statistics)
+
+    def _check_statistics(self, statistics: np.ndarray | None) -> None:
+        """ONNX Runtime training's artifacts hold the exported BN statistics folded in: re-estimated ones (AdaBN)
+        need a portable engine."""
+        exported = self.manifest.portable.statistics_sha256
+        if statistics is not None and exported and \
+                hashlib.sha256(np.ascontiguousarray(statistics, np.float32).tobytes()).hexdigest() != exported:
+            raise BackendError("this bundle's BN statistics were re-estimated (adapt-bn), and the ort-training "
+                               "engine can only use the exported ones: use --engine onnxruntime or openvino.")
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         self.module.train()
