@@ -99,6 +99,8 @@ def train(
     auto_batch: bool = typer.Option(False, "--auto-batch", help="With --profile: the largest batch that fits."),
     trusted_key: Optional[Path] = typer.Option(None, "--trusted-key", help="Refuse bundles not signed by this key."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    adabn: bool = typer.Option(False, "--adabn", help="First re-estimate the BN statistics on the data (AdaBN)."),
+    adabn_scope: str = typer.Option("all", "--adabn-scope", help="all | prefix: which BN statistics --adabn sets."),
 ):
     """Train the bundle on local data (no torch needed)."""
     from edgeadapt.runtime.trainer import TrainConfig, Trainer
@@ -115,7 +117,7 @@ def train(
                          val_split=val_split, patience=patience, max_minutes=max_minutes, augment=augment,
                          engine=engine, device=device, threads=threads, checkpoint_every=checkpoint_every,
                          resume=resume, split=split, prefix_device=prefix_device, prefix_int8=prefix_int8,
-                         cache_mb=cache_mb)
+                         cache_mb=cache_mb, adabn=adabn_scope if adabn else "")
     with (contextlib.nullcontext(None) if quiet else progress_bar()) as on_batch:
         summary = Trainer(opened, config, on_batch=on_batch).fit(data)
     _print_summary(summary, bundle)
@@ -140,6 +142,24 @@ def _print_summary(summary, bundle: Path) -> None:
         typer.echo(f"note: {note}")
     if summary.stopped == "time_limit":
         typer.echo(f"time limit reached: continue with `edgeadapt train {bundle} DATA --resume` and the same options.")
+
+
+def adapt_bn(bundle: Path = typer.Argument(..., help="Bundle folder (its BN statistics are updated in place)."),
+             data: Path = typer.Argument(..., help="Local samples, labels unused: images (any folders), .npz or .csv."),
+             scope: str = typer.Option("all", "--scope", help="all: every BN; prefix: the frozen prefix's only."),
+             batch_size: int = typer.Option(32, "--batch-size"),
+             threads: Optional[int] = typer.Option(None, "--threads"), as_json: bool = typer.Option(False, "--json"),
+             trusted_key: Optional[Path] = typer.Option(None, "--trusted-key",
+                                                        help="Refuse bundles not signed by this key.")):
+    """AdaBN: re-estimate the frozen BatchNorm statistics on the device's data, forward only (no labels)."""
+    from edgeadapt.runtime.adabn import adapt_bn as run
+
+    result = run(_bundle(bundle, trusted_key), data, scope, batch_size, threads)
+    if as_json:
+        typer.echo(json.dumps(asdict(result)))
+        return
+    typer.echo(f"AdaBN ({result.scope}): {result.statistics} BN statistics re-estimated from {result.samples} samples "
+               f"in {result.batches} batches ({result.seconds:.1f}s); relative change {result.relative_change:.3f}")
 
 
 def evaluate(bundle: Path = typer.Argument(...), data: Path = typer.Argument(...),
@@ -241,5 +261,6 @@ def quantize_prefix(bundle: Path = typer.Argument(...),
 
 def register(app: typer.Typer) -> None:
     app.command("quantize-prefix")(quantize_prefix)
+    app.command("adapt-bn")(adapt_bn)
     for command in (inspect, train, evaluate, predict, deploy, keygen, pack, unpack):
         app.command()(command)

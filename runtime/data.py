@@ -142,6 +142,34 @@ def load_image_folder(root: Path, manifest: Manifest, max_bad_fraction: float = 
     return Dataset(samples, targets[kept], True, skipped, [str(files[i][0]) for i in kept])
 
 
+def load_unlabeled(path: str | Path, manifest: Manifest, max_bad_fraction: float = 0.1) -> Dataset:
+    """Samples without labels (AdaBN): every image under a folder (class subfolders or not), an .npz's `x`, or a
+    labelled .csv; targets are zeros."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in f.relative_to(path).parts))
+        spec = manifest.input
+        images, skipped = [], []
+        for file in files:
+            try:
+                images.append(decode_image(file, spec.channels, tuple(spec.resize), spec.crop))
+            except Exception as exc:  # PIL raises many types for broken files; all mean "skip this file"
+                skipped.append((str(file), f"{type(exc).__name__}: {str(exc)[:80]}"))
+        if not images or len(skipped) > max_bad_fraction * len(files):
+            raise DataError(f"{path} holds {len(images)} readable images of {len(files)}; give a folder of images.")
+        return Dataset(np.stack(images), np.zeros(len(images), np.int64), True, skipped)
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                x = archive["x"]
+        except Exception as exc:
+            raise DataError(f"{path} is not a readable .npz with an array x ({type(exc).__name__}).") from None
+        samples, is_image = _samples(x, manifest, str(path))
+        return Dataset(samples, np.zeros(len(samples), np.int64), is_image)
+    return load_dataset(path, manifest, max_bad_fraction)
+
+
 # ---- arrays (npz, csv) ----------------------------------------------------------------------------------------
 
 def _check_finite(x: np.ndarray, where: str) -> None:

@@ -4,6 +4,7 @@ a time budget, atomic resumable checkpoints and recovery from a diverging loss."
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from edgeadapt.runtime import targets
+from edgeadapt.runtime.adabn import SCOPES, adapt_bn_locked
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.data import Dataset, batch_inputs, load_dataset, split
 from edgeadapt.runtime.engines import Engine, open_engine, resolve_engine
@@ -49,6 +51,7 @@ class TrainConfig:
     prefix_int8: bool = False  # use prefix_int8.onnx (see `edgeadapt quantize-prefix`)
     cache_mb: int = 2048
     proximal_mu: float = 0.0  # FedProx: pull towards the run's starting parameters (see `_pull_to_anchor`)
+    adabn: str = ""  # "all" | "prefix": re-estimate BN statistics on the training data first (new runs only)
 
     def for_bundle(self, manifest) -> "TrainConfig":
         """Unset epochs and batch size from the bundle; precedence: flag > manifest > default."""
@@ -68,6 +71,8 @@ class TrainConfig:
             raise ConfigError("--val-split must be in [0, 1).")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError("--lr must be positive.")
+        if self.adabn and self.adabn not in SCOPES:
+            raise ConfigError(f"unknown AdaBN scope '{self.adabn}'; choose all or prefix.")
         if self.proximal_mu < 0:
             raise ConfigError("the proximal term's mu must be >= 0.")
         if self.proximal_mu and self.resume:
@@ -142,7 +147,14 @@ class Trainer:
         train, val = split(dataset, self.config.val_split, self.config.seed)
         with bundle_lock(self.bundle.lock_path):
             self._remove_stale_temporaries()
+            adapted = None
+            if self.config.adabn and not self.config.resume:  # a resumed run has its statistics already
+                adapted = adapt_bn_locked(self.bundle, train, self.config.adabn, self.config.batch_size,
+                                          self.config.threads)
             train, val, self.target = targets.prepare(self.bundle, self.config, train, val)
+            if adapted is not None:
+                self.target.notes.insert(0, f"AdaBN ({adapted.scope}): {adapted.statistics} BN statistics "
+                                            f"re-estimated on {adapted.samples} samples")
             summary = self._run(train, val)
         summary.skipped_files = dataset.skipped
         summary.notes = self.target.notes
@@ -173,6 +185,8 @@ class Trainer:
 
     def _start(self, settings: dict) -> tuple[Engine, Progress]:
         state, engine = self._load(), self._engine()
+        if state.statistics is not None:  # a resumed run must see the statistics it started with
+            settings = {**settings, "statistics": hashlib.sha256(state.statistics.tobytes()).hexdigest()[:16]}
         if self.config.resume:
             progress = resumable(state.progress, settings)
         else:  # a new run: the latest trained parameters, a fresh optimizer
