@@ -73,9 +73,11 @@ def export(preset: str, size: int, out: Path) -> Path:
     return out
 
 
-def simulate_command(bundle: Path, data: Path, clients: int, rounds: int, alpha: float, seed: int = 0) -> list[str]:
+def simulate_command(bundle: Path, data: Path, clients: int, rounds: int, alpha: float, seed: int = 0,
+                     local_epochs: int = 1) -> list[str]:
     return [sys.executable, "-m", "edgeadapt", "fleet", "simulate", str(bundle), str(data), "--clients", str(clients),
-            "--rounds", str(rounds), "--non-iid", str(alpha), "--seed", str(seed), "--json"]
+            "--rounds", str(rounds), "--non-iid", str(alpha), "--seed", str(seed), "--local-epochs",
+            str(local_epochs), "--json"]
 
 
 def fashion_npz(path: Path, count: int, seed: int) -> Path:
@@ -101,8 +103,9 @@ def summary(runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--samples", type=int, default=3000, help="Fashion-MNIST train images used")
-    parser.add_argument("--sweep", default="1500,10000", help="more data sizes, for the summary table")
+    parser.add_argument("--samples", type=int, default=10000, help="Fashion-MNIST train images used")
+    parser.add_argument("--sweep", default="3000", help="more data sizes, for the summary table")
+    parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=10)
@@ -123,7 +126,7 @@ def main() -> None:
             for seed in seeds:
                 data = fashion_npz(root / "fashion.npz", count, seed)
                 report, wall, peak = run_measured(simulate_command(head, data, args.clients, args.rounds, args.alpha,
-                                                                   seed))
+                                                                   seed, args.local_epochs))
                 report.update(wall_seconds=round(wall, 1), peak_rss_mb=round(peak), samples=count, size=args.size,
                               seed=seed)
                 runs.setdefault(count, []).append(report)
@@ -152,7 +155,7 @@ def markdown(result: dict) -> str:
     report = result["main"]
     lines = [f"Seed {report['seed']}, {report['samples']} Fashion-MNIST train images at {report['size']} px, "
              f"MobileNetV2 ImageNet, head preset, {report['clients']} clients, Dirichlet {report['alpha']}, "
-             f"{len(report['rounds'])} rounds of {report['local_epochs']} local epoch, FedAvg; wall "
+             f"{len(report['rounds'])} rounds of {report['local_epochs']} local epochs, FedAvg; wall "
              f"{report['wall_seconds']:.0f} s, peak RSS {report['peak_rss_mb']} MB (all processes).", "",
              "| round | global acc | client acc mean / min | personalized mean / min | bytes up | bytes down | s |",
              "|---|---|---|---|---|---|---|"]

@@ -7,6 +7,9 @@ two plots (accuracy vs shots; accuracy vs peak memory) and a JSON of every run.
 
     python benchmarks/study.py --quick                 # digits (scikit-learn), 32 px: about 2 minutes
     python benchmarks/study.py --out docs/study        # Fashion-MNIST train split, 96 px, k 1..50, 3 seeds
+    python benchmarks/study.py --out docs/study --strategies head,head+adabn --merge docs/study/runs.json
+
+`X+adabn`: preset X, and `train --adabn` (the BN statistics re-estimated on the k-shot training images first).
 """
 
 from __future__ import annotations
@@ -22,16 +25,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-STRATEGIES = ("scratch", "head", "bias", "last:2", "full")
+STRATEGIES = ("scratch", "head", "bias", "last:2", "full", "head+adabn", "last:2+adabn")
 RUN = """
 import json, sys, time
 sys.modules['torch'] = None
 from edgeadapt.devices.bench_case import peak_rss_mb
 from edgeadapt.runtime.inference import evaluate
 from edgeadapt.runtime.trainer import Trainer, TrainConfig
-bundle, train, test, epochs, batch, seed = sys.argv[1:7]
+bundle, train, test, epochs, batch, seed, adabn = sys.argv[1:8]
 started = time.perf_counter()
-Trainer(bundle, TrainConfig(epochs=int(epochs), batch_size=int(batch), seed=int(seed), val_split=0.0)).fit(train)
+Trainer(bundle, TrainConfig(epochs=int(epochs), batch_size=int(batch), seed=int(seed), val_split=0.0,
+                            adabn=adabn)).fit(train)
 seconds = time.perf_counter() - started
 print(json.dumps({"accuracy": evaluate(bundle, test).accuracy, "train_s": seconds, "peak_rss_mb": peak_rss_mb()}))
 """
@@ -76,13 +80,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--held-out", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path("study"))
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--merge", type=Path, default=None, help="runs.json of earlier runs, for strategies not run")
     args = parser.parse_args()
     shots = [int(k) for k in (args.shots or ("1,5,10" if args.quick else "1,5,10,20,50")).split(",")]
     seeds = list(range(2 if args.quick and args.seeds == 3 else args.seeds))
     size = args.size or (32 if args.quick else 96)
     images, labels, classes = load(args.quick)
     test, sets = split_data(labels, 300 if args.quick else args.held_out, shots, seeds)
-    runs = run_all(images, labels, classes, test, sets, size, min_steps=25 if args.quick else 60)
+    chosen = args.strategies.split(",")
+    runs = run_all(images, labels, classes, test, sets, size, 25 if args.quick else 60, chosen)
+    if args.merge:  # same protocol, same seeds: earlier runs of the strategies not run now
+        runs += [r for r in json.loads(args.merge.read_text()) if r["strategy"] not in chosen]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
     table = report(runs, shots, "digits (scikit-learn)" if args.quick else "Fashion-MNIST train split", size)
@@ -91,7 +100,7 @@ def main() -> None:
     print(table)
 
 
-def run_all(images, labels, classes, test, sets, size: int, min_steps: int) -> list[dict]:
+def run_all(images, labels, classes, test, sets, size: int, min_steps: int, strategies=STRATEGIES) -> list[dict]:
     from edgeadapt.toolchain.build import HeadRequest
     from edgeadapt.toolchain.export import ExportOptions, export_bundle
 
@@ -99,12 +108,13 @@ def run_all(images, labels, classes, test, sets, size: int, min_steps: int) -> l
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         np.savez(root / "test.npz", x=images[test], y=labels[test])
-        for strategy in STRATEGIES:
+        for strategy in strategies:
+            preset, _, adabn = strategy.partition("+")
             for (k, seed), index in sorted(sets.items()):
-                template = root / f"{strategy.replace(':', '')}-{seed if strategy == 'scratch' else 0}"
+                template = root / f"{preset.replace(':', '')}-{seed if preset == 'scratch' else 0}"
                 if not template.exists():
                     export_bundle(ExportOptions(out=template, backbone="mobilenet_v2", weights="imagenet",
-                                                trainable=strategy, head=HeadRequest(labels=classes),
+                                                trainable=preset, head=HeadRequest(labels=classes),
                                                 input_size=(size,), seed=seed, validate=False))
                 np.savez(root / "train.npz", x=images[index], y=labels[index])
                 work = root / "work"
@@ -113,7 +123,8 @@ def run_all(images, labels, classes, test, sets, size: int, min_steps: int) -> l
                 batch = min(32, len(index))
                 epochs = epochs_for(len(index), batch, min_steps)
                 done = subprocess.run([sys.executable, "-c", RUN, str(work), str(root / "train.npz"),
-                                       str(root / "test.npz"), str(epochs), str(batch), str(seed)],
+                                       str(root / "test.npz"), str(epochs), str(batch), str(seed),
+                                       "all" if adabn else ""],
                                       capture_output=True, text=True, check=True)
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 runs.append({"strategy": strategy, "shots": k, "seed": seed, "epochs": epochs, **result})
@@ -133,7 +144,7 @@ def report(runs, shots, data: str, size: int) -> str:
              f"held-out accuracy, mean ± std over {seeds} seeds.", "",
              "| strategy | " + " | ".join(f"k={k}" for k in shots) + " | train time (k=" + str(shots[-1]) +
              ") | peak RSS |", "|---|" + "---|" * (len(shots) + 2)]
-    for strategy in STRATEGIES:
+    for strategy in [s for s in STRATEGIES if any(r["strategy"] == s for r in runs)]:
         accuracy = [_cell(runs, strategy, k, "accuracy") for k in shots]
         seconds, memory = _cell(runs, strategy, shots[-1], "train_s"), _cell(runs, strategy, shots[-1],
                                                                               "peak_rss_mb")
@@ -149,7 +160,7 @@ def plot(runs, shots, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for strategy in STRATEGIES:
+    for strategy in [s for s in STRATEGIES if any(r["strategy"] == s for r in runs)]:
         cells = [_cell(runs, strategy, k, "accuracy") for k in shots]
         left.errorbar(shots, [m for m, _ in cells], yerr=[s for _, s in cells], marker="o", capsize=3, label=strategy)
         memory = [_cell(runs, strategy, k, "peak_rss_mb")[0] for k in shots]

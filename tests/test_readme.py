@@ -23,5 +23,5 @@ def test_cli_lines_use_real_commands():
     from edgeadapt.cli import app
 
     commands = set(get_command(app).commands)
-    used = set(re.findall(r"^edgeadapt (\w+)", README, re.M))
+    used = set(re.findall(r"^edgeadapt ([\w-]+)", README, re.M))
     assert used and used <= commands
