@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.engines import available
-from edgeadapt.runtime.state import read_progress
+from edgeadapt.runtime.state import load_state, read_progress
 
 
 def describe(bundle: Bundle | str | Path) -> dict:
@@ -26,6 +29,7 @@ def describe(bundle: Bundle | str | Path) -> dict:
                          f"{len(m.portable.layout)} tensors), {m.portable.forward}; opset {m.portable.opset}, "
                          f"IR {m.portable.ir_version}",
         "engines here": _engines_here(bundle),
+        "bn statistics": _statistics(bundle),
         "hyperparameters": m.hyperparameters,
         "opset": m.opset, "ir_version": m.ir_version, "exported with onnxruntime": m.onnxruntime_version,
         "trained": "no (exported state)" if progress is None else
@@ -35,6 +39,16 @@ def describe(bundle: Bundle | str | Path) -> dict:
         "files": {f.name: f.stat().st_size for f in sorted(bundle.path.iterdir()) if f.is_file()},
     }
 
+
+
+def _statistics(bundle: Bundle) -> str:
+    """How many BN running statistics the bundle holds as state, and whether adapt-bn re-estimated them."""
+    portable = bundle.manifest.portable
+    if not portable.statistics:
+        return "none (no BatchNorm, or BN kept as ORT does)"
+    values = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id).statistics
+    adapted = hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest() != portable.statistics_sha256
+    return f"{len(portable.statistics) // 2} BN layers; {'re-estimated (adapt-bn)' if adapted else 'as exported'}"
 
 
 def _engine_of(progress) -> str:

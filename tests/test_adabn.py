@@ -4,6 +4,7 @@ features; deploy bakes them in; the legacy engine refuses them."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -142,8 +143,14 @@ def test_split_bundle_recomputes_prefix_features_and_deploy_bakes_statistics(bun
 
 
 def test_ort_training_engine_refuses_reestimated_statistics(fresh_bundle, digit_image_npz):
+    from conftest import run_cli
+
     path = fresh_bundle("tiny_cnn", "full")
-    adapt_bn(path, digit_image_npz, batch_size=BATCH)
+    assert "4 BN layers; as exported" in run_cli("inspect", path).stdout
+    result = run_cli("adapt-bn", path, digit_image_npz, "--batch-size", BATCH, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["statistics"] == 8
+    assert "re-estimated (adapt-bn)" in run_cli("inspect", path).stdout
     bundle, state = _state(path)
     with pytest.raises(BackendError, match="adapt-bn"):
         open_engine(bundle, bundle.graphs(), "ort-training").load(state)
