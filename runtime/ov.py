@@ -23,3 +23,18 @@ def openvino_device(device: str):
         raise BackendError(f"OpenVINO device {device} is not present on this machine (available: "
                            f"{', '.join(core.available_devices)}); use --device CPU.")
     return core
+
+
+def with_constant_input(model, name: str, value):
+    """`model` (an ov.Model) with its input `name` replaced by a constant holding `value`: OpenVINO then folds it
+    at compile time, so BN statistics fold into static conv weights (what NPUs and fast CPU kernels need)."""
+    import numpy as np
+
+    opset = openvino_module().opset13
+    for parameter in list(model.get_parameters()):
+        if name in parameter.output(0).get_names():
+            constant = opset.constant(np.ascontiguousarray(value, np.float32))
+            parameter.output(0).replace(constant.output(0))
+            model.remove_parameter(parameter)
+    model.validate_nodes_and_infer_types()
+    return model

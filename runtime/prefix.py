@@ -9,7 +9,7 @@ import numpy as np
 
 from edgeadapt.runtime.errors import BackendError, ConfigError
 from edgeadapt.runtime.ort import available_providers, onnxruntime_module, session_options
-from edgeadapt.runtime.ov import openvino_device
+from edgeadapt.runtime.ov import openvino_device, with_constant_input
 from edgeadapt.runtime.state import STATISTICS_INPUT
 
 PREFIX_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-qnn", "onnxruntime-nnapi",
@@ -28,6 +28,7 @@ class PrefixRunner:
             raise ConfigError(f"unknown prefix backend '{backend}'; choose one of {', '.join(PREFIX_BACKENDS)}.")
         self.backend = backend
         engine, device = backend.split("-", 1)
+        self._statistics = statistics
         self._run = self._openvino(model, device.upper(), threads) if engine == "openvino" else \
             self._onnxruntime(model, _PROVIDERS[device], threads)
         self._extra = {STATISTICS_INPUT: np.ascontiguousarray(statistics, np.float32)} \
@@ -47,7 +48,11 @@ class PrefixRunner:
         config = {"INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {}
         if threads and device == "CPU":
             config["INFERENCE_NUM_THREADS"] = threads
-        compiled = openvino_device(device).compile_model(str(model), device, config)
+        core = openvino_device(device)
+        graph = core.read_model(str(model))
+        if self._statistics is not None:  # constants, folded into static weights (NPUs need them)
+            graph = with_constant_input(graph, STATISTICS_INPUT, self._statistics)
+        compiled = core.compile_model(graph, device, config)
         self._inputs = [port.get_any_name() for port in compiled.inputs]
         output = compiled.output(0)
         return lambda x: np.asarray(compiled({0: x, **self._extra})[output])

@@ -91,7 +91,9 @@ def fp32_noise(bundle: Bundle, backbone: str, preset: str) -> dict[str, float]:
 @pytest.mark.parametrize("backbone,preset", list(_cases()))
 def test_gradients_match_ort_training(bundle_factory, backbone, preset):
     """One SGD step at lr 1: the update is the gradient, tensor by tensor, for every backbone and preset: within
-    1e-4, or within twice PyTorch's own fp32 rounding where that is larger."""
+    1e-4, or within three times PyTorch's own fp32 rounding where that is larger: two fp32 implementations are each
+    about one floor from the truth, and OpenVINO folds the BN statistics (a graph input since AdaBN) into the
+    weights with its own arithmetic: weights an ulp apart, which a random-init MobileNetV3 amplifies to ~2e-4."""
     bundle = _export(bundle_factory, backbone, preset, "sgd")
     start = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id).params
     reference_loss, reference = trajectory(bundle, "ort-training", 1.0, steps=1)
@@ -100,7 +102,7 @@ def test_gradients_match_ort_training(bundle_factory, backbone, preset):
         loss, params = trajectory(bundle, engine, 1.0, steps=1)
         assert abs(loss[0] - reference_loss[0]) <= 1e-4 * abs(reference_loss[0])
         errors = per_tensor_error(bundle, start - params, start - reference)
-        over = {n: e for n, e in errors.items() if e > max(1e-4, 2 * noise[n])}
+        over = {n: e for n, e in errors.items() if e > max(1e-4, 3 * noise[n])}
         assert not over, (engine, over, {n: noise[n] for n in over})
 
 

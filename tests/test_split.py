@@ -146,14 +146,17 @@ def test_int8_prefix(bundle_factory, tmp_path, digit_image_npz):
     import onnxruntime
 
     from edgeadapt.runtime.data import load_dataset, preprocess
+    from edgeadapt.runtime.state import load_state
 
     bundle = _copy(bundle_factory, tmp_path, "b")
     result = run_cli("quantize-prefix", bundle, digit_image_npz, "--samples", "64")
     assert result.returncode == 0, result.stderr
     opened = Bundle.open(bundle)
     x = preprocess(load_dataset(digit_image_npz, opened.manifest).samples[:64], opened.manifest, True)
-    exact = onnxruntime.InferenceSession(str(bundle / "prefix.onnx")).run(None, {"input": x})[0]
-    int8 = onnxruntime.InferenceSession(str(bundle / "prefix_int8.onnx")).run(None, {"input": x})[0]
+    statistics = load_state(opened.state_path, opened.manifest, opened.bundle_id).statistics
+    exact = onnxruntime.InferenceSession(str(bundle / "prefix.onnx")).run(None, {"input": x,
+                                                                                "bn_stats": statistics})[0]
+    int8 = onnxruntime.InferenceSession(str(bundle / "prefix_int8.onnx")).run(None, {"input": x})[0]  # baked in
     assert np.linalg.norm(int8 - exact) / np.linalg.norm(exact) < 0.25  # INT8 features stay close to float ones
     float_bundle = _copy(bundle_factory, tmp_path, "float")
     for target, extra in ((bundle, ["--prefix-int8"]), (float_bundle, [])):

@@ -9,7 +9,7 @@ import numpy as np
 
 from edgeadapt.runtime.errors import BackendError
 from edgeadapt.runtime.losses import mean_loss
-from edgeadapt.runtime.ov import openvino_module
+from edgeadapt.runtime.ov import openvino_module, with_constant_input
 from edgeadapt.runtime.state import STATISTICS_INPUT, TrainState, optimizer_vectors
 
 
@@ -40,13 +40,15 @@ class OpenVinoEngine:
         self._compiled: dict[tuple[str, int], object] = {}
         self._state_names = list(manifest.portable.state)
         self._values: dict[str, np.ndarray] = {}
-        self._statistics: dict[str, np.ndarray] = {}  # {"bn_stats": vector} when the graphs take BN statistics
+        self._statistics: np.ndarray | None = None  # BN statistics, compiled into the models as constants
         self._t = 0
 
     def _request(self, graph: str, batch: int):
         key = (graph, batch if self._static else -1)
         if key not in self._compiled:
             model = self._core.read_model(str(self._paths[graph]))
+            if self._statistics is not None:  # frozen during training: constants, folded into the weights
+                model = with_constant_input(model, STATISTICS_INPUT, self._statistics)
             if self._static:
                 model.reshape({p.get_any_name(): _batched(p, batch) for p in model.inputs})
             self._compiled[key] = self._core.compile_model(model, self._target, self._config).create_infer_request()
@@ -55,20 +57,21 @@ class OpenVinoEngine:
     def load(self, state: TrainState) -> None:
         moments, self._t = optimizer_vectors(state, self._state_names[1:])
         self._values = {"params": np.ascontiguousarray(state.params, np.float32), **moments}
-        self._statistics = {STATISTICS_INPUT: np.ascontiguousarray(state.statistics, np.float32)} \
-            if state.statistics is not None else {}
+        statistics = None if state.statistics is None else np.ascontiguousarray(state.statistics, np.float32)
+        if not _same(statistics, self._statistics):
+            self._compiled.clear()  # compiled with other statistics
+        self._statistics = statistics
 
     def state(self) -> TrainState:
         optimizer = {name: self._values[name].copy() for name in self._state_names[1:]}
         optimizer["step"] = np.asarray(self._t, np.int64)
-        statistics = self._statistics[STATISTICS_INPUT].copy() if self._statistics else None
+        statistics = None if self._statistics is None else self._statistics.copy()
         return TrainState(self._values["params"].copy(), optimizer, statistics=statistics)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         request = self._request("step", len(x))
         feed = {0: np.ascontiguousarray(x, np.float32), "labels": np.ascontiguousarray(y),
-                "lr": np.asarray(lr, np.float32), "step": np.asarray(self._t + 1, np.int64), **self._values,
-                **self._statistics_for(request)}
+                "lr": np.asarray(lr, np.float32), "step": np.asarray(self._t + 1, np.int64), **self._values}
         result = request.infer(feed)
         outputs = {k.get_any_name(): v for k, v in result.items()}
         loss = float(outputs["loss"])
@@ -79,24 +82,21 @@ class OpenVinoEngine:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         request = self._request("forward", len(x))
-        result = request.infer({0: np.ascontiguousarray(x, np.float32), "params": self._values["params"],
-                                **self._statistics_for(request)})
+        result = request.infer({0: np.ascontiguousarray(x, np.float32), "params": self._values["params"]})
         return np.array(next(v for k, v in result.items() if self.manifest.output_name in k.get_names()))
-
-    def _statistics_for(self, request) -> dict:
-        """BN statistics for the graphs that read them (a head's suffix has no BN)."""
-        wanted = {name for port in request.model_inputs for name in port.get_names()}
-        return {name: value for name, value in self._statistics.items() if name in wanted}
 
     def eval_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         logits = self.logits(x)
         return mean_loss(self.manifest.loss, logits, y), logits
 
 
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+
+
 def _batched(port, batch: int) -> list[int]:
     """The port's shape with the batch fixed (state vectors and scalars keep theirs)."""
     shape = port.get_partial_shape()
-    if shape.rank.get_length() == 0 or port.get_any_name() in ("lr", "step", "params", "adam_m", "adam_v",
-                                                                             STATISTICS_INPUT):
+    if shape.rank.get_length() == 0 or port.get_any_name() in ("lr", "step", "params", "adam_m", "adam_v"):
         return [d.get_length() for d in shape] if shape.is_static else shape
     return [batch, *[d.get_length() for d in list(shape)[1:]]]
