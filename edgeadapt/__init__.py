@@ -4,4 +4,4 @@ The package maps the repository's folders: `edgeadapt.toolchain` (toolchain/, ho
 (runtime/, device), `edgeadapt.models` (models/, the zoo), `edgeadapt.devices` (devices/, profiles and benchmarks).
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from edgeadapt.runtime.errors import BundleError
 
-SCHEMA_VERSION = 2
-SUPPORTED_SCHEMAS = (2,)
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMAS = (2, 3)  # 2: no BN statistics as state (edgeadapt 0.2)
 MANIFEST_NAME = "manifest.json"
 TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT = (
     "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")

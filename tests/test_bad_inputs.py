@@ -162,7 +162,7 @@ BUNDLE_CASES = {
     "truncated_step": (lambda b: _truncate(b / "train_step.onnx"), "sha256"),
     "manifest_not_json": (lambda b: (b / "manifest.json").write_text("{'a': 1"), "not valid JSON"),
     "manifest_not_object": (lambda b: (b / "manifest.json").write_text("[1, 2]"), "JSON object"),
-    "manifest_unknown_schema": (lambda b: _edit(b, '"schema_version": 2', '"schema_version": 3'), "schema_version 3"),
+    "manifest_unknown_schema": (lambda b: _edit(b, '"schema_version": 3', '"schema_version": 4'), "schema_version 4"),
     "manifest_missing_field": (lambda b: _edit(b, '"loss": "cross_entropy",', ""), "misses the field 'loss'"),
     "manifest_wrong_type": (lambda b: _edit(b, '"opset": 17', '"opset": "17"'), "opset must be int"),
     "manifest_missing": (lambda b: (b / "manifest.json").unlink(), "not an edgeadapt bundle"),

@@ -71,9 +71,9 @@ def _damaged(bundle_factory, tmp_path, damage):
     (lambda b: (b / "state.safetensors").write_bytes((b / "state.safetensors").read_bytes()[:100]),
      ["state.safetensors", "corrupt"]),
     (lambda b: (b / "manifest.json").write_text(
-        (b / "manifest.json").read_text().replace('"schema_version": 2', '"schema_version": 7')), ["schema_version 7"]),
+        (b / "manifest.json").read_text().replace('"schema_version": 3', '"schema_version": 7')), ["schema_version 7"]),
     (lambda b: (b / "manifest.json").write_text(
-        (b / "manifest.json").read_text().replace('"schema_version": 2', '"schema_version": 1')),
+        (b / "manifest.json").read_text().replace('"schema_version": 3', '"schema_version": 1')),
      ["schema-1 bundle", "re-export"]),
 ])
 def test_damaged_bundles_are_refused(bundle_factory, tmp_path, digits, damage, fragments):
