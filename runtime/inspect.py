@@ -45,7 +45,8 @@ def _statistics(bundle: Bundle) -> str:
     """How many BN running statistics the bundle holds as state, and whether adapt-bn re-estimated them."""
     portable = bundle.manifest.portable
     if not portable.statistics:
-        return "none (no BatchNorm, or BN kept as ORT does)"
+        return "folded into the weights (schema 2, before edgeadapt 0.3)" if bundle.manifest.schema_version < 3 \
+            else "none (no BatchNorm, or --bn ort)"
     values = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id).statistics
     adapted = hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest() != portable.statistics_sha256
     return f"{len(portable.statistics) // 2} BN layers; {'re-estimated (adapt-bn)' if adapted else 'as exported'}"
