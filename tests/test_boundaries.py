@@ -42,7 +42,7 @@ def test_export_without_torch_says_what_to_install(tmp_path):
     assert "pip install 'edgeadapt[host]'" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("folder", ["runtime", "devices"])
+@pytest.mark.parametrize("folder", ["runtime", "devices", "fleet"])
 def test_no_host_imports_in_device_folders(folder):
     """No module-level import of torch or onnx in runtime/ and devices/ (heavy imports stay lazy)."""
     for path in (ROOT / folder).rglob("*.py"):
