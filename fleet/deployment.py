@@ -79,12 +79,19 @@ def _tool(name: str) -> str:
     return found
 
 
-def _wait_for_port(host: str, port: int, process: subprocess.Popen, seconds: float = 60.0) -> None:
+def flower_environment(**extra: str) -> dict:
+    """The environment for Flower's processes: they start further Flower tools (flower-superexec, flwr-serverapp,
+    flwr-clientapp) by name, so this Python's scripts folder goes first on PATH (a venv used without activating)."""
+    scripts = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": scripts + os.pathsep + os.environ.get("PATH", ""), **extra}
+
+
+def _wait_for_port(host: str, port: int, process: subprocess.Popen, log_path: Path, seconds: float = 60.0) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise TrainingError(f"Flower's SuperLink exited (code {process.returncode}) before listening on "
-                                f"{host}:{port}; is the port taken? choose another with --port.")
+                                f"{host}:{port} (a taken port? then choose another with --port); see {log_path}.")
         with socket.socket() as probe:
             if probe.connect_ex((host, port)) == 0:
                 return
@@ -112,12 +119,12 @@ def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 9092, l
         project = write_app_project(home / "app")
         (home / "config.toml").write_text(f'[superlink]\ndefault = "edgeadapt"\n\n[superlink.edgeadapt]\n'
                                           f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-        env = {**os.environ, "FLWR_HOME": str(home)}
+        env = flower_environment(FLWR_HOME=str(home))
         link = subprocess.Popen([_tool("flower-superlink"), "--insecure", "--host", host, "--port", str(port),
                                  "--disable-runtime-dependency-installation", "--database", str(home / "state.db")],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
         try:
-            _wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port, link)
+            _wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port, link, log_path)
             run_id = _submit(project, settings, env, home)
             return _wait_for_report(Path(settings.report), settings.rounds, link, lambda: _status(run_id, env, home),
                                     log_path)
@@ -207,7 +214,7 @@ def join(bundle: str, data: str, server: str, engine: str = "auto", device: str 
     command = [_tool("flower-supernode"), "--insecure", "--superlink", server, "--node-config", node_config,
                "--port", str(free_port())]
     _exit_on_sigterm()
-    node_process = subprocess.Popen(command)
+    node_process = subprocess.Popen(command, env=flower_environment())
     try:
         while node_process.poll() is None:
             if refused.is_file():
