@@ -117,6 +117,8 @@ def client(bundle: Path = typer.Argument(..., help="This device's copy of the se
     flower()
     from edgeadapt.fleet.deployment import join
 
+    typer.echo(f"fleet client: joining {server} as a Flower SuperNode (Flower's log: {bundle / 'fleet_client.log'})",
+               err=True)
     raise typer.Exit(join(str(bundle), str(data), server, engine, device, threads))
 
 

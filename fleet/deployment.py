@@ -197,9 +197,10 @@ def _stop(process: subprocess.Popen, group: bool = False) -> None:
 
 
 def join(bundle: str, data: str, server: str, engine: str = "auto", device: str = "cpu",
-         threads: int | None = None) -> int:
+         threads: int | None = None, log_path: Path | None = None) -> int:
     """Run a SuperNode for this bundle and data until it is stopped (Ctrl-C), the SuperLink goes away, or the
-    server's bundle turns out to differ from this one (then one line and exit code 2)."""
+    server's bundle turns out to differ from this one (then one line and exit code 2). Flower's own log goes to
+    `log_path` (default: fleet_client.log in the bundle)."""
     from edgeadapt.fleet.apps import REFUSED_FILE
     from edgeadapt.fleet.local import Member
 
@@ -214,7 +215,9 @@ def join(bundle: str, data: str, server: str, engine: str = "auto", device: str 
     command = [_tool("flower-supernode"), "--insecure", "--superlink", server, "--node-config", node_config,
                "--port", str(free_port())]
     _exit_on_sigterm()
-    node_process = subprocess.Popen(command, env=flower_environment())
+    log_path = Path(log_path or Path(bundle) / "fleet_client.log")
+    with open(log_path, "ab") as log:
+        node_process = subprocess.Popen(command, env=flower_environment(), stdout=log, stderr=subprocess.STDOUT)
     try:
         while node_process.poll() is None:
             if refused.is_file():
