@@ -19,7 +19,7 @@ from edgeadapt.runtime.engines import open_engine
 from edgeadapt.runtime.errors import ConfigError
 from edgeadapt.runtime.lock import bundle_lock
 from edgeadapt.runtime.metrics import evaluate_arrays
-from edgeadapt.runtime.state import load_state, named_parameters, save_state
+from edgeadapt.runtime.state import flatten, load_state, named_parameters, save_state
 from edgeadapt.runtime.trainer import TrainConfig, Trainer
 
 PREPARED = ".fleet.npz"  # samples already decoded and resized for the bundle (simulation workspaces)
@@ -60,20 +60,14 @@ def check_fingerprint(bundle: Bundle, expected: dict) -> None:
 def trainable_arrays(bundle: Bundle) -> dict[str, np.ndarray]:
     """The bundle's current trainable tensors by name: what travels in a round (frozen ones never do)."""
     state = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id)
-    return {name: value.copy() for name, value in named_parameters(state.params, bundle.manifest.portable.layout)
-            .items()}
+    return named_parameters(state.params, bundle.manifest.portable.layout)  # views of a freshly read vector
 
 
 def write_arrays(bundle: Bundle, arrays: dict[str, np.ndarray]) -> None:
     """Make `arrays` the bundle's trainable state (fresh optimizer, no progress), under the trainer's lock."""
-    layout = bundle.manifest.portable.layout
-    params = np.empty(sum(p.size for p in layout), np.float32)
-    for p in layout:
-        value = arrays.get(p.name)
-        if value is None or list(np.shape(value)) != list(p.shape):
-            raise ConfigError(f"the global model lacks {p.name} of shape {p.shape}; server and client bundles "
-                              "differ: give the client a copy of the server's bundle.")
-        params[p.offset:p.offset + p.size] = np.asarray(value, np.float32).ravel()
+    params = flatten(arrays, bundle.manifest.portable.layout, lambda p: ConfigError(
+        f"the global model lacks {p.name} of shape {p.shape}; server and client bundles differ: give the client a "
+        "copy of the server's bundle."))
     with bundle_lock(bundle.lock_path):  # the device's own BN statistics (AdaBN) stay
         current = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id)
         save_state(bundle.state_path, current.carried(params), bundle.manifest, bundle.bundle_id)

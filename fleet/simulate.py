@@ -56,14 +56,15 @@ def _client_copy(bundle: Bundle, target: Path) -> Path:
     """A bundle copy sharing the read-only graphs by hard link, with its own state and no cache or logs."""
     target.mkdir(parents=True)
     for item in bundle.path.iterdir():
-        if item.is_file() and not item.name.startswith(".") and item.suffix != ".jsonl" \
-                and item.name != BEST_STATE_FILE:
-            try:
-                if item.name == STATE_FILE:
-                    raise OSError
-                os.link(item, target / item.name)
-            except OSError:
-                shutil.copy2(item, target / item.name)
+        if not item.is_file() or item.name.startswith(".") or item.suffix == ".jsonl" or item.name == BEST_STATE_FILE:
+            continue
+        if item.name == STATE_FILE:  # trained by this copy: its own
+            shutil.copy2(item, target / item.name)
+            continue
+        try:
+            os.link(item, target / item.name)
+        except OSError:  # another file system
+            shutil.copy2(item, target / item.name)
     return target
 
 
@@ -140,10 +141,11 @@ def simulate(bundle: Bundle | str | Path, data: Dataset | str | Path,
                                 "Flower's log.")
         report = json.loads((root / "report.json").read_text())
         federated_seconds = time.monotonic() - started
-        report["local_only"] = local_only(root, trainable_arrays(bundle), options)
+        initial = trainable_arrays(bundle)
+        report["local_only"] = local_only(root, initial, options)
         report.update(clients=options.clients, alpha=options.alpha, local_epochs=options.local_epochs,
                       strategy=options.strategy, bundle=str(bundle.path),
-                      trainable_bytes=int(sum(a.nbytes for a in trainable_arrays(bundle).values())),
+                      trainable_bytes=int(sum(a.nbytes for a in initial.values())),
                       federated_seconds=round(federated_seconds, 1),
                       seconds=round(time.monotonic() - started, 1))
     return report

@@ -66,7 +66,7 @@ def adapt_bn_locked(bundle: Bundle, data: Dataset, scope: str, batch_size: int,
         raise DataError("AdaBN needs batches of at least 2 samples (a BN's batch variance needs 2); give more "
                         "samples or a larger --batch-size.")
     state = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id)
-    estimate = batch_statistics(bundle, data, state.params, batch_size, threads)
+    estimate, batches = batch_statistics(bundle, data, state.params, batch_size, threads)
     old = state.statistics.copy()
     for p in replaced:
         state.statistics[p.offset:p.offset + p.size] = estimate[p.offset:p.offset + p.size]
@@ -74,13 +74,13 @@ def adapt_bn_locked(bundle: Bundle, data: Dataset, scope: str, batch_size: int,
     bundle.int8_prefix_path.unlink(missing_ok=True)  # quantized with the old statistics: quantize-prefix again
     changed = np.concatenate([np.arange(p.offset, p.offset + p.size) for p in replaced])
     change = float(np.linalg.norm(state.statistics[changed] - old[changed]) / max(np.linalg.norm(old[changed]), 1e-12))
-    batches = -(-len(data) // batch_size) - (1 if len(data) % batch_size == 1 else 0)
     return AdaBNResult(len(data), batches, len(replaced), scope, change, time.monotonic() - started)
 
 
 def batch_statistics(bundle: Bundle, data: Dataset, params: np.ndarray, batch_size: int,
-                     threads: int | None = None) -> np.ndarray:
-    """The statistics graph over `data` in order, averaged over batches (a last batch of one sample is dropped)."""
+                     threads: int | None = None) -> tuple[np.ndarray, int]:
+    """The statistics graph over `data` in order, averaged over batches (a last batch of one sample is dropped);
+    the estimate and the number of batches."""
     graph = bundle.path / bundle.manifest.portable.statistics_graph
     session = onnxruntime_module().InferenceSession(str(graph), session_options(threads),
                                                     providers=["CPUExecutionProvider"])
@@ -96,4 +96,4 @@ def batch_statistics(bundle: Bundle, data: Dataset, params: np.ndarray, batch_si
     estimate = (total / count).astype(np.float32)
     if not np.isfinite(estimate).all():
         raise DataError("the data gives non-finite BN statistics (constant channels in every batch?); check it.")
-    return estimate
+    return estimate, count

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
-
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.engines import available
-from edgeadapt.runtime.state import load_state, read_progress
+from edgeadapt.runtime.state import digest, load_state, read_progress
 
 
 def describe(bundle: Bundle | str | Path) -> dict:
@@ -48,7 +45,7 @@ def _statistics(bundle: Bundle) -> str:
         return "folded into the weights (schema 2, before edgeadapt 0.3)" if bundle.manifest.schema_version < 3 \
             else "none (no BatchNorm, or --bn ort)"
     values = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id).statistics
-    adapted = hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest() != portable.statistics_sha256
+    adapted = digest(values) != portable.statistics_sha256
     return f"{len(portable.statistics) // 2} BN layers; {'re-estimated (adapt-bn)' if adapted else 'as exported'}"
 
 

@@ -11,6 +11,7 @@ Metadata: `edgeadapt.progress` (JSON) and `edgeadapt.bundle_id`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
@@ -147,14 +148,27 @@ def load_state(path: Path, manifest: Manifest, bundle_id: str) -> TrainState:
 
 
 def _gather(tensors: dict, group: str, layout, path: Path) -> np.ndarray:
+    found = {p.name: tensors[f"{group}/{p.name}"] for p in layout
+             if f"{group}/{p.name}" in tensors and tensors[f"{group}/{p.name}"].dtype == np.float32}
+    return flatten(found, layout, lambda p: BundleError(
+        f"state file {path} lacks {group} tensor {p.name} of shape {p.shape}; restore {BEST_STATE_FILE} or "
+        "re-export the bundle."))
+
+
+def flatten(values: dict, layout, error) -> np.ndarray:
+    """Named tensors → one flat float32 vector in `layout`; `error(p)` is raised for a missing or misshapen one."""
     flat = np.empty(sum(p.size for p in layout), np.float32)
     for p in layout:
-        value = tensors.get(f"{group}/{p.name}")
-        if value is None or value.dtype != np.float32 or list(value.shape) != list(p.shape):
-            raise BundleError(f"state file {path} lacks {group} tensor {p.name} of shape {p.shape}; restore "
-                              f"{BEST_STATE_FILE} or re-export the bundle.")
-        flat[p.offset:p.offset + p.size] = value.ravel()
+        value = values.get(p.name)
+        if value is None or list(np.shape(value)) != list(p.shape):
+            raise error(p)
+        flat[p.offset:p.offset + p.size] = np.asarray(value, np.float32).ravel()
     return flat
+
+
+def digest(vector: np.ndarray) -> str:
+    """The sha256 of a flat float32 state vector (the BN statistics' identity)."""
+    return hashlib.sha256(np.ascontiguousarray(vector, np.float32).tobytes()).hexdigest()
 
 
 def _progress(text: str | None, path: Path) -> Progress | None:

@@ -5,7 +5,6 @@ the feature cache, or per batch when augmentation changes the inputs every epoch
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,7 +17,7 @@ from edgeadapt.runtime.errors import ConfigError
 from edgeadapt.runtime.feature_cache import FeatureCache, namespace
 from edgeadapt.runtime.manifest import sha256_file
 from edgeadapt.runtime.prefix import PrefixRunner
-from edgeadapt.runtime.state import load_state
+from edgeadapt.runtime.state import digest, load_state
 
 PREFIX_BATCH = 16  # prefix features are extracted in batches of min(16, batch size): early activations are large
 
@@ -51,7 +50,7 @@ def prefix_identity(model: Path, statistics: np.ndarray | None) -> str:
     """What the prefix computes: its file and the BN statistics it is fed (AdaBN changes the features)."""
     if statistics is None:
         return sha256_file(model)
-    return f"{sha256_file(model)}:{hashlib.sha256(np.ascontiguousarray(statistics).tobytes()).hexdigest()}"
+    return f"{sha256_file(model)}:{digest(statistics)}"
 
 
 def prefix_model(bundle: Bundle, int8: bool) -> Path:

@@ -4,7 +4,6 @@ a time budget, atomic resumable checkpoints and recovery from a diverging loss."
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from edgeadapt.runtime.errors import ConfigError, DataError, TrainingError
 from edgeadapt.runtime.lock import bundle_lock
 from edgeadapt.runtime.metrics import RunningStats, evaluate_arrays
 from edgeadapt.runtime.schedule import SCHEDULES, learning_rate
-from edgeadapt.runtime.state import Progress, TrainState, keep_copy, load_state, resumable, save_state
+from edgeadapt.runtime.state import Progress, TrainState, digest, keep_copy, load_state, resumable, save_state
 from edgeadapt.runtime.targets import TrainingTarget
 
 
@@ -186,7 +185,7 @@ class Trainer:
     def _start(self, settings: dict) -> tuple[Engine, Progress]:
         state, engine = self._load(), self._engine()
         if state.statistics is not None:  # a resumed run must see the statistics it started with
-            settings = {**settings, "statistics": hashlib.sha256(state.statistics.tobytes()).hexdigest()[:16]}
+            settings = {**settings, "statistics": digest(state.statistics)[:16]}
         if self.config.resume:
             progress = resumable(state.progress, settings)
         else:  # a new run: the latest trained parameters, a fresh optimizer

@@ -6,7 +6,6 @@ suffix too."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import sys
@@ -18,6 +17,7 @@ import onnx
 
 from edgeadapt.runtime.errors import ExportError
 from edgeadapt.runtime.manifest import PortableSpec
+from edgeadapt.runtime.state import digest
 from edgeadapt.toolchain.bn import statistics_graph, statistics_layout
 from edgeadapt.toolchain.split import build_split
 from edgeadapt.toolchain.stages import OUTPUT_NAME, Artifacts, initial_values, write_initial_state
@@ -72,7 +72,7 @@ def write_statistics_graph(graph: onnx.ModelProto, portable: PortableSpec, out_d
     name = "adabn.onnx"
     onnx.save(build_forward(statistics_graph(graph), portable.layout), str(out_dir / name))
     values = initial_values(graph, portable.statistics)
-    return replace(portable, statistics_graph=name, statistics_sha256=hashlib.sha256(values.tobytes()).hexdigest())
+    return replace(portable, statistics_graph=name, statistics_sha256=digest(values))
 
 
 def write_portable(graph: onnx.ModelProto, trainable: list[str], opts, out_dir: Path, prefix: str,

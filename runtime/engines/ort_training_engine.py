@@ -5,7 +5,6 @@ checkpoint (which holds its optimizer state) travels inside the state file for a
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import tempfile
@@ -15,7 +14,7 @@ import numpy as np
 
 from edgeadapt.runtime.errors import BackendError, BundleError
 from edgeadapt.runtime.ort import available_providers, session_options, training_api
-from edgeadapt.runtime.state import TrainState, named_parameters
+from edgeadapt.runtime.state import TrainState, digest, named_parameters
 
 CHECKPOINT_KEY = "ort_checkpoint"
 
@@ -91,8 +90,7 @@ class OrtTrainingEngine:
         """ONNX Runtime training's artifacts hold the exported BN statistics folded in: re-estimated ones (AdaBN)
         need a portable engine."""
         exported = self.manifest.portable.statistics_sha256
-        if statistics is not None and exported and \
-                hashlib.sha256(np.ascontiguousarray(statistics, np.float32).tobytes()).hexdigest() != exported:
+        if statistics is not None and exported and digest(statistics) != exported:
             raise BackendError("this bundle's BN statistics were re-estimated (adapt-bn), and the ort-training "
                                "engine can only use the exported ones: use --engine onnxruntime or openvino.")
 
