@@ -48,35 +48,51 @@ def find_boundary(model: onnx.ModelProto, trainable: list[str]) -> str | None:
     return frontier.pop()
 
 
-def _shape(model: onnx.ModelProto, name: str) -> list[int]:
-    for value in model.graph.value_info:
-        if value.name == name:
-            return [d.dim_value if d.dim_value > 0 else -1 for d in value.type.tensor_type.shape.dim]
-    raise ValueError(f"no shape for {name}")
+def _measured_shape(model: onnx.ModelProto, name: str, shapes: dict | None = None) -> list[int]:
+    """`name`'s shape with -1 for the batch, measured by running the graph (static inference loses sizes behind
+    shape arithmetic such as EfficientNet's SAME padding); `shapes`: graph_builder.inferred_shapes(model)."""
+    from edgeadapt.toolchain.graph_builder import inferred_shapes
+
+    return [-1 if d == "batch" else int(d) for d in (shapes or inferred_shapes(model))[name]]
 
 
-def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
+def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str],
+             input_shape: list[int] | None = None) -> onnx.ModelProto:
     part = Extractor(model).extract_model(inputs, outputs)
-    part.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    dims = part.graph.input[0].type.tensor_type.shape.dim
+    for dim, size in zip(dims, input_shape or []):
+        if size > 0:
+            dim.dim_value = size
+    dims[0].dim_param = "batch"
     part.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     del part.graph.value_info[:]
     return part
+
+
+def split_suffix(model: onnx.ModelProto, trainable: list[str], shapes: dict | None = None,
+                 inferred: onnx.ModelProto | None = None):
+    """(shape-inferred model, boundary, its shape, suffix graph) when the frozen part is a prefix holding none of
+    `trainable`, else None. `shapes` and `inferred`, when given, are the model's measured and inferred shapes."""
+    inferred = inferred or shape_inference.infer_shapes(model)
+    boundary = find_boundary(inferred, trainable)
+    if boundary is None:
+        return None
+    shape = _measured_shape(model, boundary, shapes)
+    suffix = _extract(inferred, [boundary], [OUTPUT], shape)
+    if not set(trainable) <= {init.name for init in suffix.graph.initializer}:
+        return None
+    return inferred, boundary, shape, suffix
 
 
 def build_split(model: onnx.ModelProto, lists, out_dir: Path, make_graphs, whole,
                 statistics: list | None = None) -> SplitSpec | None:
     """Write prefix.onnx and the suffix's graphs (`make_graphs(graph, trainable, frozen, prefix)`); the split
     section of the manifest, or None when the frozen part is not a prefix of the network."""
-    inferred = shape_inference.infer_shapes(model)
-    boundary = find_boundary(inferred, lists.trainable)
-    if boundary is None:
+    found = split_suffix(model, lists.trainable)
+    if found is None:
         return None
-    suffix = _extract(inferred, [boundary], [OUTPUT])
+    inferred, boundary, shape, suffix = found
     names = {init.name for init in suffix.graph.initializer}
-    if not set(lists.trainable) <= names:
-        return None
-    shape = _shape(inferred, boundary)
-    shape[0] = -1
     prefix = _extract(inferred, [INPUT], [boundary])
     read = {init.name for init in prefix.graph.initializer}
     onnx.save(statistics_as_input(prefix, statistics or []), str(out_dir / "prefix.onnx"))
