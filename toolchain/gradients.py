@@ -248,6 +248,18 @@ def _concat(b, node, dy):
     return b.ops("Split", [dy[0], b.const(sizes, np.int64)], len(sizes), axis=axis)
 
 
+@rule("Gather")
+def _gather(b, node, dy):
+    """Only a constant permutation of one axis (channel reordering, see channels.py): its inverse is the gradient."""
+    order = b.constants.get(node.input[1])
+    axis = attrs(node).get("axis", 0)
+    if order is None or order.ndim != 1 or not np.array_equal(np.sort(order), np.arange(len(order))):
+        raise ExportError(f"Gather {node.name} lies on the trainable path with indices that are not a constant "
+                          "permutation, which has no gradient here; freeze the layers before it.")
+    inverse = b.const(np.argsort(order), np.int64)
+    return [b.op("Gather", [dy[0], inverse], axis=axis), None]
+
+
 @rule("Pad")
 def _pad(b, node, dy):
     if attrs(node).get("mode", b"constant") not in (b"constant", "constant"):
