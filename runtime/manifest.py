@@ -42,6 +42,35 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class SparseLayer:
+    """One layer a sparse export trains: its output channels (empty: the whole tensor), parameters, contribution
+    score (sum of |mean gradient| on the calibration samples) and the planned training memory they take."""
+
+    name: str
+    channels: list[int]
+    total_channels: int
+    params: int
+    score: float
+    mb: float
+
+
+@dataclass(frozen=True)
+class SparseSpec:
+    """What `--trainable sparse` chose and why (shown by `inspect`). Split layers appear in `trainable` as
+    `<name>@sel` (the channels listed here) with their frozen rest `<name>@rest` among the frozen tensors."""
+
+    budget_mb: float
+    batch_size: int
+    planned_mb: float
+    cut: str  # the earliest block that trains (biases from there on always train)
+    calibration_samples: int
+    layers: list[SparseLayer]
+    always: int  # tensors that train whatever the scores: the head and the biases after the cut
+    always_params: int
+    always_score: float
+
+
+@dataclass(frozen=True)
 class SplitSpec:
     """Split execution: a frozen prefix as a plain inference model, and the trainable suffix as training artifacts
     (ORT's standard names with a `suffix_` prefix) that take the prefix's output, `boundary`, as input."""
@@ -112,6 +141,7 @@ class Manifest:
     portable: PortableSpec | None = None  # schema 2: required (checked below)
     split: SplitSpec | None = None
     memory: dict[str, float] = field(default_factory=dict)  # per-sample activation bytes of each graph (planner)
+    sparse: SparseSpec | None = None  # `--trainable sparse`: the selection and its reasons
 
     @property
     def num_outputs(self) -> int:

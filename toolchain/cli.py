@@ -47,9 +47,16 @@ def export(
     labels: Optional[Path] = typer.Option(None, "--labels", help="New head with the labels in FILE (one a line)."),
     keep_head: bool = typer.Option(False, "--keep-head", help="Keep the pretrained classifier (e.g. ImageNet)."),
     trainable: str = typer.Option("head", "--trainable", "-t",
-                                  help="head | full | last:K | bias | scratch | auto (with --profile) | globs, or "
-                                       "re:REGEX, comma-separated."),
-    profile: Optional[str] = typer.Option(None, "--profile", help="With --trainable auto: device profile to fit."),
+                                  help="head | full | last:K | bias | scratch | sparse (with --calibration and "
+                                       "--budget-mb or --profile) | auto (with --profile) | globs, or re:REGEX, "
+                                       "comma-separated."),
+    profile: Optional[str] = typer.Option(None, "--profile",
+                                          help="With --trainable auto or sparse: device profile to fit."),
+    budget_mb: Optional[float] = typer.Option(None, "--budget-mb",
+                                              help="With --trainable sparse: planned peak training MB to fit."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration",
+                                               help="With --trainable sparse (or auto): labelled samples to score "
+                                                    "layers and channels on (yours, or a proxy set)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="imagenet, or a path to a state dict."),
     model: Optional[str] = typer.Option(None, "--model", help="Your model: package.module:factory."),
     head: str = typer.Option("classifier", "--head", help="With --model: the classifier's module name."),
@@ -98,7 +105,8 @@ def export(
                             lr=lr, weight_decay=weight_decay, bn=bn, ort_format=ort_format, validate=validate,
                             force=force, seed=seed, user_spec=user_spec, onnx=onnx_model,
                             head_params=tuple(p.strip() for p in (head_params or "").split(",") if p.strip()),
-                            feature_output=feature_output, sign=sign, split=split, profile=profile)
+                            feature_output=feature_output, sign=sign, split=split, profile=profile,
+                            budget_mb=budget_mb, calibration=calibration)
     if list_params:
         for name, shape in list_parameters(options):
             typer.echo(f"{name}\t{list(shape)}")
@@ -112,7 +120,7 @@ def export(
     typer.echo(f"exported {m.backbone} ({m.preset}, {len(m.labels)} outputs) to {result.out} in {result.seconds:.1f}s: "
                f"{m.trainable_params:,} trainable / {m.frozen_params:,} frozen parameters")
     for note in m.notes:
-        if note.startswith("trainable auto"):
+        if note.startswith(("trainable auto", "trainable sparse")):
             typer.echo(note)
     if m.validation:
         v = m.validation

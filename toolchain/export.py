@@ -29,7 +29,7 @@ from edgeadapt.runtime.manifest import (
     sha256_file,
 )
 from edgeadapt.toolchain.artifacts import write_artifacts
-from edgeadapt.toolchain.auto import choose
+from edgeadapt.toolchain.auto import HEADROOM, choose
 from edgeadapt.toolchain.bn import BN_POLICIES
 from edgeadapt.toolchain.build import BuiltModel, HeadRequest, build_user_model, build_zoo_model
 from edgeadapt.toolchain.onnx_export import onnx_source
@@ -38,8 +38,10 @@ from edgeadapt.toolchain.presets import resolve_lists
 from edgeadapt.toolchain.stages import Artifacts, Lists, Source
 from edgeadapt.toolchain.validate import ValidationReport, validate
 
-DEFAULT_LR = {"adamw": {"head": 1e-3, "bias": 1e-3, "scratch": 1e-3, "full": 1e-4, "other": 3e-4},
-              "sgd": {"head": 1e-2, "bias": 1e-2, "scratch": 1e-2, "full": 1e-3, "other": 3e-3}}
+# sparse trains the head and biases (bias's rate) plus a few weights that a smaller rate would leave unused
+DEFAULT_LR = {"adamw": {"head": 1e-3, "bias": 1e-3, "scratch": 1e-3, "sparse": 1e-3, "full": 1e-4, "other": 3e-4},
+              "sgd": {"head": 1e-2, "bias": 1e-2, "scratch": 1e-2, "sparse": 1e-2, "full": 1e-3, "other": 3e-3}}
+DEFAULT_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class ExportOptions:
     profile: str | None = None  # with trainable="auto": the device profile (name or TOML file) to fit
     auto_notes: tuple[str, ...] = ()  # why `auto` chose the preset (recorded in the manifest)
     auto_batch: int | None = None
+    budget_mb: float | None = None  # with trainable="sparse": planned peak training memory to fit (else the profile's)
+    calibration: Path | None = None  # with trainable="sparse": labelled samples (the user's, or a proxy) to score
 
 
 @dataclass(frozen=True)
@@ -123,21 +127,48 @@ def _full_input_size(given: tuple[int, ...], default: tuple[int, ...]) -> tuple[
 def torch_source(opts: ExportOptions) -> Source:
     """Stage 1 for torch models: the eval graph exported with the BN policy applied."""
     built = build(opts)
+    sparse = opts.trainable == "sparse"
     with tempfile.TemporaryDirectory() as tmp:
-        graph = export_eval_onnx(built.module, built.spec.input_size, opts.bn, Path(tmp) / "eval.onnx")
+        graph = export_eval_onnx(built.module, built.spec.input_size, None if sparse else opts.bn,
+                                 Path(tmp) / "eval.onnx")
     in_graph = {init.name for init in graph.graph.initializer}
     params = [name for name, _ in built.module.named_parameters() if name in in_graph]
     unused = [name for name, _ in built.module.named_parameters() if name not in in_graph]
     if unused:
         built.notes.append(f"parameters unused by the forward pass, left out: {', '.join(unused[:5])}")
     head = [n for n in params if n == built.spec.head or n.startswith(built.spec.head + ".")]
+    choice = _choose_sparse(opts, built, graph, params, head) if sparse else None
+    if choice is not None:
+        graph, params = choice.graph.graph, choice.graph.params
+        in_graph = {init.name for init in graph.graph.initializer}
 
     def reference(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return built.module.eval()(torch.from_numpy(x)).numpy()
     return Source(graph, params, [n for n in in_graph if n not in set(params)], built.labels, _input_spec(built.spec),
                   opts.backbone or opts.model, built.weights, head, built.head_is_new, reference, built.module,
-                  built.spec.blocks, built.spec.head, list(built.notes))
+                  built.spec.blocks, built.spec.head, list(built.notes),
+                  parts=choice.graph.parts if choice else {}, sparse=choice)
+
+
+def _choose_sparse(opts: ExportOptions, built: BuiltModel, raw, params: list[str], head: list[str]):
+    """`--trainable sparse`: score on the calibration data, pick what fits the budget, split the chosen convs."""
+    from edgeadapt.toolchain.sparse import calibration_arrays, choose_sparse
+
+    budget = sparse_budget(opts)
+    x, y = calibration_arrays(opts.calibration, _input_spec(built.spec), built.labels, opts.loss, opts.seed)
+    return choose_sparse(raw, built.module, params, head, built.head_is_new, built.spec.blocks, x, y, opts, budget,
+                         opts.auto_batch or DEFAULT_BATCH)
+
+
+def sparse_budget(opts: ExportOptions) -> float:
+    if opts.budget_mb is not None:
+        if not opts.budget_mb > 0:
+            raise ConfigError(f"--budget-mb must be positive, got {opts.budget_mb}.")
+        return float(opts.budget_mb)
+    if opts.profile:
+        return HEADROOM * get_profile(opts.profile).memory_budget_mb
+    raise ConfigError("--trainable sparse needs a memory budget: --budget-mb MB or --profile DEVICE.")
 
 
 def list_parameters(opts: ExportOptions) -> list[tuple[str, tuple[int, ...]]]:
@@ -165,7 +196,7 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
     check_output_dir(out, opts.force)
     source = make_source(opts)
     if opts.trainable == "auto":
-        opts = _choose_auto(opts, source)
+        opts, source = _auto_source(opts, source)
     lists = resolve_lists(source, opts.trainable)
     with staged_dir(out) as staging:
         artifacts = write_artifacts(source, lists, opts, staging)
@@ -182,6 +213,20 @@ def _choose_auto(opts: ExportOptions, source: Source) -> ExportOptions:
         raise ConfigError("--trainable auto needs --profile (a device profile name or TOML file) to fit.")
     preset, batch, reasons = choose(source, opts, get_profile(opts.profile))
     return replace(opts, trainable=preset, auto_notes=tuple(reasons), auto_batch=batch)
+
+
+def _auto_source(opts: ExportOptions, source: Source) -> tuple[ExportOptions, Source]:
+    """`--trainable auto`: the chosen preset, and the source it needs (sparse rewrites the graph; if no selection
+    fits after all, the next strategy in the ranking)."""
+    chosen = _choose_auto(opts, source)
+    if chosen.trainable != "sparse":
+        return chosen, source
+    try:
+        return chosen, make_source(chosen)
+    except ConfigError as exc:
+        preset, batch, reasons = choose(source, opts, get_profile(opts.profile), skip=("sparse",))
+        notes = (f"sparse: {exc}", *reasons)
+        return replace(opts, trainable=preset, auto_notes=notes, auto_batch=batch), source
 
 
 def write_manifest(staging: Path, manifest: Manifest, sign_key: Path | None) -> None:
@@ -204,6 +249,12 @@ def _notes(source: Source, opts: ExportOptions, artifacts: Artifacts) -> list[st
     notes = list(source.notes)
     if opts.auto_notes:
         notes.append(f"trainable auto for {opts.profile}: " + "; ".join(opts.auto_notes))
+    if source.sparse is not None:
+        spec = source.sparse.spec
+        partial = sum(1 for layer in spec.layers if 0 < len(layer.channels) < layer.total_channels)
+        notes.append(f"trainable sparse: {len(spec.layers)} weight tensors ({partial} by channels) from {spec.cut} on, "
+                     f"the head and the biases after the cut; planned {spec.planned_mb} MB of {spec.budget_mb} MB "
+                     f"at batch {spec.batch_size} (`edgeadapt inspect` shows the scores)")
     if opts.bn == "ort":
         notes.append("training graph uses batch statistics for BN (ORT default): train and eval differ")
     if not artifacts.ort_training:
@@ -221,7 +272,7 @@ def make_manifest(source: Source, lists: Lists, opts: ExportOptions, artifacts: 
         schema_version=SCHEMA_VERSION, edgeadapt_version=__version__, backbone=source.backbone,
         weights=source.weights, preset=opts.trainable, bn_policy=opts.bn, input=source.input,
         output_name="logits", labels=source.labels, loss=opts.loss, optimizer=opts.optimizer,
-        hyperparameters={"lr": default_lr(opts), "batch_size": float(opts.auto_batch or 32), "epochs": 5.0,
+        hyperparameters={"lr": default_lr(opts), "batch_size": float(opts.auto_batch or DEFAULT_BATCH), "epochs": 5.0,
                          "weight_decay": opts.weight_decay if opts.optimizer == "adamw" else 0.0},
         trainable=lists.trainable, frozen=lists.frozen, buffers=lists.buffers,
         trainable_params=sum(sizes[n] for n in lists.trainable), frozen_params=sum(sizes[n] for n in lists.frozen),
@@ -229,7 +280,8 @@ def make_manifest(source: Source, lists: Lists, opts: ExportOptions, artifacts: 
         onnxruntime_version=_onnxruntime_version(),
         files={f.name: sha256_file(f) for f in sorted(staging.iterdir()) if f.is_file() and f.name != MANIFEST_NAME},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=_notes(source, opts, artifacts),
-        portable=artifacts.portable, split=artifacts.split, memory=artifacts.memory)
+        portable=artifacts.portable, split=artifacts.split, memory=artifacts.memory,
+        sparse=source.sparse.spec if source.sparse else None)
 
 
 def _onnxruntime_version() -> str:

@@ -14,11 +14,12 @@ from edgeadapt.toolchain.stages import INPUT_NAME, OUTPUT_NAME
 OPSET = 17
 
 
-def export_eval_onnx(module: torch.nn.Module, input_size: tuple[int, ...], bn_policy: str,
+def export_eval_onnx(module: torch.nn.Module, input_size: tuple[int, ...], bn_policy: str | None,
                      path: Path) -> onnx.ModelProto:
     """Export with every parameter its own initializer. (Without keep_initializers_as_inputs the exporter merges
     initializers of equal value in eval mode — e.g. all fresh BN scales of one width — so they would share one
-    gradient in training.) The initializers are then taken back out of the graph inputs."""
+    gradient in training.) The initializers are then taken back out of the graph inputs. `bn_policy` None keeps the
+    BN nodes (for rewrites that must see them, like the channel splits of `--trainable sparse`)."""
     example = torch.randn(2, *input_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -32,7 +33,7 @@ def export_eval_onnx(module: torch.nn.Module, input_size: tuple[int, ...], bn_po
     inputs = [i for i in model.graph.input if i.name not in initializers]
     del model.graph.input[:]
     model.graph.input.extend(inputs)
-    return apply_policy(model, bn_policy)
+    return apply_policy(model, bn_policy) if bn_policy else model
 
 
 def initializer_names(model: onnx.ModelProto) -> list[str]:

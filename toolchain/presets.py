@@ -10,7 +10,7 @@ import re
 from edgeadapt.runtime.errors import ConfigError
 from edgeadapt.toolchain.stages import Lists, Source
 
-PRESETS = ("head", "full", "last:K", "bias", "scratch")
+PRESETS = ("head", "full", "last:K", "bias", "scratch", "sparse")
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -68,8 +68,13 @@ def resolve_lists(source: Source, preset: str) -> Lists:
     if source.torch_module is None and (preset.startswith("last:") or preset == "scratch"):
         raise ConfigError(f"--trainable {preset} needs a torch model (block boundaries, initialisers); with --onnx use "
                           "head, bias, full or patterns over initializer names.")
+    if preset == "sparse" and source.sparse is None:
+        raise ConfigError("--trainable sparse needs a torch model (zoo backbone or --model) to score; with --onnx use "
+                          "head, bias, full or patterns.")
     if preset == "head":
         wanted = set(source.head)
+    elif preset == "sparse":
+        wanted = set(source.sparse.graph.trainable)
     elif source.torch_module is not None:
         wanted = set(resolve_trainable(preset, source.params, source.head_module, source.blocks))
     else:  # an ONNX file has no module tree: the named head always trains

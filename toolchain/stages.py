@@ -38,6 +38,8 @@ class Source:
     blocks: tuple[str, ...] = ()  # block boundaries, input to output (`last:K`)
     head_module: str = ""  # the head's module name in a torch model
     notes: list[str] = field(default_factory=list)
+    parts: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # channel splits: part -> (name, channels)
+    sparse: object | None = None  # `--trainable sparse`: the SparseChoice (toolchain/sparse.py)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -23,6 +23,7 @@ from edgeadapt.runtime.prefix import PrefixRunner
 from edgeadapt.runtime.state import load_state, named_parameters
 from edgeadapt.runtime.targets import bundle_statistics
 from edgeadapt.toolchain.bn import STATISTICS_INPUT, statistics_layout
+from edgeadapt.toolchain.channels import expand_reference
 from edgeadapt.toolchain.stages import initial_values
 from edgeadapt.toolchain.train_step import build_gradient_graph
 
@@ -117,6 +118,7 @@ def validate(source, lists, opts, bundle) -> ValidationReport:
     if source.torch_module is not None:
         loss_ref, ref = _torch_gradients(source.torch_module, x, y, opts.loss, torch_dtype("float64"))
         noise = _torch_gradients(source.torch_module, x, y, opts.loss, torch_dtype("float32"))[1]
+        ref, noise = expand_reference(ref, source.parts), expand_reference(noise, source.parts)
     else:  # no torch model: the loss must be the eval graph's, the gradients ONNX Runtime training's
         loss_ref, ref, noise = _eval_loss(opts.loss, reference, y), ort[1] if ort else None, None
     loss_diff = abs(loss - loss_ref) / max(abs(loss_ref), 1e-6)
