@@ -33,6 +33,7 @@ def describe(bundle: Bundle | str | Path) -> dict:
         f"{progress.epoch} epochs, {progress.step} steps, engine {_engine_of(progress)}" +
         ("" if progress.finished else " (unfinished: --resume)"),
         "notes": "; ".join(m.notes) or "-",
+        **_sparse(m),
         "files": {f.name: f.stat().st_size for f in sorted(bundle.path.iterdir()) if f.is_file()},
     }
 
@@ -47,6 +48,24 @@ def _statistics(bundle: Bundle) -> str:
     values = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id).statistics
     adapted = digest(values) != portable.statistics_sha256
     return f"{len(portable.statistics) // 2} BN layers; {'re-estimated (adapt-bn)' if adapted else 'as exported'}"
+
+
+def _sparse(m) -> dict:
+    """What `--trainable sparse` chose and why: the budget, the cut, and per layer its channels, contribution score
+    (sum of |mean gradient| on the calibration samples), score per parameter and planned memory."""
+    s = m.sparse
+    if s is None:
+        return {}
+    rows = {"sparse": f"planned {s.planned_mb} MB of a {s.budget_mb} MB budget at batch {s.batch_size}; "
+                      f"cut at {s.cut}; scored on {s.calibration_samples} samples; "
+                      "always trained: head + biases after the cut "
+                      f"({s.always} tensors, {s.always_params:,} params, score {s.always_score:.3g})"}
+    for layer in s.layers:
+        channels = f"{len(layer.channels)}/{layer.total_channels} channels" if layer.channels and \
+            len(layer.channels) < layer.total_channels else "all channels"
+        rows[f"  {layer.name}"] = (f"{channels}, {layer.params:,} params, score {layer.score:.3g} "
+                                   f"({layer.score / max(layer.params, 1):.2e}/param), {layer.mb:.2f} MB")
+    return rows
 
 
 def _engine_of(progress) -> str:
