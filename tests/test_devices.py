@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from conftest import run_cli
@@ -132,14 +133,21 @@ def _profile(tmp_path, name, budget_mb):
 
 @pytest.mark.slow
 def test_auto_picks_by_budget_and_each_pick_fits_when_measured(tmp_path):
+    from sklearn.datasets import load_digits
+
     from edgeadapt.devices.bench import run_case
 
+    digits = load_digits()
+    calibration = tmp_path / "calibration.npz"  # with it, auto may pick sparse (it needs samples to score)
+    np.savez(calibration, x=(digits.images[:200] * 255 / 16).astype(np.uint8),
+             y=np.array([f"class_{d}" for d in digits.target[:200]]))
     picks = {}
-    for name, budget in (("small", 160), ("large", 4000)):
+    cases = (("small", 160, ()), ("large", 4000, ()), ("sparse", 160, ("--calibration", calibration)))
+    for name, budget, extra in cases:
         out = tmp_path / name
         result = run_cli("export", "mobilenet_v2", "--weights", "imagenet", "--classes", "10", "--trainable", "auto",
                          "--profile", _profile(tmp_path, name, budget), "--input-size", "64", "--out", out,
-                         "--no-validate")
+                         "--no-validate", *extra)
         assert result.returncode == 0, result.stderr
         manifest = Bundle.open(out).manifest
         batch = int(manifest.hyperparameters["batch_size"])
@@ -148,6 +156,7 @@ def test_auto_picks_by_budget_and_each_pick_fits_when_measured(tmp_path):
         measured = run_case(out, batch, 2, steps=2, warmup=1)["peak_rss_mb"]
         assert measured <= budget, (name, manifest.preset, batch, measured)
     assert picks["small"] != picks["large"] and picks["large"] == ("full", 32)
+    assert picks["sparse"][0] == "sparse" and picks["small"][0] != "sparse"
 
 
 @pytest.mark.slow  # CLI subprocesses; CI runs it

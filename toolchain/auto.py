@@ -1,13 +1,15 @@
 """`--trainable auto --profile P`: the strategy with the best expected accuracy that fits the device's memory.
 
 Rule, from the study (benchmarks/study.py; docs/study/results.md: MobileNetV2 ImageNet, Fashion-MNIST, 1-50 images
-per class, 3 seeds): `full` was the most accurate at every shot count (83.1% at 50/class); `last:2` matched `bias`
-(81.8% vs 81.6% at 50/class, within a point elsewhere) at less than half the peak memory (372 vs 784 MB) and a
-sixth of the time, so `bias` is never the best choice that fits; `head` came next (79.2%); every pretrained
-strategy beat `scratch` (68.7%) by 10-22 points. Candidates are therefore tried in the order full, last:2, head;
-the first whose planned peak fits 80% of the profile's budget at a batch of at least MIN_BATCH (head: 1) is chosen,
-with the largest such batch up to 32. Each candidate is planned from its training step built in memory: nothing is
-exported until the choice is made.
+per class, 3 seeds): `full` was the most accurate at every shot count (83.1% at 50/class); `sparse` at last:2's
+planned memory came next (82.3% at 50/class, 79.1% at 20) at less measured memory than last:2 (300-325 vs 372 MB),
+beating `last:2` by 0.5-1 point at every k but k=5 (a tie); `last:2` matched `bias` (81.8% vs 81.6%) at half the
+memory, so `bias` is never the best choice that fits; `head` came next (79.2%); every pretrained strategy beat
+`scratch` (68.7%) by 10-22 points. Candidates are therefore tried in the order full, sparse, last:2, head; the first
+whose planned peak fits 80% of the profile's budget at a batch of at least MIN_BATCH (head: 1) is chosen, with the
+largest such batch up to 32. `sparse` needs `--calibration` samples to score (skipped without them) and fits
+wherever the head does, since its selection fills the budget; if no selection fits after all, the next one is
+taken. Each candidate is planned from its training step built in memory: nothing is exported until the choice is made.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from edgeadapt.runtime.errors import ConfigError
 from edgeadapt.toolchain.presets import resolve_lists
 from edgeadapt.toolchain.train_step import build_train_step
 
-PREFERENCE = ("full", "last:2", "head")
+PREFERENCE = ("full", "sparse", "last:2", "head")
 MIN_BATCH, MAX_BATCH = 8, 32
 HEADROOM = 0.8  # plan to 80% of the budget: the planner is within ±3% at 224 px, up to +12% off at 64 px
 
@@ -36,15 +38,26 @@ def _planner(source, opts, preset: str):
     return lambda batch: plan_numbers(trainable, len(graphs.state_names) - 1, memory, batch, weights).total_mb
 
 
-def choose(source, opts, profile: DeviceProfile) -> tuple[str, int, list[str]]:
+def choose(source, opts, profile: DeviceProfile, skip: tuple[str, ...] = ()) -> tuple[str, int, list[str]]:
     """(preset, batch size, reasons) for `opts` under `profile`'s memory budget."""
     budget, reasons = HEADROOM * profile.memory_budget_mb, []
-    for preset in PREFERENCE:
-        peak_at = _planner(source, opts, preset)
+    for preset in (p for p in PREFERENCE if p not in skip):
+        if preset == "sparse":
+            if opts.calibration is None or source.torch_module is None:
+                reasons.append("sparse needs --calibration and a torch model")
+                continue
+            preset = "head"  # sparse fills whatever the budget leaves above the head: it fits where the head fits
+            peak_at, sparse = _planner(source, opts, preset), True
+        else:
+            peak_at, sparse = _planner(source, opts, preset), False
         batch = MAX_BATCH
         while batch >= 1 and peak_at(batch) > budget:
             batch //= 2
-        if batch >= (1 if preset == "head" else MIN_BATCH):
+        if sparse and batch >= MIN_BATCH:
+            reasons.append(f"chose sparse at batch {batch} (the selection fills {budget:.0f} MB, 80% of "
+                           f"{profile.name}'s {profile.memory_budget_mb} MB)")
+            return "sparse", batch, reasons
+        if not sparse and batch >= (1 if preset == "head" else MIN_BATCH):
             reasons.append(f"chose {preset} at batch {batch} (planned {peak_at(batch):.0f} MB of {profile.name}'s "
                            f"{profile.memory_budget_mb} MB)")
             return preset, batch, reasons
