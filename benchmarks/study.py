@@ -10,6 +10,8 @@ two plots (accuracy vs shots; accuracy vs peak memory) and a JSON of every run.
     python benchmarks/study.py --out docs/study --strategies head,head+adabn --merge docs/study/runs.json
 
 `X+adabn`: preset X, and `train --adabn` (the BN statistics re-estimated on the k-shot training images first).
+`sparse@P`: `--trainable sparse` with `--budget-mb` set to preset P's planned peak (split run, batch 32), or to P MB
+when P is a number, and the k-shot training images as `--calibration` (so it is exported for every run).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-STRATEGIES = ("scratch", "head", "bias", "last:2", "full", "head+adabn", "last:2+adabn")
+STRATEGIES = ("scratch", "head", "bias", "last:2", "full", "head+adabn", "last:2+adabn", "sparse@138",
+              "sparse@last:2", "sparse@180", "sparse@last:2+adabn")
 RUN = """
 import json, sys, time
 sys.modules['torch'] = None
@@ -108,15 +111,27 @@ def run_all(images, labels, classes, test, sets, size: int, min_steps: int, stra
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         np.savez(root / "test.npz", x=images[test], y=labels[test])
+        def export(preset: str, out: Path, seed: int, **extra) -> Path:
+            if not out.exists():
+                export_bundle(ExportOptions(out=out, backbone="mobilenet_v2", weights="imagenet", trainable=preset,
+                                            head=HeadRequest(labels=classes), input_size=(size,), seed=seed,
+                                            validate=False, **extra))
+            return out
+
         for strategy in strategies:
             preset, _, adabn = strategy.partition("+")
             for (k, seed), index in sorted(sets.items()):
-                template = root / f"{preset.replace(':', '')}-{seed if preset == 'scratch' else 0}"
-                if not template.exists():
-                    export_bundle(ExportOptions(out=template, backbone="mobilenet_v2", weights="imagenet",
-                                                trainable=preset, head=HeadRequest(labels=classes),
-                                                input_size=(size,), seed=seed, validate=False))
-                np.savez(root / "train.npz", x=images[index], y=labels[index])
+                np.savez(root / f"train-{k}-{seed}.npz", x=images[index], y=labels[index])
+                shutil.copyfile(root / f"train-{k}-{seed}.npz", root / "train.npz")
+                if preset.startswith("sparse@"):
+                    reference = preset[7:]
+                    budget = float(reference) if reference.replace(".", "").isdigit() else \
+                        sparse_budget(export(reference, root / reference.replace(":", ""), 0))
+                    template = export("sparse", root / f"{preset.replace(':', '')}-{k}-{seed}", seed,
+                                      budget_mb=budget, calibration=root / f"train-{k}-{seed}.npz")
+                else:
+                    template = export(preset, root / f"{preset.replace(':', '')}-{seed if preset == 'scratch' else 0}",
+                                      seed)
                 work = root / "work"
                 shutil.rmtree(work, ignore_errors=True)
                 shutil.copytree(template, work)
@@ -131,6 +146,14 @@ def run_all(images, labels, classes, test, sets, size: int, min_steps: int, stra
                 print(f"{strategy:8} k={k:3} seed={seed}: {result['accuracy']:.3f} in {result['train_s']:.1f} s, "
                       f"{result['peak_rss_mb']:.0f} MB", file=sys.stderr)
     return runs
+
+
+def sparse_budget(bundle: Path) -> float:
+    """The planned peak MB of training `bundle` (split when it is) at batch 32: the budget `sparse@P` fits."""
+    from edgeadapt.devices.planner import planned_peak
+    from edgeadapt.runtime.bundle import Bundle
+
+    return round(planned_peak(Bundle.open(bundle).manifest, 32, split=True), 1)
 
 
 def _cell(runs, strategy, k, key):
@@ -159,16 +182,18 @@ def plot(runs, shots, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for strategy in [s for s in STRATEGIES if any(r["strategy"] == s for r in runs)]:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    present = [s for s in STRATEGIES if any(r["strategy"] == s for r in runs)]
+    for i, strategy in enumerate(present):
+        style = dict(color=plt.cm.tab20(i / max(len(present) - 1, 1)), marker="os^Dv<>p*hX"[i % 11])
         cells = [_cell(runs, strategy, k, "accuracy") for k in shots]
-        left.errorbar(shots, [m for m, _ in cells], yerr=[s for _, s in cells], marker="o", capsize=3, label=strategy)
+        left.errorbar(shots, [m for m, _ in cells], yerr=[s for _, s in cells], capsize=3, label=strategy, **style)
         memory = [_cell(runs, strategy, k, "peak_rss_mb")[0] for k in shots]
-        right.scatter(memory, [m for m, _ in cells], label=strategy)
+        right.scatter(memory, [m for m, _ in cells], label=strategy, **style)
     left.set(xscale="log", xlabel="training images per class", ylabel="held-out accuracy", title="accuracy vs shots")
     left.set_xticks(shots, [str(k) for k in shots])
     right.set(xlabel="peak RSS during training (MB)", ylabel="held-out accuracy", title="accuracy vs peak memory")
-    left.legend()
+    left.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "study.png", dpi=110)
     plt.close(fig)
