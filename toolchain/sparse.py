@@ -8,9 +8,9 @@ training memory (after MCUNetV3's sparse update and TinyTrain's task-adaptive se
 2. Units: each non-depthwise conv offers its output channels, best first, in eighths; a depthwise conv, any other
    weight, trains whole. The head always trains, and so does every bias (conv bias, BN shift) after the cut.
 3. The cut (the earliest block that trains) sets the activation memory: for each cut from the last block back, the
-   planner (devices/planner.py) prices the training step with everything from the cut on trainable, which bounds the
-   sparse step's activations; the units are then added by score per parameter while the planned peak fits the
-   budget, and the cut with the highest total score wins.
+   planner (devices/planner.py) prices the training step of the head and the biases from the cut on; each unit then
+   costs its parameters' state and, once per layer, the input its weight gradient keeps. Units are added greedily by
+   score per MB while the plan fits the budget, and the cut with the highest total score wins.
 4. The chosen channels become real graphs (channels.py); the planned peak of the graph actually written is checked
    against the budget and the selection shrunk until it fits.
 """
@@ -44,10 +44,6 @@ class Unit:
     params: int
     score: float
     block: int
-
-    @property
-    def density(self) -> float:
-        return self.score / max(self.params, 1)
 
 
 @dataclass
