@@ -83,9 +83,14 @@ def write_portable(graph: onnx.ModelProto, trainable: list[str], opts, out_dir: 
                         ir_version=graphs.step.ir_version, statistics=list(statistics or []))
     onnx.save(graphs.step, str(out_dir / f"{prefix}{spec.train_step}"))
     onnx.save(graphs.forward, str(out_dir / f"{prefix}{spec.forward}"))
-    memory[f"{prefix}kept_bytes_per_sample"] = float(graphs.kept_bytes_per_sample)
-    memory[f"{prefix}largest_bytes_per_sample"] = float(graphs.largest_bytes_per_sample)
+    memory.update(memory_record(graphs, prefix))
     return spec
+
+
+def memory_record(graphs, prefix: str = "") -> dict[str, float]:
+    """The planner's per-sample bytes of one training graph (devices/planner.py), keyed for the manifest."""
+    return {f"{prefix}kept_bytes_per_sample": float(graphs.kept_bytes_per_sample),
+            f"{prefix}largest_bytes_per_sample": float(graphs.largest_bytes_per_sample)}
 
 
 def optimizer_block(name: str, weight_decay: float):

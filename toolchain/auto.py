@@ -42,23 +42,18 @@ def choose(source, opts, profile: DeviceProfile, skip: tuple[str, ...] = ()) -> 
     """(preset, batch size, reasons) for `opts` under `profile`'s memory budget."""
     budget, reasons = HEADROOM * profile.memory_budget_mb, []
     for preset in (p for p in PREFERENCE if p not in skip):
-        if preset == "sparse":
-            if opts.calibration is None or source.torch_module is None:
-                reasons.append("sparse needs --calibration and a torch model")
-                continue
-            preset = "head"  # sparse fills whatever the budget leaves above the head: it fits where the head fits
-            peak_at, sparse = _planner(source, opts, preset), True
-        else:
-            peak_at, sparse = _planner(source, opts, preset), False
+        if preset == "sparse" and (opts.calibration is None or source.torch_module is None):
+            reasons.append("sparse needs --calibration and a torch model")
+            continue
+        # sparse fills whatever the budget leaves above the head: it fits where the head fits
+        peak_at = _planner(source, opts, "head" if preset == "sparse" else preset)
         batch = MAX_BATCH
         while batch >= 1 and peak_at(batch) > budget:
             batch //= 2
-        if sparse and batch >= MIN_BATCH:
-            reasons.append(f"chose sparse at batch {batch} (the selection fills {budget:.0f} MB, 80% of "
-                           f"{profile.name}'s {profile.memory_budget_mb} MB)")
-            return "sparse", batch, reasons
-        if not sparse and batch >= (1 if preset == "head" else MIN_BATCH):
-            reasons.append(f"chose {preset} at batch {batch} (planned {peak_at(batch):.0f} MB of {profile.name}'s "
+        if batch >= (1 if preset == "head" else MIN_BATCH):
+            planned = f"the selection fills {budget:.0f} MB" if preset == "sparse" else \
+                f"planned {peak_at(batch):.0f} MB"
+            reasons.append(f"chose {preset} at batch {batch} ({planned} of {profile.name}'s "
                            f"{profile.memory_budget_mb} MB)")
             return preset, batch, reasons
         reasons.append(f"{preset} needs {peak_at(MIN_BATCH):.0f} MB at batch {MIN_BATCH}")

@@ -58,6 +58,7 @@ class Candidate:
     scores: dict[str, np.ndarray]
     blocks: tuple[str, ...]
     units: list[Unit] = field(default_factory=list)
+    biases: set[str] = field(default_factory=set)  # per-channel additive terms: they train whenever after the cut
 
     def score(self, names) -> float:
         return float(sum(self.scores[n].sum() for n in names if n in self.scores))
@@ -70,10 +71,12 @@ def contribution_scores(module, head: list[str], head_is_new: bool, x: np.ndarra
     """|mean gradient| of the loss over (x, y) for every parameter of `module` (eval mode, a copy)."""
     import torch
 
+    from edgeadapt.toolchain.validate import torch_criterion
+
     torch.manual_seed(seed)
     model = copy.deepcopy(module).float().eval()
     inputs, targets = torch.from_numpy(x), _torch_targets(y, loss)
-    criterion = _criterion(loss)
+    criterion = torch_criterion(loss)
     if head_is_new:
         _fit_head(model, head, inputs, targets, criterion, seed)
     model.zero_grad()
@@ -87,13 +90,6 @@ def _torch_targets(y: np.ndarray, loss: str):
     import torch
 
     return torch.from_numpy(y.astype(np.int64) if loss == "cross_entropy" else y.astype(np.float32))
-
-
-def _criterion(loss: str):
-    from torch.nn import functional as F
-
-    return {"cross_entropy": F.cross_entropy, "bce_with_logits": F.binary_cross_entropy_with_logits,
-            "mse": F.mse_loss, "l1": F.l1_loss}[loss]
 
 
 def _fit_head(model, head: list[str], inputs, targets, criterion, seed: int) -> None:
@@ -136,8 +132,11 @@ def build_candidate(graph: onnx.ModelProto, params: list[str], head: list[str], 
     layers = conv_layers(graph, set(params) - set(head))
     blocks = blocks or tuple(layer.weight.rsplit(".", 1)[0] for layer in layers)
     block_of = {n: _block_index(n, blocks) for n in params}
+    weights = {layer.weight for layer in layers}
+    biases = {b for layer in layers for b in layer.biases} | \
+        {n for n in params if n.endswith(".bias") and n not in weights}
     cand = Candidate({n: int(np.prod(s)) for n, s in shapes.items()}, shapes, block_of, head, layers,
-                     {n: scores.get(n, np.zeros(shapes[n], np.float32)) for n in params}, blocks)
+                     {n: scores.get(n, np.zeros(shapes[n], np.float32)) for n in params}, blocks, biases=biases)
     cand.units = _units(cand, params)
     return cand
 
@@ -167,18 +166,13 @@ def _units(cand: Candidate, params: list[str]) -> list[Unit]:
             units.append(Unit(layer.weight, tensors, chosen, channel_params * len(chosen),
                               float(per_channel[chosen].sum()), block))
     for name in params:  # other weights (a Linear inside the backbone, a norm's scale) train whole
-        if name not in covered and not _is_bias(name, cand):
+        if name not in covered and name not in cand.biases:
             units.append(Unit(name, [name], None, cand.sizes[name], cand.score([name]), cand.block_of[name]))
     return units
 
 
-def _is_bias(name: str, cand: Candidate) -> bool:
-    biases = {b for layer in cand.layers for b in layer.biases}
-    return name in biases or (name.endswith(".bias") and name not in {layer.weight for layer in cand.layers})
-
-
 def biases_from(cand: Candidate, cut: int) -> list[str]:
-    return [n for n in cand.sizes if n not in cand.head and cand.block_of[n] >= cut and _is_bias(n, cand)]
+    return [n for n in cand.sizes if n not in cand.head and cand.block_of[n] >= cut and n in cand.biases]
 
 
 # ---- 3. the search ------------------------------------------------------------------------------------------------
@@ -233,14 +227,13 @@ def pricing(graph: onnx.ModelProto, trainable: list[str], opts, batch: int, tota
     """The planner's inputs for training `trainable` of `graph` (BN policy applied), split when the frozen part is a
     prefix — computed as the export computes them (artifacts.write_portable, split.build_split). With `shapes` (a
     search over many trainable sets), a split graph's prefix is priced by its largest tensor alone."""
+    from edgeadapt.toolchain.artifacts import memory_record
     from edgeadapt.toolchain.split import SUFFIX, split_suffix
     from edgeadapt.toolchain.train_step import build_train_step
 
     def measured(model, prefix=""):
         graphs = build_train_step(model, trainable, opts.loss, opts.optimizer, opts.weight_decay)
-        memory = {f"{prefix}kept_bytes_per_sample": float(graphs.kept_bytes_per_sample),
-                  f"{prefix}largest_bytes_per_sample": float(graphs.largest_bytes_per_sample)}
-        return len(graphs.state_names) - 1, memory
+        return len(graphs.state_names) - 1, memory_record(graphs, prefix)
     found = split_suffix(graph, trainable, shapes and shapes.measured, shapes and shapes.inferred) \
         if opts.split else None
     if found is None:
@@ -252,12 +245,9 @@ def pricing(graph: onnx.ModelProto, trainable: list[str], opts, batch: int, tota
     return Pricing(memory, True, total_params, moments, batch)
 
 
-def input_bytes(raw: onnx.ModelProto, weights: list[str]) -> dict[str, float]:
+def input_bytes(raw: onnx.ModelProto, weights: list[str], shapes: dict) -> dict[str, float]:
     """Per-sample bytes of the tensor each weight's layer reads (its weight gradient needs it kept), from shapes
-    measured by running the graph."""
-    from edgeadapt.toolchain.graph_builder import inferred_shapes
-
-    shapes = inferred_shapes(raw)
+    measured by running the graph (graph_builder.inferred_shapes)."""
     reader = {}
     for node in raw.graph.node:
         for name in node.input[1:]:
@@ -356,9 +346,7 @@ def realize(raw: onnx.ModelProto, cand: Candidate, selection: Selection, params:
             partial[weight] = picked
     graph = copy.deepcopy(raw)
     parts = split_layers(graph, partial)
-    split_of: dict[str, tuple[str, str]] = {}
-    for part, (name, _) in parts.items():
-        split_of.setdefault(name, part_names(name))
+    split = {name for name, _ in parts.values()}
     trainable_parts = set()
     for weight in partial:
         layer = layer_of[weight]
@@ -368,7 +356,7 @@ def realize(raw: onnx.ModelProto, cand: Candidate, selection: Selection, params:
         for bias in layer.biases:
             if bias in whole:
                 trainable_parts.update(part_names(bias))
-    all_params = [p for n in params for p in (split_of.get(n) or (n,))]
+    all_params = [p for n in params for p in (part_names(n) if n in split else (n,))]
     trainable = [p for p in all_params if p in whole or p in trainable_parts]
     return SparseGraph(apply_policy(graph, bn_policy), all_params, trainable, parts)
 
@@ -434,8 +422,8 @@ def calibration_arrays(path, input_spec, labels: list[str], loss: str, seed: int
                           "format `edgeadapt train` reads) to score what to train.")
     view = _DataView(input_spec, list(labels), loss)
     data = load_dataset(path, view)
-    index = np.random.default_rng(seed).permutation(len(data))[:MAX_CALIBRATION]
-    return batch_inputs(data, np.sort(index), view), data.targets[np.sort(index)]
+    index = np.sort(np.random.default_rng(seed).permutation(len(data))[:MAX_CALIBRATION])
+    return batch_inputs(data, index, view), data.targets[index]
 
 
 @dataclass
@@ -458,7 +446,7 @@ def choose_sparse(raw: onnx.ModelProto, module, params: list[str], head: list[st
 
     def price_cut(cut: int) -> Pricing:
         return pricing(dense_graph, head + biases_from(cand, cut), opts, batch, total, shapes)
-    activation = input_bytes(raw, sorted({u.layer for u in cand.units}))
+    activation = input_bytes(raw, sorted({u.layer for u in cand.units}), shapes.measured)
     selection, reasons = select(cand, price_cut, budget_mb, activation)
     for _ in range(SHRINK_TRIES):
         realized = realize(raw, cand, selection, params, opts.bn)

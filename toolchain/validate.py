@@ -79,15 +79,20 @@ def portable_gradients(source, trainable: list[str], loss: str, x: np.ndarray,
     return float(value), named_parameters(flat, layout)
 
 
-def _torch_gradients(module, x, y, loss: str, dtype) -> tuple[float, dict[str, np.ndarray]]:
-    import torch
+def torch_criterion(loss: str):
+    """PyTorch's function for a bundle loss name."""
     from torch.nn import functional as F
 
-    losses = {"cross_entropy": F.cross_entropy, "bce_with_logits": F.binary_cross_entropy_with_logits,
-              "mse": F.mse_loss, "l1": F.l1_loss}
+    return {"cross_entropy": F.cross_entropy, "bce_with_logits": F.binary_cross_entropy_with_logits,
+            "mse": F.mse_loss, "l1": F.l1_loss}[loss]
+
+
+def _torch_gradients(module, x, y, loss: str, dtype) -> tuple[float, dict[str, np.ndarray]]:
+    import torch
+
     model = copy.deepcopy(module).to(dtype).eval()
     target = torch.from_numpy(y) if loss == "cross_entropy" else torch.from_numpy(y).to(dtype)
-    value = losses[loss](model(torch.from_numpy(x).to(dtype)), target)
+    value = torch_criterion(loss)(model(torch.from_numpy(x).to(dtype)), target)
     value.backward()
     grads = {n: p.grad.double().numpy() for n, p in model.named_parameters() if p.grad is not None}
     return float(value.detach()), grads
