@@ -47,14 +47,15 @@ def held_out_accuracy(bundle: Path, data_file: Path, prefix_file: str) -> tuple[
     from edgeadapt.runtime.engines import open_engine
     from edgeadapt.runtime.metrics import dummy_targets
     from edgeadapt.runtime.prefix import PrefixRunner
-    from edgeadapt.runtime.state import load_state
 
     b = Bundle.open(bundle)
     data = load_dataset(data_file, b.manifest)
-    runner = PrefixRunner(b.path / prefix_file, threads=2,
-                          statistics=load_state(b.state_path, b.manifest, b.bundle_id).statistics)
+    prefix = b.read_device_graph(prefix_file) if prefix_file != b.manifest.split.prefix_model else \
+        b.read_graph(prefix_file)
+    runner = PrefixRunner(prefix, threads=2,
+                          statistics=b.load_state().statistics)
     suffix = open_engine(b, b.graphs(split=True), training=False)
-    suffix.load(load_state(b.state_path, b.manifest, b.bundle_id))
+    suffix.load(b.load_state())
     correct = 0
     for i in range(0, len(data), 50):
         inputs = preprocess(data.samples[i:i + 50], b.manifest, True)

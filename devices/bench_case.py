@@ -53,13 +53,13 @@ def time_training(bundle, batch: int, threads: int, steps: int, warmup: int, eng
     an uncached epoch is prefix inference, then a suffix step."""
     from edgeadapt.runtime.engines import open_engine
     from edgeadapt.runtime.prefix import PrefixRunner
-    from edgeadapt.runtime.state import load_state
     from edgeadapt.runtime.targets import PREFIX_BATCH
 
     opened = open_engine(bundle, bundle.graphs(split), engine, device, threads)
-    state = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id)
+    state = bundle.load_state()
     opened.load(state)
-    runner = PrefixRunner(bundle.prefix_path, threads=threads, statistics=state.statistics) if split else None
+    runner = PrefixRunner(bundle.read_graph(bundle.manifest.split.prefix_model), threads=threads,
+                          statistics=state.statistics) if split else None
     x, y = _batch(bundle.manifest, batch)
     chunk = min(PREFIX_BATCH, batch)  # as the trainer extracts features
     times = []

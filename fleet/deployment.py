@@ -22,6 +22,7 @@ from edgeadapt.fleet import flower
 flower()
 
 from edgeadapt.fleet.apps import ServerSettings, make_client_app, make_server_app, member_from_node  # noqa: E402
+from edgeadapt.fleet.owned import spawn  # noqa: E402
 from edgeadapt.runtime.errors import ConfigError, TrainingError  # noqa: E402
 
 clientapp = make_client_app(member_from_node)
@@ -120,9 +121,9 @@ def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 9092, l
         (home / "config.toml").write_text(f'[superlink]\ndefault = "edgeadapt"\n\n[superlink.edgeadapt]\n'
                                           f'address = "127.0.0.1:{port}"\ninsecure = true\n')
         env = flower_environment(FLWR_HOME=str(home))
-        link = subprocess.Popen([_tool("flower-superlink"), "--insecure", "--host", host, "--port", str(port),
-                                 "--disable-runtime-dependency-installation", "--database", str(home / "state.db")],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home, start_new_session=True)
+        link = spawn([_tool("flower-superlink"), "--insecure", "--host", host, "--port", str(port),
+                      "--disable-runtime-dependency-installation", "--database", str(home / "state.db")],
+                     env=env, stdout=log, stderr=subprocess.STDOUT, cwd=home)
         try:
             _wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port, link, log_path)
             run_id = _submit(project, settings, env, home)
@@ -181,7 +182,7 @@ def _wait_for_report(report: Path, rounds: int, link: subprocess.Popen, status, 
 
 
 def _stop(process: subprocess.Popen, group: bool = False) -> None:
-    """Stop a Flower process; with `group`, also the app subprocesses it started (its own process group)."""
+    """Stop a Flower process; with `group`, its watchdog's whole group (the app subprocesses it started too)."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM) if group else process.terminate()
         try:
@@ -217,14 +218,14 @@ def join(bundle: str, data: str, server: str, engine: str = "auto", device: str 
     _exit_on_sigterm()
     log_path = Path(log_path or Path(bundle) / "fleet_client.log")
     with open(log_path, "ab") as log:
-        node_process = subprocess.Popen(command, env=flower_environment(), stdout=log, stderr=subprocess.STDOUT)
+        node_process = spawn(command, env=flower_environment(), stdout=log, stderr=subprocess.STDOUT)
     try:
         while node_process.poll() is None:
             if refused.is_file():
-                _stop(node_process)
+                _stop(node_process, group=True)
                 raise ConfigError(refused.read_text().strip())
             time.sleep(0.5)
         return node_process.returncode
     except (KeyboardInterrupt, SystemExit):
-        _stop(node_process)
+        _stop(node_process, group=True)
         return 130

@@ -19,7 +19,7 @@ from edgeadapt.runtime.engines import open_engine
 from edgeadapt.runtime.errors import ConfigError
 from edgeadapt.runtime.lock import bundle_lock
 from edgeadapt.runtime.metrics import evaluate_arrays
-from edgeadapt.runtime.state import flatten, load_state, named_parameters, save_state
+from edgeadapt.runtime.state import flatten, named_parameters
 from edgeadapt.runtime.trainer import TrainConfig, Trainer
 
 PREPARED = ".fleet.npz"  # samples already decoded and resized for the bundle (simulation workspaces)
@@ -59,7 +59,7 @@ def check_fingerprint(bundle: Bundle, expected: dict) -> None:
 
 def trainable_arrays(bundle: Bundle) -> dict[str, np.ndarray]:
     """The bundle's current trainable tensors by name: what travels in a round (frozen ones never do)."""
-    state = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id)
+    state = bundle.load_state()
     return named_parameters(state.params, bundle.manifest.portable.layout)  # views of a freshly read vector
 
 
@@ -69,8 +69,8 @@ def write_arrays(bundle: Bundle, arrays: dict[str, np.ndarray]) -> None:
         f"the global model lacks {p.name} of shape {p.shape}; server and client bundles differ: give the client a "
         "copy of the server's bundle."))
     with bundle_lock(bundle.lock_path):  # the device's own BN statistics (AdaBN) stay
-        current = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id)
-        save_state(bundle.state_path, current.carried(params), bundle.manifest, bundle.bundle_id)
+        current = bundle.load_state()
+        bundle.save_state(current.carried(params))
 
 
 @dataclass
@@ -118,5 +118,5 @@ def accuracy_of(bundle: Bundle, data: Dataset, config: TrainConfig) -> float:
     with bundle_lock(bundle.lock_path):
         inputs, _, target = targets.prepare(bundle, config, data, None)
     engine = open_engine(bundle, target.graphs, config.engine, config.device, config.threads, training=False)
-    engine.load(load_state(bundle.state_path, bundle.manifest, bundle.bundle_id))
+    engine.load(bundle.load_state())
     return float(evaluate_arrays(engine, inputs, bundle.manifest, config.batch_size or 64).accuracy)

@@ -29,7 +29,9 @@ from edgeadapt.fleet.partition import dirichlet_split
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.data import Dataset, load_dataset, split
 from edgeadapt.runtime.errors import ConfigError, TrainingError
-from edgeadapt.runtime.state import BEST_STATE_FILE, STATE_FILE
+from edgeadapt.runtime.manifest import MANIFEST_NAME
+from edgeadapt.runtime.signing import SIGNATURE_NAME
+from edgeadapt.runtime.state import STATE_FILE
 from edgeadapt.runtime.trainer import TrainConfig
 
 GLOBAL_HELD_OUT = 0.1  # share of DATA kept for the global model's accuracy
@@ -56,8 +58,8 @@ def _client_copy(bundle: Bundle, target: Path) -> Path:
     """A bundle copy sharing the read-only graphs by hard link, with its own state and no cache or logs."""
     target.mkdir(parents=True)
     for item in bundle.path.iterdir():
-        if not item.is_file() or item.name.startswith(".") or item.suffix == ".jsonl" or item.name == BEST_STATE_FILE:
-            continue
+        if not item.is_file() or item.name not in (*bundle.manifest.files, MANIFEST_NAME, SIGNATURE_NAME):
+            continue  # the bundle's own files only: no cache, logs or lock
         if item.name == STATE_FILE:  # trained by this copy: its own
             shutil.copy2(item, target / item.name)
             continue

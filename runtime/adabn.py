@@ -19,7 +19,6 @@ from edgeadapt.runtime.data import Dataset, load_unlabeled, preprocess
 from edgeadapt.runtime.errors import ConfigError, DataError
 from edgeadapt.runtime.lock import bundle_lock
 from edgeadapt.runtime.ort import onnxruntime_module, session_options
-from edgeadapt.runtime.state import load_state, save_state
 
 SCOPES = ("all", "prefix")
 
@@ -65,12 +64,12 @@ def adapt_bn_locked(bundle: Bundle, data: Dataset, scope: str, batch_size: int,
     if batch_size < 2 or len(data) < 2:
         raise DataError("AdaBN needs batches of at least 2 samples (a BN's batch variance needs 2); give more "
                         "samples or a larger --batch-size.")
-    state = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id)
+    state = bundle.load_state()
     estimate, batches = batch_statistics(bundle, data, state.params, batch_size, threads)
     old = state.statistics.copy()
     for p in replaced:
         state.statistics[p.offset:p.offset + p.size] = estimate[p.offset:p.offset + p.size]
-    save_state(bundle.state_path, state, bundle.manifest, bundle.bundle_id)
+    bundle.save_state(state)
     bundle.int8_prefix_path.unlink(missing_ok=True)  # quantized with the old statistics: quantize-prefix again
     changed = np.concatenate([np.arange(p.offset, p.offset + p.size) for p in replaced])
     change = float(np.linalg.norm(state.statistics[changed] - old[changed]) / max(np.linalg.norm(old[changed]), 1e-12))
@@ -81,8 +80,8 @@ def batch_statistics(bundle: Bundle, data: Dataset, params: np.ndarray, batch_si
                      threads: int | None = None) -> tuple[np.ndarray, int]:
     """The statistics graph over `data` in order, averaged over batches (a last batch of one sample is dropped);
     the estimate and the number of batches."""
-    graph = bundle.path / bundle.manifest.portable.statistics_graph
-    session = onnxruntime_module().InferenceSession(str(graph), session_options(threads),
+    graph = bundle.read_graph(bundle.manifest.portable.statistics_graph)
+    session = onnxruntime_module().InferenceSession(graph, session_options(threads),
                                                     providers=["CPUExecutionProvider"])
     total, count = None, 0
     for start in range(0, len(data), batch_size):

@@ -1,58 +1,154 @@
-"""Bundles as single files for transfer: `pack` writes a .tar.gz of the bundle's files; `unpack` extracts one
-safely — only regular files with plain names (no paths, `..`, links or devices), bounded in size — into a new
-folder that appears complete or not at all."""
+"""Bundles as single files for transfer. `pack` writes a .tar.gz of exactly the bundle's own files: `manifest.json`
+first (then `manifest.sig` when signed), then every file the manifest lists — no logs, caches or locks. `unpack`
+reads one as a stream and accepts nothing else: the manifest first (bounded), then each listed file exactly once, as
+a regular file with its plain name, its size bounded by the manifest before anything is written, copied in chunks
+and hashed on the way; the result appears complete in one rename or not at all, and replacing a bundle (`--force`)
+is refused while a trainer holds it."""
 
 from __future__ import annotations
 
+import hashlib
 import tarfile
 from pathlib import Path
 
-from edgeadapt.runtime.atomic import atomic_write, check_output_dir, staged_dir
-from edgeadapt.runtime.bundle import Bundle
+from edgeadapt.runtime.atomic import atomic_write, check_output_dir, remove_stale_siblings, staged_dir
+from edgeadapt.runtime.bundle import LOCK_FILE, MAX_MANIFEST_BYTES, Bundle
 from edgeadapt.runtime.errors import BundleError
+from edgeadapt.runtime.lock import bundle_lock
+from edgeadapt.runtime.manifest import MANIFEST_NAME, Manifest, is_plain_name
+from edgeadapt.runtime.signing import SIGNATURE_NAME
+from edgeadapt.runtime.state import STATE_FILE
 
-MAX_ARCHIVE_BYTES = 8 * 1024**3
+MAX_MEMBER_BYTES = 8 << 30  # a listed file whose size the manifest does not record (bundles before 0.3.1)
+_CHUNK = 1 << 20
 
 
 def pack(bundle_dir: Path, archive: Path) -> Path:
     bundle = Bundle.open(bundle_dir)
-    files = sorted(f for f in bundle.path.iterdir() if f.is_file() and not f.name.startswith("."))
+    names = [MANIFEST_NAME] + ([SIGNATURE_NAME] if bundle.signature is not None else []) + bundle.exported_files()
 
     def write(tmp: Path) -> None:
         with tarfile.open(tmp, "w:gz") as tar:
-            for file in files:
-                tar.add(file, arcname=file.name, recursive=False)
+            for name in names:
+                info = tar.gettarinfo(bundle.path / name, arcname=name)
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                with open(bundle.path / name, "rb") as fh:
+                    tar.addfile(info, fh)
 
     atomic_write(Path(archive), write)
     return Path(archive)
 
 
+def _refuse(archive: Path, what: str) -> BundleError:
+    return BundleError(f"{archive} {what}; a bundle archive holds exactly its manifest's files: do not use it.")
+
+
 def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
     name = member.name
-    if not member.isreg():
-        kind = "a link" if member.issym() or member.islnk() else "not a regular file"
-        raise BundleError(f"{archive} holds {name!r}, which is {kind}; a bundle archive holds plain files only: "
-                          "do not use it.")
-    if "/" in name or "\\" in name or name in ("", ".", "..") or name.startswith("."):
-        raise BundleError(f"{archive} holds the path {name!r} (outside the bundle folder); do not use it.")
+    if not is_plain_name(name):
+        raise _refuse(archive, f"holds the path {name!r} (not a plain name inside the bundle folder)")
+    if not member.isreg() or member.issparse():
+        kind = "a link" if member.issym() or member.islnk() else "a sparse file" if member.isreg() else \
+            "not a regular file"
+        raise _refuse(archive, f"holds {name!r}, which is {kind}")
 
 
-def unpack(archive: Path, out: Path, force: bool = False) -> Bundle:
+def _copy(source, target: Path, size: int, archive: Path, name: str) -> str:
+    """Stream `size` bytes from `source` to `target`; their sha256."""
+    digest, left = hashlib.sha256(), size
+    with open(target, "wb") as out:
+        while left:
+            block = source.read(min(_CHUNK, left))
+            if not block:
+                raise _refuse(archive, f"ends inside {name!r}")
+            digest.update(block)
+            out.write(block)
+            left -= len(block)
+    return digest.hexdigest()
+
+
+def _state_limit(manifest: Manifest) -> int:
+    portable = manifest.portable
+    return 64 * sum(p.size for p in portable.layout) + 4 * sum(p.size for p in portable.statistics) + (64 << 20)
+
+
+def _limit(manifest: Manifest, name: str) -> int:
+    if name == STATE_FILE:  # trained state is larger than the exported one: moments, best parameters, progress
+        return max(manifest.sizes.get(name, 0), _state_limit(manifest))
+    return manifest.sizes.get(name, MAX_MEMBER_BYTES)
+
+
+def _read_manifest(tar: tarfile.TarFile, archive: Path) -> tuple[bytes, Manifest]:
+    member = tar.next()
+    if member is None or member.name != MANIFEST_NAME:
+        raise _refuse(archive, f"does not start with {MANIFEST_NAME} (packed by an edgeadapt before 0.3.1? pack it "
+                               "again with `edgeadapt pack`)")
+    _check_member(member, archive)
+    if member.size > MAX_MANIFEST_BYTES:
+        raise _refuse(archive, f"has a {member.size:,}-byte manifest")
+    raw = tar.extractfile(member).read(member.size)
+    try:
+        return raw, Manifest.from_json(raw.decode("utf-8"), f"{archive}:{MANIFEST_NAME}")
+    except UnicodeDecodeError:
+        raise _refuse(archive, "has a manifest that is not UTF-8") from None
+
+
+def _extract(tar: tarfile.TarFile, archive: Path, staging: Path) -> None:
+    raw, manifest = _read_manifest(tar, archive)
+    (staging / MANIFEST_NAME).write_bytes(raw)
+    expected, seen = set(manifest.files) | {SIGNATURE_NAME}, {MANIFEST_NAME}
+    while (member := tar.next()) is not None:
+        _check_member(member, archive)
+        name = member.name
+        if name in seen:
+            raise _refuse(archive, f"holds {name!r} twice")
+        if name not in expected:
+            raise _refuse(archive, f"holds {name!r}, which its manifest does not list")
+        limit = 4096 if name == SIGNATURE_NAME else _limit(manifest, name)
+        if member.size > limit:
+            raise _refuse(archive, f"holds {name!r} of {member.size:,} bytes, more than the {limit:,} its manifest "
+                                   "allows")
+        seen.add(name)
+        digest = _copy(tar.extractfile(member), staging / name, member.size, archive, name)
+        if name in manifest.files and name != STATE_FILE and digest != manifest.files[name]:
+            raise _refuse(archive, f"holds {name!r}, whose sha256 differs from its manifest's")
+    missing = sorted(set(manifest.files) - seen)
+    if missing:
+        raise _refuse(archive, f"lacks {missing[0]!r}")
+
+
+def unpack(archive: Path, out: Path, force: bool = False, trusted_key: Path | None = None) -> Bundle:
     archive, out = Path(archive), Path(out)
     check_output_dir(out, force)
+    remove_stale_siblings(out)  # staging folders of an unpack that was killed
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            for member in members:
-                _check_member(member, archive)
-            if sum(m.size for m in members) > MAX_ARCHIVE_BYTES:
-                raise BundleError(f"{archive} unpacks to more than {MAX_ARCHIVE_BYTES >> 30} GB; refused.")
-            with staged_dir(out) as staging:
-                for member in members:
-                    source = tar.extractfile(member)
-                    (staging / member.name).write_bytes(source.read())
-                Bundle.open(staging)  # a complete, hash-consistent bundle or nothing
-    except (tarfile.TarError, EOFError, OSError) as exc:
+        with tarfile.open(archive, "r|*") as tar, _replacing(out), staged_dir(out) as staging:
+            _extract(tar, archive, staging)
+            Bundle.open(staging, trusted_key=trusted_key)  # a complete, verified bundle or nothing
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         raise BundleError(f"{archive} is not a readable bundle archive ({type(exc).__name__}); pack it with "
                           "`edgeadapt pack`.") from None
-    return Bundle.open(out)
+    return Bundle.open(out, trusted_key=trusted_key)
+
+
+class _replacing:
+    """Hold an existing bundle's training lock while it is replaced: a running trainer makes `--force` fail."""
+
+    def __init__(self, out: Path):
+        self.lock = out / LOCK_FILE if out.is_dir() and (out / MANIFEST_NAME).is_file() else None
+        self.context = bundle_lock(self.lock) if self.lock else None
+
+    def __enter__(self):
+        if self.context is not None:
+            self.context.__enter__()
+        return self
+
+    def __exit__(self, *failure):
+        if self.context is not None:
+            try:
+                self.context.__exit__(*failure)
+            except FileNotFoundError:
+                pass
+        return False
+

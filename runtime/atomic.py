@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -57,11 +58,36 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise EdgeAdaptError(f"{out} exists and is not empty; choose another --out or pass --force to replace it.")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_siblings(out: Path) -> None:
+    """Delete `.OUT.staging-PID` / `.OUT.old-PID` folders left by a process that was killed (its PID is gone)."""
+    out = Path(out).absolute()
+    if not out.parent.is_dir():
+        return
+    for kind in ("staging", "old"):
+        for leftover in out.parent.glob(f".{glob_escape(out.name)}.{kind}-*"):
+            pid = leftover.name.rpartition("-")[2]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() and not leftover.is_symlink() \
+                    else leftover.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def staged_dir(out: Path) -> Iterator[Path]:
-    """Yield an empty sibling folder to fill; on success it replaces `out` in one rename, on failure it vanishes."""
+    """Yield an empty sibling folder to fill; on success it replaces `out` in one rename, on failure it vanishes
+    (and a killed run's leftovers are swept by the next one)."""
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(out)
     staging = out.with_name(f".{out.name}.staging-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

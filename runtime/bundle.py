@@ -1,87 +1,148 @@
-"""A bundle on disk: the manifest, the graphs it hashes, and the trained state. The one place that names a
-bundle's files (whole-graph and split-suffix graphs alike)."""
+"""A bundle on disk, sealed: the one place that names a bundle's files and the only reader of them.
+
+Every file the runtime reads is a plain name inside the bundle folder, opened without following links, read once
+(bounded by the manifest), and checked before its bytes are handed on: exported files against the manifest's sha256,
+graphs also for what they reference (no external data, standard operators only, the interface the runtime feeds),
+and what the device wrote itself (trained state, INT8 prefix, feature cache) against this device's key. With a
+trusted key, only content signed by the host or authenticated by this device is used (runtime/COMPATIBILITY.md)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import errno
+import functools
+import hashlib
+import os
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgeadapt.runtime.atomic import atomic_write
 from edgeadapt.runtime.errors import BundleError
-from edgeadapt.runtime.manifest import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, Manifest, sha256_file
-from edgeadapt.runtime.state import BEST_STATE_FILE, STATE_FILE, read_safetensors
+from edgeadapt.runtime.manifest import (
+    CHECKPOINT,
+    EVAL_MODEL,
+    MANIFEST_NAME,
+    OPTIMIZER_MODEL,
+    TRAINING_MODEL,
+    Manifest,
+    is_plain_name,
+)
+from edgeadapt.runtime.onnx_wire import (
+    STANDARD_DOMAINS,
+    GraphInterface,
+    graph_interface,
+    trailing_metadata,
+    with_metadata,
+)
+from edgeadapt.runtime.signing import SIGNATURE_NAME, DeviceSeal
+from edgeadapt.runtime.state import (
+    MAC_KEY,
+    STATE_FILE,
+    STATISTICS_INPUT,
+    TrainState,
+    decode_state,
+    device_authenticated,
+    save_state,
+)
 
 ORT_GRAPHS = (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL)
 TRAIN_LOG = "train_log.jsonl"
 LOCK_FILE = "train.lock"
 FEATURE_CACHE = "feature_cache"
 INT8_PREFIX = "prefix_int8.onnx"
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_FILE_BYTES = 8 << 30  # a listed file without a recorded size (bundles exported before 0.3.1)
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+
+
+def read_plain(folder: Path, name: str, limit: int) -> bytes:
+    """The bytes of `folder/name`, a regular file with a plain name (not a link, FIFO or device), at most `limit`."""
+    if not is_plain_name(name):
+        raise BundleError(f"{name!r} is not a plain file name inside {folder}; re-export the bundle.")
+    path = Path(folder) / name
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise BundleError(f"bundle {folder} misses {name}; re-export it or copy the whole bundle again.") from None
+    except OSError as exc:
+        why = "a link" if exc.errno in (errno.ELOOP, errno.EMLINK) else exc.strerror
+        raise BundleError(f"{path} cannot be read ({why}); a bundle holds plain files only: copy it again.") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BundleError(f"{path} is not a regular file; a bundle holds plain files only: copy it again.")
+        if info.st_size > limit:
+            raise BundleError(f"{path} has {info.st_size:,} bytes, more than the {limit:,} it may have; it was "
+                              "modified or corrupted: re-export the bundle or copy it again.")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise BundleError(f"{path} grew past {limit:,} bytes while read; copy the bundle again.")
+    return data
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)
 class GraphFiles:
-    """The graphs one training target runs: the portable step and forward graph, and ORT training's artifacts."""
+    """The graphs one training target runs (file names in the bundle): the portable step and forward graph, and ORT
+    training's artifacts."""
 
     input_name: str
-    train_step: Path
-    forward: Path
-    ort_training: Path
-    ort_eval: Path
-    ort_optimizer: Path
-    ort_checkpoint: Path
+    train_step: str
+    forward: str
+    ort_training: str
+    ort_eval: str
+    ort_optimizer: str
+    ort_checkpoint: str
 
 
 @dataclass(frozen=True)
 class Bundle:
     path: Path
     manifest: Manifest
+    trusted: bool = False  # opened with a trusted key: unsigned, unauthenticated content is refused
+    signature: bytes | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True, trusted_key: str | Path | None = None) -> "Bundle":
-        """Read the manifest and check every exported file against its sha256 (the state file changes with
-        training: it is checked when it is still the exported one, and structurally otherwise). With a
-        `trusted_key`, the manifest must carry a valid signature by it."""
+        """Read the manifest once (the bytes checked against the signature are the bytes parsed), then check every
+        listed file (see `verify`). With a `trusted_key`, the manifest must carry a valid signature by it."""
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"bundle {path} does not exist or is not a folder; create it with `edgeadapt export`.")
+        raw = read_plain(path, MANIFEST_NAME, MAX_MANIFEST_BYTES)
+        signature = read_plain(path, SIGNATURE_NAME, 4096) if (path / SIGNATURE_NAME).exists() else None
         if trusted_key is not None:
-            from edgeadapt.runtime.signing import verify_bundle
+            from edgeadapt.runtime.signing import verify_signature
 
-            verify_bundle(path, Path(trusted_key))
-        bundle = cls(path, Manifest.read(path))
+            verify_signature(path, raw, signature, Path(trusted_key))
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BundleError(f"{path / MANIFEST_NAME} is not UTF-8 text; re-export the bundle.") from None
+        bundle = cls(path, Manifest.from_json(text, str(path / MANIFEST_NAME)), trusted_key is not None, signature)
         if verify:
             bundle.verify()
         return bundle
+
+    # ---- names ------------------------------------------------------------------------------------------------
 
     def graphs(self, split: bool = False) -> GraphFiles:
         """Whole-graph files, or (split) the suffix's, which take the boundary tensor as input."""
         prefix = self.manifest.split.suffix_prefix if split else ""
         portable = self.manifest.portable
         return GraphFiles(self.manifest.split.boundary if split else self.manifest.input.name,
-                          self.path / f"{prefix}{portable.train_step}", self.path / f"{prefix}{portable.forward}",
-                          *(self.path / f"{prefix}{name}" for name in (*ORT_GRAPHS, CHECKPOINT)))
+                          f"{prefix}{portable.train_step}", f"{prefix}{portable.forward}",
+                          *(f"{prefix}{name}" for name in (*ORT_GRAPHS, CHECKPOINT)))
 
     def exported_files(self) -> list[str]:
         return sorted(self.manifest.files)
 
-    def verify(self) -> None:
-        for name in self.exported_files():
-            file = self.path / name
-            if not file.is_file():
-                raise BundleError(f"bundle {self.path} misses {name}; re-export it or copy the whole bundle again.")
-            if sha256_file(file) == self.manifest.files[name]:
-                continue
-            if name != STATE_FILE:
-                raise BundleError(f"{file} does not match the sha256 in manifest.json: it was modified or corrupted; "
-                                  "re-export the bundle or copy it again.")
-            read_safetensors(file)  # a trained state: it must at least be a readable state file
-
     @property
     def state_path(self) -> Path:
         return self.path / STATE_FILE
-
-    @property
-    def best_state_path(self) -> Path:
-        return self.path / BEST_STATE_FILE
 
     @property
     def log_path(self) -> Path:
@@ -107,3 +168,138 @@ class Bundle:
     def bundle_id(self) -> str:
         """Ties state files to this bundle's training step."""
         return self.manifest.files[self.manifest.portable.train_step][:16]
+
+    # ---- reading ----------------------------------------------------------------------------------------------
+
+    def verify(self) -> None:
+        """Every listed file is present, a plain file, and matches its sha256 (graphs: and their checks); the state
+        file matches or is a state of this layout (with a trusted key: authenticated by this device)."""
+        for name in self.exported_files():
+            if name == STATE_FILE:
+                self.load_state()
+            elif name.endswith(".onnx"):
+                self.read_graph(name)
+            else:
+                self.read(name)
+
+    def _limit(self, name: str) -> int:
+        return self.manifest.sizes.get(name, MAX_FILE_BYTES)
+
+    def read(self, name: str) -> bytes:
+        """An exported file's bytes, verified against the manifest's sha256."""
+        if name not in self.manifest.files:
+            raise BundleError(f"{name} is not listed in {self.path / MANIFEST_NAME}; re-export the bundle.")
+        data = read_plain(self.path, name, self._limit(name))
+        if sha256(data) != self.manifest.files[name]:
+            raise BundleError(f"{self.path / name} does not match the sha256 in manifest.json: it was modified or "
+                              "corrupted; re-export the bundle or copy it again.")
+        return data
+
+    def read_graph(self, name: str) -> bytes:
+        """An exported graph's verified bytes, refused if it references anything outside itself or (portable
+        graphs) uses operators outside the standard domain or inputs the runtime does not feed."""
+        data = self.read(name)
+        interface = check_graph(self.path / name, data, self._expected_inputs(name))
+        if name in self._logit_graphs():
+            self._check_outputs(name, interface)
+        return data
+
+    def _logit_graphs(self) -> set[str]:
+        whole, split = self.graphs(False), self.graphs(True) if self.manifest.split else None
+        return {whole.train_step, whole.forward} | ({split.train_step, split.forward} if split else set())
+
+    def _check_outputs(self, name: str, interface: GraphInterface) -> None:
+        """The logits are there, one per label; a step's labels have the dtype the runtime feeds for the loss."""
+        m = self.manifest
+        logits = interface.outputs.get(m.output_name)
+        if logits is None:
+            raise BundleError(f"{self.path / name} has no output '{m.output_name}' (manifest output_name); "
+                              "re-export the bundle.")
+        if logits[1] and logits[1][-1] > 0 and logits[1][-1] != m.num_outputs:
+            raise BundleError(f"{self.path / name} gives {logits[1][-1]} outputs per sample but the manifest has "
+                              f"{m.num_outputs} labels; re-export the bundle.")
+        labels = interface.inputs.get("labels")
+        wanted = "int64" if m.loss == "cross_entropy" else "float32"
+        if labels is not None and labels[0] != wanted:
+            raise BundleError(f"{self.path / name} takes {labels[0]} labels, but the {m.loss} loss is fed "
+                              f"{wanted}; re-export the bundle.")
+
+    def _expected_inputs(self, name: str) -> set[str] | None:
+        """What the runtime feeds graph `name` (None: not a portable graph, e.g. ORT training's artifacts)."""
+        m, portable = self.manifest, self.manifest.portable
+        suffix = m.split.suffix_prefix if m.split else None
+        stats = {STATISTICS_INPUT} if portable.statistics else set()
+        roles = {portable.train_step: {m.input.name, "labels", "lr", "step", *portable.state} | stats,
+                 portable.forward: {m.input.name, "params"} | stats,
+                 portable.statistics_graph: {m.input.name, "params"}}
+        if m.split is not None:
+            roles[suffix + portable.train_step] = {m.split.boundary, "labels", "lr", "step", *portable.state} | stats
+            roles[suffix + portable.forward] = {m.split.boundary, "params"} | stats
+            roles[m.split.prefix_model] = {m.input.name} | stats
+        return roles.get(name)
+
+    def state_bytes(self) -> bytes:
+        """The state file's bytes, once: a consistent snapshot even while a trainer replaces it."""
+        portable = self.manifest.portable
+        values = sum(p.size for p in portable.layout)
+        limit = 64 * values + 4 * sum(p.size for p in portable.statistics) + (64 << 20)  # state, moments, best, ORT's
+        return read_plain(self.path, STATE_FILE, limit)
+
+    def load_state(self) -> TrainState:
+        """The trained state (see `state_bytes`): the exported one (its sha256), or one this device wrote (its
+        key's HMAC); anything else only without a trusted key."""
+        data = self.state_bytes()
+        if sha256(data) != self.manifest.files[STATE_FILE] and not device_authenticated(data, self.seal) and \
+                self.trusted:
+            raise BundleError(f"{self.state_path} is neither the exported state nor one this device trained (no "
+                              "valid device authentication); under --trusted-key it is refused: copy the bundle "
+                              "again from its publisher.")
+        return decode_state(data, self.manifest, self.bundle_id, str(self.state_path))
+
+    def save_state(self, state: TrainState) -> None:
+        """Atomically replace the state file, authenticated by this device."""
+        save_state(self.state_path, state, self.manifest, self.bundle_id, self.seal)
+
+    def write_device_graph(self, name: str, model: bytes) -> None:
+        """Atomically write a graph this device computed (e.g. the INT8 prefix), authenticated by its key."""
+        tag = self.seal.tag(name, model)
+        atomic_write(self.path / name, lambda tmp: tmp.write_bytes(with_metadata(model, MAC_KEY, tag)))
+
+    def read_device_graph(self, name: str, limit: int = MAX_FILE_BYTES) -> bytes:
+        """A graph this device computed, checked like an exported one; with a trusted key it must carry this
+        device's authentication."""
+        data = read_plain(self.path, name, limit)
+        covered, tag = trailing_metadata(data, MAC_KEY)
+        if self.trusted and not self.seal.valid(name, tag, covered):
+            raise BundleError(f"{self.path / name} was not computed on this device (no valid device "
+                              f"authentication); under --trusted-key it is refused: delete it and run "
+                              f"`edgeadapt quantize-prefix` again.")
+        check_graph(self.path / name, data, None)
+        return data
+
+    @functools.cached_property
+    def seal(self) -> DeviceSeal:
+        return DeviceSeal(self.path, self.bundle_id)
+
+
+def check_graph(path: Path, data: bytes, expected_inputs: set[str] | None) -> GraphInterface:
+    """Refuse a graph that is malformed, keeps tensor data outside itself, or (portable graphs, whose inputs the
+    runtime knows) uses non-standard operators or needs inputs the runtime does not feed."""
+    try:
+        interface = graph_interface(data)
+    except ValueError as exc:
+        raise BundleError(f"{path} is not a readable ONNX model ({exc}); re-export the bundle.") from None
+    if interface.external_data:
+        raise BundleError(f"{path} keeps tensor data in external files; a bundle's graphs must hold all their data "
+                          "(nothing outside the bundle is read): re-export the bundle.")
+    if expected_inputs is None:
+        return interface
+    custom = sorted(interface.domains - set(STANDARD_DOMAINS))
+    if custom:
+        raise BundleError(f"{path} uses operators of the domain '{custom[0]}'; portable graphs use standard ONNX "
+                          "only: re-export the bundle.")
+    extra = [name for name in interface.required_inputs if name not in expected_inputs]
+    if extra:
+        raise BundleError(f"{path} needs the input '{extra[0]}', which the runtime does not feed; re-export the "
+                          "bundle.")
+    return interface

@@ -179,6 +179,9 @@ def evaluate(bundle: Path = typer.Argument(...), data: Path = typer.Argument(...
         return
     typer.echo(f"n={metrics.n} loss={metrics.loss:.4f}" + (f" accuracy={metrics.accuracy:.2%}"
                                                             if metrics.accuracy is not None else ""))
+    if metrics.skipped:
+        typer.echo(f"skipped {len(metrics.skipped)} unreadable file(s), not counted in n: " +
+                   "; ".join(f"{file}: {reason}" for file, reason in metrics.skipped[:5]))
     for label, accuracy in metrics.per_class.items():
         typer.echo(f"  {label:>20}: {accuracy:.1%}")
     if metrics.confusion:
@@ -208,7 +211,8 @@ def predict(bundle: Path = typer.Argument(...), inputs: List[Path] = typer.Argum
         typer.echo(json.dumps([asdict(p) for p in predictions]))
         return
     for p in predictions:
-        typer.echo(f"{p.input}: " + ", ".join(f"{t['label']} {t['score']:.3f}" for t in p.top))
+        typer.echo(f"{p.input}: " + (", ".join(f"{t['label']} {t['score']:.3f}" for t in p.top) or
+                                     f"skipped, {p.error}"))
 
 
 def deploy(bundle: Path = typer.Argument(...),
@@ -240,11 +244,13 @@ def pack(bundle: Path = typer.Argument(...), archive: Path = typer.Argument(...,
 
 
 def unpack(archive: Path = typer.Argument(...), out: Path = typer.Argument(..., help="Bundle folder to create."),
-           force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT.")):
-    """Unpack a bundle archive safely (plain files only) and verify it."""
+           force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT (not while it trains)."),
+           trusted_key: Optional[Path] = typer.Option(None, "--trusted-key",
+                                                      help="Refuse archives not signed by this key.")):
+    """Unpack a bundle archive safely (exactly its manifest's files, bounded, verified)."""
     from edgeadapt.runtime.archive import unpack as run
 
-    bundle = run(archive, out, force)
+    bundle = run(archive, out, force, trusted_key)
     typer.echo(f"unpacked {bundle.manifest.backbone} ({bundle.manifest.preset}) to {bundle.path}")
 
 

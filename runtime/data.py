@@ -4,7 +4,9 @@ says. Images are decoded once and kept as uint8; normalisation (and light augmen
 from __future__ import annotations
 
 import csv
+import math
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +16,8 @@ from edgeadapt.runtime.errors import DataError
 from edgeadapt.runtime.manifest import Manifest
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as decompression bombs
+MAX_IMAGE_PIXELS = 64_000_000  # larger images (files or arrays) are refused as decompression bombs
+MAX_ARRAY_BYTES = 4 << 30  # an .npz array's decoded size, read from its header before it is decoded
 
 
 @dataclass
@@ -160,12 +163,7 @@ def load_unlabeled(path: str | Path, manifest: Manifest, max_bad_fraction: float
             raise DataError(f"{path} holds {len(images)} readable images of {len(files)}; give a folder of images.")
         return Dataset(np.stack(images), np.zeros(len(images), np.int64), True, skipped)
     if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                x = archive["x"]
-        except Exception as exc:
-            raise DataError(f"{path} is not a readable .npz with an array x ({type(exc).__name__}).") from None
-        samples, is_image = _samples(x, manifest, str(path))
+        samples, is_image = _samples(read_npz(path, ("x",))["x"], manifest, str(path))
         return Dataset(samples, np.zeros(len(samples), np.int64), is_image)
     return load_dataset(path, manifest, max_bad_fraction)
 
@@ -193,6 +191,8 @@ def _targets(y: np.ndarray, manifest: Manifest, where: str) -> np.ndarray:
 def _samples(x: np.ndarray, manifest: Manifest, where: str) -> tuple[np.ndarray, bool]:
     """Image-like uint8 arrays take the image path; anything else must already have the model's input shape."""
     spec, want = manifest.input, tuple(manifest.input.shape[1:])
+    if x.ndim == 0:
+        raise DataError(f"{where}: x is a single number (0-d); give one sample per row.")
     if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
         raise DataError(f"{where}: x has dtype {x.dtype}; give numbers (uint8 images or float features).")
     if spec.layout == "NCHW" and x.dtype == np.uint8 and x.ndim in (3, 4):
@@ -216,17 +216,48 @@ def _resize_array(images: np.ndarray, manifest: Manifest) -> np.ndarray:
                                    spec.channels, tuple(spec.resize), spec.crop) for image in images])
 
 
-def load_npz(path: Path, manifest: Manifest) -> Dataset:
+def read_npz(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays `names` of an .npz, each bounded from its header before it is decoded (no pickles)."""
     try:
+        with zipfile.ZipFile(path) as archive:
+            members = {Path(n).stem: n for n in archive.namelist() if n.endswith(".npy")}
+            missing = [n for n in names if n not in members]
+            if missing:
+                raise DataError(f"{path} must hold arrays named {' and '.join(names)}, found {sorted(members)}; save "
+                                "it with numpy.savez(path, x=..., y=...).")
+            for name in names:
+                _check_npy_header(archive, members[name], path, name)
         with np.load(path, allow_pickle=False) as archive:
-            if "x" not in archive or "y" not in archive:
-                raise DataError(f"{path} must hold arrays named x and y, found {sorted(archive.files)}.")
-            x, y = archive["x"], archive["y"]
+            return {name: archive[name] for name in names}
     except DataError:
         raise
     except Exception as exc:  # zipfile/pickle/format errors from a bad file
         raise DataError(f"{path} is not a readable .npz without pickles ({type(exc).__name__}); save it with "
                         "numpy.savez(path, x=..., y=...).") from None
+
+
+def _check_npy_header(archive: zipfile.ZipFile, member: str, path: Path, name: str) -> None:
+    with archive.open(member) as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(fh)
+    if dtype.hasobject:
+        raise DataError(f"{path}: {name} holds Python objects (pickles); save numbers only.")
+    size = dtype.itemsize * math.prod(shape)
+    if size > MAX_ARRAY_BYTES:
+        raise DataError(f"{path}: {name} of shape {shape} would take {size / 2**30:.1f} GiB decoded, over the "
+                        f"{MAX_ARRAY_BYTES >> 30} GiB limit; split the data into smaller files.")
+    if dtype == np.uint8 and len(shape) in (3, 4) and shape[1] * shape[2] > MAX_IMAGE_PIXELS:
+        raise DataError(f"{path}: {name} holds {shape[1]}×{shape[2]} images, over {MAX_IMAGE_PIXELS:,} pixels "
+                        "each (a decompression bomb?); resize them first.")
+
+
+def load_npz(path: Path, manifest: Manifest) -> Dataset:
+    arrays = read_npz(path, ("x", "y"))
+    x, y = arrays["x"], arrays["y"]
+    if x.ndim == 0 or y.ndim == 0:
+        raise DataError(f"{path}: x and y must hold one entry per sample, got shapes {x.shape} and {y.shape}.")
     if len(x) != len(y):
         raise DataError(f"{path}: x has {len(x)} samples but y has {len(y)}; they must match.")
     samples, is_image = _samples(x, manifest, str(path))
@@ -236,7 +267,7 @@ def load_npz(path: Path, manifest: Manifest) -> Dataset:
 def load_csv(path: Path, manifest: Manifest) -> Dataset:
     """Rows of `features…, label` (classification) or `features…, target…` (regression); a header is optional."""
     try:
-        rows = [r for r in csv.reader(path.read_text(encoding="utf-8").splitlines()) if r]
+        rows = [r for r in csv.reader(path.read_text(encoding="utf-8-sig").splitlines()) if r]  # a BOM is no data
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text; save the CSV as UTF-8.") from None
     if rows and not _is_number(rows[0][0]):
@@ -252,7 +283,14 @@ def load_csv(path: Path, manifest: Manifest) -> Dataset:
             features.append([float(v) for v in row[:width]])
         except ValueError:
             raise DataError(f"{path} row {line} has a non-numeric feature; features must be numbers.") from None
-        labels.append(row[width] if n_targets == 1 and manifest.is_classification else row[width:])
+        if manifest.loss == "cross_entropy":
+            labels.append(row[width])
+            continue
+        try:
+            labels.append([float(v) for v in row[width:]])
+        except ValueError:
+            raise DataError(f"{path} row {line} has a non-numeric target; {manifest.loss} targets must be "
+                            "numbers.") from None
     x = np.asarray(features, dtype=np.float32).reshape(-1, *manifest.input.shape[1:])
     _check_finite(x, str(path))
     y = _targets(np.asarray(labels) if manifest.loss == "cross_entropy" else np.asarray(labels, float), manifest,

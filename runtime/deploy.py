@@ -1,5 +1,6 @@
 """`deploy`: the adapted model as a plain inference ONNX file or OpenVINO IR, built from the forward graph and the
-bundle's state (no `onnx` package needed), each checked against the bundle's own evaluation path."""
+bundle's state (no `onnx` package needed), each checked against the bundle's own evaluation path. The state is read
+once: the model written and the check see the same snapshot, even while a trainer checkpoints."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import numpy as np
 from edgeadapt.runtime.atomic import atomic_write, fsync_dir
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.errors import ConfigError, EdgeAdaptError, InternalError
-from edgeadapt.runtime.inference import logits_for
+from edgeadapt.runtime.inference import evaluation_engine
+from edgeadapt.runtime.metrics import dummy_targets
 from edgeadapt.runtime.onnx_wire import bake_input
 from edgeadapt.runtime.ort import onnxruntime_module
 from edgeadapt.runtime.ov import openvino_device, openvino_module
-from edgeadapt.runtime.state import STATISTICS_INPUT, load_state
+from edgeadapt.runtime.state import STATISTICS_INPUT, TrainState
 
 FORMATS = ("onnx", "openvino")
+SUFFIXES = {"onnx": ".onnx", "openvino": ".xml"}
 TOLERANCE = 1e-4
 
 
@@ -37,10 +40,11 @@ def check_batch(bundle: Bundle, batch: int = 4, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-def inference_model(bundle: Bundle) -> bytes:
-    """The whole forward graph with the bundle's trained parameters baked in: a plain inference model."""
-    state = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id)
-    forward = bake_input(bundle.graphs(split=False).forward.read_bytes(), "params", state.params)
+def inference_model(bundle: Bundle, state: TrainState | None = None) -> bytes:
+    """The whole forward graph with the trained parameters (`state`, default: the bundle's) baked in: a plain
+    inference model."""
+    state = state or bundle.load_state()
+    forward = bake_input(bundle.read_graph(bundle.graphs(split=False).forward), "params", state.params)
     if state.statistics is not None:  # the BN statistics, re-estimated or not, become constants too
         forward = bake_input(forward, STATISTICS_INPUT, state.statistics)
     return forward
@@ -48,13 +52,13 @@ def inference_model(bundle: Bundle) -> bytes:
 
 def inference_prefix(bundle: Bundle) -> bytes:
     """A split bundle's frozen prefix with its current BN statistics baked in: a plain inference model."""
-    state = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id)
-    prefix = bundle.prefix_path.read_bytes()
+    state = bundle.load_state()
+    prefix = bundle.read_graph(bundle.manifest.split.prefix_model)
     return bake_input(prefix, STATISTICS_INPUT, state.statistics) if state.statistics is not None else prefix
 
 
-def export_onnx(bundle: Bundle, path: Path) -> None:
-    model = inference_model(bundle)
+def export_onnx(bundle: Bundle, path: Path, state: TrainState | None = None) -> None:
+    model = inference_model(bundle, state)
     atomic_write(path, lambda tmp: tmp.write_bytes(model))
 
 
@@ -84,26 +88,38 @@ def deploy(bundle: Bundle | str | Path, fmt: str, out: str | Path, check: bool =
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     if fmt not in FORMATS:
         raise ConfigError(f"unknown --format '{fmt}'; choose one of {', '.join(FORMATS)}.")
-    out = Path(out)
-    if out.is_dir():
-        out = out / ("model.onnx" if fmt == "onnx" else "model.xml")
+    out = output_file(out, fmt)
+    state = bundle.load_state()  # one snapshot for the model and its check
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise EdgeAdaptError(f"cannot create {out.parent} ({exc.strerror}); choose a writable --out.") from None
     if fmt == "onnx":
-        export_onnx(bundle, out)
+        export_onnx(bundle, out, state)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            export_onnx(bundle, Path(tmp) / "model.onnx")
-            save_openvino(Path(tmp) / "model.onnx", out.with_suffix(".xml"))
-        out = out.with_suffix(".xml")
-    return _checked(bundle, out, fmt) if check else DeployResult(out, fmt, float("nan"), True)
+            export_onnx(bundle, Path(tmp) / "model.onnx", state)
+            save_openvino(Path(tmp) / "model.onnx", out)
+    return _checked(bundle, state, out, fmt) if check else DeployResult(out, fmt, float("nan"), True)
 
 
-def _checked(bundle: Bundle, out: Path, fmt: str) -> DeployResult:
+def output_file(out: str | Path, fmt: str) -> Path:
+    """`--out` as the file to write: a folder (existing, named with a trailing separator, or a name without a
+    suffix) gets model.onnx / model.xml; a file name must have the format's suffix."""
+    text, suffix = str(out), SUFFIXES[fmt]
+    path = Path(out)
+    if path.is_dir() or text.endswith(("/", os.sep)) or not path.suffix:
+        return path / f"model{suffix}"
+    if path.suffix.lower() != suffix:
+        raise ConfigError(f"--out {out} does not end in {suffix}, the suffix of --format {fmt}; name the file "
+                          f"*{suffix} or give a folder (with a trailing /).")
+    return path
+
+
+def _checked(bundle: Bundle, state: TrainState, out: Path, fmt: str) -> DeployResult:
     x = check_batch(bundle)
-    expected = logits_for(bundle, x)
+    engine = evaluation_engine(bundle, state=state)
+    expected = engine.eval_step(x, dummy_targets(bundle.manifest, len(x)))[1]
     actual = onnx_logits(out, x, bundle.manifest.input.name) if fmt == "onnx" else openvino_logits_from(out, x)
     diff = float(np.abs(actual - expected).max())
     same = bool((actual.argmax(1) == expected.argmax(1)).all())

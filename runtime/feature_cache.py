@@ -1,16 +1,20 @@
-"""Prefix outputs kept on disk and memory-mapped, so only the first epoch (or the first run) pays for the prefix.
+"""Prefix outputs kept on disk, so only the first epoch (or the first run) pays for the prefix.
 
 Keys: each sample's content hash, within a namespace derived from the prefix model's sha256, the preprocessing
 (the manifest's input spec) and the backend (an INT8 or NPU prefix gives other features). Policy: one namespace
 per bundle folder is kept (creating one deletes the others); a namespace holds at most `max_bytes`; a dataset whose
 features would exceed it is computed once per run and held in memory instead, with a note. Augmentation makes
-cached features wrong, so the trainer bypasses the cache then (and says so)."""
+cached features wrong, so the trainer bypasses the cache then (and says so). The cache is read once into memory
+after its authentication is checked (never memory-mapped: the checked bytes are the bytes used)."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import shutil
+import stat
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -32,25 +36,47 @@ def sample_keys(samples: np.ndarray) -> list[str]:
 
 
 class FeatureCache:
-    def __init__(self, root: Path, space: str, max_bytes: int = DEFAULT_MAX_BYTES):
+    """`seal` (signing.DeviceSeal) authenticates what this device cached: an index whose MAC, over the namespace,
+    the index and the features' sha256, does not verify — damaged, planted or from another device — is only a
+    cache, and is recomputed."""
+
+    def __init__(self, root: Path, space: str, max_bytes: int = DEFAULT_MAX_BYTES, seal=None):
         self.folder = Path(root) / space
+        self.space, self.seal = space, seal
         self.max_bytes = max_bytes
         self.notes: list[str] = []
-        if Path(root).is_dir():
+        if Path(root).is_dir() and not Path(root).is_symlink():
             for other in Path(root).iterdir():
                 if other.is_dir() and other.name != space:
                     shutil.rmtree(other, ignore_errors=True)  # another prefix/preprocessing: invalid now
+        elif Path(root).is_symlink() or Path(root).exists():
+            Path(root).unlink()  # not a folder edgeadapt made: never follow it
         self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _tag(self, index_text: str, features_sha256: str) -> str | None:
+        return None if self.seal is None else self.seal.tag("feature_cache", self.space.encode(), b"\0",
+                                                            index_text.encode(), b"\0", features_sha256.encode())
 
     def _load(self) -> tuple[dict[str, int], np.ndarray | None]:
         index_file, data_file = self.folder / "index.json", self.folder / "features.npy"
         if not (index_file.is_file() and data_file.is_file()):
             return {}, None
         try:
-            return json.loads(index_file.read_text()), np.load(data_file, mmap_mode="r")
-        except (ValueError, OSError):
+            record = json.loads(_plain_bytes(index_file, 1 << 30))
+            data = _plain_bytes(data_file, self.max_bytes + (1 << 20))
+            if self.seal is None or not self.seal.valid(
+                    "feature_cache", record["mac"], self.space.encode(), b"\0", record["index"].encode(), b"\0",
+                    hashlib.sha256(data).hexdigest().encode()):
+                raise ValueError("not authenticated by this device")
+            stored = np.load(io.BytesIO(data), allow_pickle=False)
+            index = json.loads(record["index"])
+            if not isinstance(index, dict) or not all(isinstance(v, int) and 0 <= v < len(stored)
+                                                      for v in index.values()):
+                raise ValueError("an index entry is out of range")
+        except (ValueError, OSError, KeyError, TypeError, AttributeError):
+            self.notes.append("feature cache unreadable or not authenticated: recomputed")
             return {}, None  # a damaged cache is only a cache: recompute
-
+        return index, stored
     def features(self, samples: np.ndarray, compute: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """Features of `samples`, computing (with `compute`, on raw samples) only the ones not cached."""
         keys = sample_keys(samples)
@@ -76,12 +102,21 @@ class FeatureCache:
             self._memory_index = {**index, **{k: existing + i for i, k in enumerate(new_keys)}}
             return self._memory_index, None
         combined = fresh if stored is None else np.concatenate([np.asarray(stored), fresh])
-        atomic_write(self.folder / "features.npy", lambda tmp: _save_array(tmp, combined))
+        buffer = io.BytesIO()
+        np.save(buffer, combined)
+        data = buffer.getvalue()
         index = {**index, **{k: existing + i for i, k in enumerate(new_keys)}}
-        atomic_write_text(self.folder / "index.json", json.dumps(index))
-        return index, np.load(self.folder / "features.npy", mmap_mode="r")
+        index_text = json.dumps(index)
+        record = {"index": index_text, "mac": self._tag(index_text, hashlib.sha256(data).hexdigest())}
+        atomic_write(self.folder / "features.npy", lambda tmp: tmp.write_bytes(data))
+        atomic_write_text(self.folder / "index.json", json.dumps(record))
+        return index, combined
 
 
-def _save_array(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as fh:  # a handle: np.save would append ".npy" to a temp file's name
-        np.save(fh, array)
+def _plain_bytes(path: Path, limit: int) -> bytes:
+    """A cache file's bytes: a regular file, not a link, at most `limit` bytes."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_size > limit:
+            raise ValueError("not a regular file of a cache's size")
+        return fh.read(limit)

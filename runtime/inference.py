@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,17 +13,18 @@ from edgeadapt.runtime.data import IMAGE_SUFFIXES, Dataset, decode_image, load_d
 from edgeadapt.runtime.engines import open_engine
 from edgeadapt.runtime.errors import DataError
 from edgeadapt.runtime.metrics import Metrics, dummy_targets, evaluate_arrays
-from edgeadapt.runtime.state import load_state
+from edgeadapt.runtime.state import TrainState
 
 
 def _open(bundle: Bundle | str | Path) -> Bundle:
     return bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
 
 
-def evaluation_engine(bundle: Bundle, engine: str = "auto", device: str = "cpu", threads: int | None = None):
-    """An engine over the whole graph, holding the bundle's current trained parameters."""
+def evaluation_engine(bundle: Bundle, engine: str = "auto", device: str = "cpu", threads: int | None = None,
+                      state: TrainState | None = None):
+    """An engine over the whole graph, holding `state` (default: the bundle's current trained state)."""
     opened = open_engine(bundle, bundle.graphs(split=False), engine, device, threads, training=False)
-    opened.load(load_state(bundle.state_path, bundle.manifest, bundle.bundle_id))
+    opened.load(state or bundle.load_state())
     return opened
 
 
@@ -30,36 +32,42 @@ def evaluate(bundle: Bundle | str | Path, data: Dataset | str | Path, batch_size
              threads: int | None = None, engine: str = "auto", device: str = "cpu") -> Metrics:
     bundle = _open(bundle)
     dataset = data if isinstance(data, Dataset) else load_dataset(data, bundle.manifest)
-    return evaluate_arrays(evaluation_engine(bundle, engine, device, threads), dataset, bundle.manifest, batch_size)
+    metrics = evaluate_arrays(evaluation_engine(bundle, engine, device, threads), dataset, bundle.manifest, batch_size)
+    return dataclasses.replace(metrics, skipped=list(dataset.skipped))
 
 
 @dataclass(frozen=True)
 class Prediction:
     input: str
-    top: list[dict]  # {"label", "index", "score"}
+    top: list[dict]  # {"label", "index", "score"}; empty when the input could not be read
+    error: str = ""  # why the input could not be read
 
 
-def load_inputs(paths: list[str | Path], bundle: Bundle) -> tuple[list[str], np.ndarray, bool]:
-    """Image files, or .npz/.csv files whose rows are samples; returns (names, raw samples, is_image)."""
+def load_inputs(paths: list[str | Path], bundle: Bundle) -> tuple[list[str], np.ndarray, bool, list[Prediction]]:
+    """Image files, or .npz/.csv files whose rows are samples; returns (names, raw samples, is_image, unreadable
+    images as error predictions). Data files must be readable as a whole."""
     spec = bundle.manifest.input
-    names, samples, is_image = [], [], spec.layout == "NCHW"
+    names, samples, is_image, failed = [], [], spec.layout == "NCHW", []
     for path in map(Path, paths):
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            if not path.is_file():
-                raise DataError(f"input {path} does not exist.")
             try:
                 samples.append(decode_image(path, spec.channels, tuple(spec.resize), spec.crop)[None])
-            except Exception as exc:  # PIL's many error types for a broken image
-                raise DataError(f"cannot read image {path} ({type(exc).__name__}); give a valid PNG or JPEG.") from None
+            except Exception as exc:  # PIL's many error types for a broken image, OSError for a missing one
+                failed.append(Prediction(str(path), [], f"cannot read image ({type(exc).__name__}: "
+                                                        f"{str(exc)[:80]})"))
+                continue
             names.append(str(path))
         else:
             data = load_dataset(path, bundle.manifest)
             samples.append(data.samples)
             names += data.names
             is_image = data.is_image
-    if not samples:
+    if not paths:
         raise DataError("no input given; pass image files or .npz/.csv files.")
-    return names, np.concatenate(samples), is_image
+    if not samples:
+        raise DataError(f"none of the {len(failed)} inputs can be read (first: {failed[0].input}: {failed[0].error});"
+                        " give valid PNG or JPEG files.")
+    return names, np.concatenate(samples), is_image, failed
 
 
 def logits_for(bundle: Bundle, x: np.ndarray, engine: str = "auto", device: str = "cpu",
@@ -71,12 +79,12 @@ def logits_for(bundle: Bundle, x: np.ndarray, engine: str = "auto", device: str 
 def predict(bundle: Bundle | str | Path, inputs: list[str | Path], top_k: int = 5, engine: str = "auto",
             device: str = "cpu") -> list[Prediction]:
     bundle = _open(bundle)
-    names, samples, is_image = load_inputs(inputs, bundle)
+    names, samples, is_image, failed = load_inputs(inputs, bundle)
     logits = logits_for(bundle, preprocess(samples, bundle.manifest, is_image), engine, device)
     scores = _scores(logits, bundle.manifest.loss)
     k = min(top_k, scores.shape[1])
     return [Prediction(name, [{"label": bundle.manifest.labels[i], "index": int(i), "score": float(row[i])}
-                              for i in np.argsort(-row)[:k]]) for name, row in zip(names, scores)]
+                              for i in np.argsort(-row)[:k]]) for name, row in zip(names, scores)] + failed
 
 
 def _scores(logits: np.ndarray, loss: str) -> np.ndarray:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.engines import available
-from edgeadapt.runtime.state import digest, load_state, read_progress
+from edgeadapt.runtime.state import digest
 
 
 def describe(bundle: Bundle | str | Path) -> dict:
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     m = bundle.manifest
-    progress = read_progress(bundle.state_path, m, bundle.bundle_id)
+    progress = bundle.load_state().progress
     return {
         "backbone": m.backbone, "weights": m.weights, "preset": m.preset, "bn_policy": m.bn_policy,
         "input": f"{m.input.name} {m.input.shape} {m.input.dtype} {m.input.layout} {m.input.channels}".strip(),
@@ -45,7 +45,7 @@ def _statistics(bundle: Bundle) -> str:
     if not portable.statistics:
         return "folded into the weights (schema 2, before edgeadapt 0.3)" if bundle.manifest.schema_version < 3 \
             else "none (no BatchNorm, or --bn ort)"
-    values = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id).statistics
+    values = bundle.load_state().statistics
     adapted = digest(values) != portable.statistics_sha256
     return f"{len(portable.statistics) // 2} BN layers; {'re-estimated (adapt-bn)' if adapted else 'as exported'}"
 

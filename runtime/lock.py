@@ -1,13 +1,18 @@
-"""One trainer per bundle: an exclusive lock file holding the owner's pid; a lock whose process is gone is stale."""
+"""One trainer per bundle: a lock file holding the owner's pid, created with its content in one step (a complete temp
+file hard-linked into place), so no other process ever sees it empty. A lock whose process is gone is stale and
+taken over; one that holds no valid pid was not written by edgeadapt and is refused in one line."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import Iterator
 
 from edgeadapt.runtime.errors import TrainingError
+
+MAX_PID = 1 << 22  # Linux's pid_max ceiling; other systems stay below it
 
 
 def _alive(pid: int) -> bool:
@@ -15,38 +20,77 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OSError):
         return True
     return True
 
 
-def _owner(lock: Path) -> int | None:
+def owner(lock: Path) -> int | None:
+    """The pid a lock holds; None when the lock is gone; TrainingError when it holds anything but a valid pid."""
     try:
-        return int(lock.read_text().strip() or 0) or None
-    except (OSError, ValueError):
+        text = lock.read_text(encoding="ascii", errors="replace")[:64].strip()
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise TrainingError(f"cannot read the training lock {lock} ({exc.strerror}); make the bundle readable.") \
+            from None
+    if not (text.isdigit() and 0 < int(text) < MAX_PID):
+        raise TrainingError(f"the training lock {lock} holds {text[:24]!r}, not a process id; it was not written by "
+                            "edgeadapt: delete it if no training runs, then retry.")
+    return int(text)
+
+
+def _create(lock: Path) -> bool:
+    """Create `lock` holding this pid, whole, or return False if it exists."""
+    tmp = lock.with_name(f".{lock.name}.pid-{os.getpid()}")  # not a ".tmp-" name: trainers sweep those
+    try:
+        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        try:
+            os.link(tmp, lock)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            return _create_exclusive(lock)  # a file system without hard links (FAT, some phones' storage)
+        return True
+    except OSError as exc:
+        raise TrainingError(f"cannot lock {lock.parent} for training ({exc.strerror}); make the bundle "
+                            "writable.") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _create_exclusive(lock: Path) -> bool:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(str(os.getpid()))
+    return True
+
+
+def check_unlocked(lock: Path) -> None:
+    """Refuse if a live process holds `lock` (e.g. before replacing the bundle it guards)."""
+    pid = owner(lock)
+    if pid is not None and pid != os.getpid() and _alive(pid):
+        raise TrainingError(f"{lock.parent} is being trained by process {pid}; wait for it to finish or stop it, "
+                            "then retry.")
 
 
 @contextlib.contextmanager
 def bundle_lock(lock: Path) -> Iterator[None]:
     for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        if _create(lock):
             break
-        except FileExistsError:
-            pid = _owner(lock)
-            if pid is not None and pid != os.getpid() and _alive(pid):
-                raise TrainingError(f"{lock.parent} is being trained by process {pid}; wait for it to finish or "
-                                    "stop it, then retry.") from None
-            lock.unlink(missing_ok=True)  # stale: its process is gone
-        except OSError as exc:
-            raise TrainingError(f"cannot lock {lock.parent} for training ({exc.strerror}); make the bundle "
-                                "writable.") from None
+        check_unlocked(lock)
+        lock.unlink(missing_ok=True)  # stale: its process is gone
     else:
         raise TrainingError(f"cannot take the training lock {lock}; remove it if no training runs.")
     try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
         yield
     finally:
         lock.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,11 @@ TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT = (
     "training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 LOSSES = ("cross_entropy", "bce_with_logits", "mse", "l1")
 OPTIMIZERS = ("adamw", "sgd")
+# Bounds on what a manifest may ask the device to allocate (per sample, before any data is read).
+MAX_SIDE = 8192  # image resize, each side
+MAX_SAMPLE_ELEMENTS = 1 << 26  # one preprocessed sample: 256 MB of float32
+MAX_LABELS = 100_000
+MAX_BATCH = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,7 @@ class Manifest:
     split: SplitSpec | None = None
     memory: dict[str, float] = field(default_factory=dict)  # per-sample activation bytes of each graph (planner)
     sparse: SparseSpec | None = None  # `--trainable sparse`: the selection and its reasons
+    sizes: dict[str, int] = field(default_factory=dict)  # bytes of each exported file (0.3.1; bounds `unpack`)
 
     @property
     def num_outputs(self) -> int:
@@ -185,6 +192,23 @@ class Manifest:
             raise BundleError(f"{path} is not UTF-8 text; re-export the bundle.") from None
 
 
+def is_plain_name(name: str) -> bool:
+    """A file name that can only mean a file directly inside the bundle folder, on every platform."""
+    return (isinstance(name, str) and 0 < len(name) <= 200 and not name.startswith(".") and
+            not any(c in name for c in '/\\:\0') and name == name.strip() and name.isprintable())
+
+
+def referenced_files(m: "Manifest") -> list[str]:
+    """The files the device runtime reads, besides the manifest: each must be a plain name listed in `files`."""
+    portable = m.portable
+    names = [portable.train_step, portable.forward, portable.state_file]
+    names += [portable.statistics_graph] if portable.statistics_graph else []
+    if m.split is not None:
+        names += [m.split.prefix_model, m.split.suffix_prefix + portable.train_step,
+                  m.split.suffix_prefix + portable.forward]
+    return names
+
+
 def _checked(m: "Manifest", source: str) -> "Manifest":
     """Well-typed is not enough: refuse values no export writes (they would fail later, far from the cause)."""
     spec = m.input
@@ -192,24 +216,64 @@ def _checked(m: "Manifest", source: str) -> "Manifest":
         (m.loss not in LOSSES, f"loss '{m.loss}' is unknown"),
         (m.optimizer not in OPTIMIZERS, f"optimizer '{m.optimizer}' is unknown"),
         (len(m.labels) < 1 or len(set(m.labels)) != len(m.labels), "labels are empty or repeated"),
+        (len(m.labels) > MAX_LABELS, f"{len(m.labels)} labels is more than {MAX_LABELS}"),
+        (not m.output_name, "output_name is empty"),
         (len(spec.shape) < 2 or spec.shape[0] != -1 or any(d < 1 for d in spec.shape[1:]),
          f"input shape {spec.shape} is not [-1, positive dims…]"),
+        (len(spec.shape) >= 2 and math.prod(max(d, 1) for d in spec.shape[1:]) > MAX_SAMPLE_ELEMENTS,
+         f"input shape {spec.shape} is over {MAX_SAMPLE_ELEMENTS:,} values per sample"),
         (spec.layout not in ("NCHW", "NC"), f"layout '{spec.layout}' is unknown"),
         (spec.layout == "NCHW" and (spec.channels not in ("RGB", "L") or len(spec.resize) != 2 or
                                     any(d < 1 for d in spec.resize) or len(spec.shape) != 4),
          "image input needs channels RGB or L, a 2-number resize and an NCHW shape"),
-        (not spec.mean or len(spec.mean) != len(spec.std) or any(not v > 0 for v in spec.std),
-         "mean/std are empty, of different lengths, or std is not positive"),
+        (any(d > MAX_SIDE for d in spec.resize), f"resize {spec.resize} has a side over {MAX_SIDE}"),
+        (spec.layout == "NCHW" and len(spec.shape) == 4 and list(spec.shape[2:]) != list(spec.resize),
+         f"image resize {spec.resize} differs from the input shape {spec.shape}"),
+        (not spec.mean or len(spec.mean) != len(spec.std) or
+         not all(math.isfinite(v) for v in spec.mean + spec.std) or any(not v >= 1e-6 for v in spec.std),
+         "mean/std are empty, of different lengths, not finite, or a std is below 1e-6"),
         (not 0 < spec.crop <= 1, f"crop {spec.crop} is not in (0, 1]"),
         (not m.trainable, "no trainable parameter"),
         (m.portable is None or [p.name for p in m.portable.layout] != m.trainable,
          "the portable step's state layout does not list the trainable parameters"),
-        ("lr" in m.hyperparameters and not m.hyperparameters["lr"] > 0, "the default lr is not positive"),
+        *_hyperparameter_problems(m.hyperparameters),
+        *_file_problems(m),
     ]
     for failed, what in problems:
         if failed:
             raise BundleError(f"{source}: {what}; re-export the bundle.")
     return m
+
+
+def _hyperparameter_problems(given: dict[str, float]) -> list[tuple[bool, str]]:
+    def whole(name: str, limit: int) -> tuple[bool, str]:
+        value = given.get(name, 1.0)
+        return (not (math.isfinite(value) and value == int(value) and 1 <= value <= limit),
+                f"the default {name} {value} is not a whole number in 1..{limit}")
+    return [
+        ("lr" in given and not (math.isfinite(given["lr"]) and given["lr"] > 0), "the default lr is not positive"),
+        ("weight_decay" in given and not (math.isfinite(given["weight_decay"]) and given["weight_decay"] >= 0),
+         "the default weight_decay is negative"),
+        whole("batch_size", MAX_BATCH), whole("epochs", 1_000_000),
+    ]
+
+
+def _file_problems(m: "Manifest") -> list[tuple[bool, str]]:
+    """Every file name is a plain name in the bundle folder, listed and hashed; the state file is the one."""
+    if m.portable is None:
+        return []
+    bad_names = [n for n in list(m.files) + referenced_files(m) + list(m.sizes) if not is_plain_name(n)]
+    unlisted = [n for n in referenced_files(m) if n not in m.files]
+    hashes = [h for h in m.files.values() if len(h) != 64 or any(c not in "0123456789abcdef" for c in h)]
+    return [
+        (bool(bad_names), f"file name {bad_names[:1]!r} is not a plain name inside the bundle folder"),
+        (not bad_names and bool(unlisted), f"{unlisted[:1]} is read but not listed (and hashed) in `files`"),
+        (bool(hashes), "a sha256 in `files` is not 64 hex digits"),
+        (m.portable.state_file != "state.safetensors",
+         f"state_file {m.portable.state_file!r} is not state.safetensors"),
+        (MANIFEST_NAME in m.files, "files lists manifest.json itself"),
+        (any(n not in m.files or v < 0 for n, v in m.sizes.items()), "sizes names unlisted files or negative sizes"),
+    ]
 
 
 def _build(cls, raw: dict, source: str):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -47,10 +47,12 @@ class Metrics:
     per_class: dict[str, float]
     confusion: list[list[int]]
     predictions: np.ndarray
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason): unreadable inputs left out
 
     def as_dict(self, labels: list[str]) -> dict:
         return {"n": self.n, "loss": self.loss, "accuracy": self.accuracy, "per_class": self.per_class,
-                "labels": labels, "confusion": self.confusion}
+                "labels": labels, "confusion": self.confusion,
+                "skipped": [{"file": file, "reason": reason} for file, reason in self.skipped]}
 
 
 def classification_metrics(logits: np.ndarray, targets: np.ndarray, labels: list[str], loss: float) -> Metrics:

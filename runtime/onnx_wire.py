@@ -1,10 +1,13 @@
-"""Just enough of ONNX's protobuf wire format to bake trained parameters into an inference model on a device
-without the `onnx` package: the forward graph's `params` input becomes an initializer holding the trained values.
+"""Just enough of ONNX's protobuf wire format, without the `onnx` package, to check on a device what a bundle's graph
+reads and runs (its interface, its operator domains, and whether any tensor points at data outside the model) and to
+bake trained parameters into an inference model: the forward graph's `params` input becomes an initializer.
 
 ModelProto.graph is field 7; GraphProto.initializer field 5, GraphProto.input field 11; ValueInfoProto.name and
 TensorProto.name are fields 1 and 8; TensorProto.dims 1, data_type 2, raw_data 9 (onnx.proto3)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -95,3 +98,149 @@ def bake_input(model: bytes, name: str, value: np.ndarray) -> bytes:
         graph += _length_field(5, float_tensor(name, value))
         out += _length_field(7, bytes(graph))
     return bytes(out)
+
+
+# ---- what a graph reads and runs (checked before any engine sees it) -------------------------------------------
+# ModelProto: opset_import 8 (OperatorSetIdProto.domain 1), graph 7, functions 25 (FunctionProto.node 7);
+# GraphProto: node 1, initializer 5, input 11, output 12, sparse_initializer 15; NodeProto: domain 7, attribute 5;
+# AttributeProto: t 5, g 6, tensors 10, graphs 11, sparse_tensor 22, sparse_tensors 23; SparseTensorProto: values 1,
+# indices 2; TensorProto: external_data 13, data_location 14 (1 = EXTERNAL); ValueInfoProto: name 1, type 2;
+# TypeProto.tensor_type 1 → elem_type 1, shape 2 → dim 1 → dim_value 1.
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+ELEMENT_TYPES = {1: "float32", 6: "int32", 7: "int64", 10: "float16", 11: "float64", 9: "bool", 2: "uint8"}
+
+
+@dataclass(frozen=True)
+class GraphInterface:
+    """A graph's inputs and outputs (name → (element type, dims; -1 where not fixed)), the names with an
+    initializer, the operator domains it uses, and whether any tensor keeps its data outside the model."""
+
+    inputs: dict[str, tuple[str, tuple[int, ...]]]
+    outputs: dict[str, tuple[str, tuple[int, ...]]]
+    initializers: frozenset[str]
+    domains: frozenset[str]
+    external_data: bool
+
+    @property
+    def required_inputs(self) -> list[str]:
+        return [name for name in self.inputs if name not in self.initializers]
+
+
+def graph_interface(model: bytes) -> GraphInterface:
+    """Parse `model` (a serialized ModelProto) just far enough to say what it reads, runs and references; any
+    malformed protobuf raises ValueError."""
+    found = _Found()
+    try:
+        for number, wire, raw in fields(model):
+            if wire != _LENGTH:
+                continue
+            if number == 7:
+                found.graph(payload(raw), top=True)
+            elif number == 8:
+                found.domains.add(_text(payload(raw), 1) or "")
+            elif number == 25:
+                for f_number, f_wire, f_raw in fields(payload(raw)):
+                    if f_number == 7 and f_wire == _LENGTH:
+                        found.node(payload(f_raw))
+    except (IndexError, UnicodeDecodeError) as exc:
+        raise ValueError(f"malformed protobuf ({type(exc).__name__})") from None
+    return GraphInterface(found.inputs, found.outputs, frozenset(found.initializers), frozenset(found.domains),
+                          found.external)
+
+
+class _Found:
+    def __init__(self):
+        self.inputs: dict = {}
+        self.outputs: dict = {}
+        self.initializers: set[str] = set()
+        self.domains: set[str] = set()
+        self.external = False
+
+    def graph(self, graph: bytes, top: bool = False) -> None:
+        for number, wire, raw in fields(graph):
+            if wire != _LENGTH:
+                continue
+            content = payload(raw)
+            if number == 1:
+                self.node(content)
+            elif number == 5:
+                self.tensor(content)
+                if top:
+                    self.initializers.add(_text(content, 8) or "")
+            elif number == 15:
+                self.sparse(content)
+            elif top and number in (11, 12):
+                name, typed = _value_info(content)
+                (self.inputs if number == 11 else self.outputs)[name] = typed
+
+    def node(self, node: bytes) -> None:
+        self.domains.add(_text(node, 7) or "")
+        for number, wire, raw in fields(node):
+            if number == 5 and wire == _LENGTH:
+                self.attribute(payload(raw))
+
+    def attribute(self, attribute: bytes) -> None:
+        for number, wire, raw in fields(attribute):
+            if wire != _LENGTH:
+                continue
+            if number in (5, 10):
+                self.tensor(payload(raw))
+            elif number in (6, 11):
+                self.graph(payload(raw))
+            elif number in (22, 23):
+                self.sparse(payload(raw))
+
+    def sparse(self, sparse: bytes) -> None:
+        for number, wire, raw in fields(sparse):
+            if number in (1, 2) and wire == _LENGTH:
+                self.tensor(payload(raw))
+
+    def tensor(self, tensor: bytes) -> None:
+        for number, wire, raw in fields(tensor):
+            if number == 13 or (number == 14 and wire == _VARINT and _read_varint(raw, 1)[0] != 0):
+                self.external = True
+
+
+def _text(message: bytes, number: int) -> str | None:
+    for field_number, wire, raw in fields(message):
+        if field_number == number and wire == _LENGTH:
+            return payload(raw).decode()
+    return None
+
+
+def _submessage(message: bytes, number: int) -> bytes:
+    for field_number, wire, raw in fields(message):
+        if field_number == number and wire == _LENGTH:
+            return payload(raw)
+    return b""
+
+
+def _value_info(info: bytes) -> tuple[str, tuple[str, tuple[int, ...]]]:
+    tensor_type = _submessage(_submessage(info, 2), 1)
+    element = next((_read_varint(raw, 1)[0] for n, w, raw in fields(tensor_type) if n == 1 and w == _VARINT), 0)
+    dims = []
+    for number, wire, raw in fields(_submessage(tensor_type, 2)):
+        if number == 1 and wire == _LENGTH:
+            value = next((_read_varint(r, 1)[0] for n, w, r in fields(payload(raw)) if n == 1 and w == _VARINT), -1)
+            dims.append(value)
+    return _text(info, 1) or "", (ELEMENT_TYPES.get(element, f"type {element}"), tuple(dims))
+
+
+# ---- a trailing metadata entry (ModelProto.metadata_props, field 14: key 1, value 2) ------------------------------
+
+def with_metadata(model: bytes, key: str, value: str) -> bytes:
+    """`model` with one more metadata_props entry appended (engines ignore it)."""
+    return model + _length_field(14, _length_field(1, key.encode()) + _length_field(2, value.encode()))
+
+
+def trailing_metadata(model: bytes, key: str) -> tuple[bytes, str | None]:
+    """(the bytes before the last field, its value) when the last field is metadata entry `key`, else (model, None)."""
+    try:
+        last = fields(model)[-1]
+    except (ValueError, IndexError):
+        return model, None
+    number, wire, raw = last
+    if number != 14 or wire != _LENGTH or _text(payload(raw), 1) != key:
+        return model, None
+    return model[:len(model) - len(raw)], _text(payload(raw), 2)

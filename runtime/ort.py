@@ -63,7 +63,17 @@ _OVERWRITTEN = ("onnxruntime-training cannot be loaded: onnxruntime's files over
 
 
 def training_api() -> types.ModuleType:
-    """ONNX Runtime's training API (legacy engine), loaded without torch."""
+    """ONNX Runtime's training API (legacy engine), loaded without torch; refused when the compiled core lacks
+    training (onnxruntime's files installed over the training wheel's)."""
+    api = _training_package()
+    from onnxruntime.capi import _pybind_state
+
+    if not all(hasattr(_pybind_state, name) for name in ("CheckpointState", "Module", "load_checkpoint")):
+        raise BackendError(_OVERWRITTEN)
+    return api
+
+
+def _training_package() -> types.ModuleType:
     onnxruntime_module()
     api = sys.modules.get("onnxruntime.training.api")
     if api is not None:

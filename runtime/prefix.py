@@ -3,8 +3,6 @@ OpenVINO (CPU, GPU, NPU). Training then needs only the suffix, on the CPU."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from edgeadapt.runtime.errors import BackendError, ConfigError
@@ -19,10 +17,11 @@ _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "q
 
 
 class PrefixRunner:
-    """`runner(x)` → boundary features for preprocessed inputs `x`; `statistics`: the bundle's BN statistics, fed
-    to a prefix that reads them (an INT8 prefix has them baked in)."""
+    """`runner(x)` → boundary features for preprocessed inputs `x`; `model`: the prefix's verified bytes (see
+    `Bundle.read_graph`); `statistics`: the bundle's BN statistics, fed to a prefix that reads them (an INT8 prefix
+    has them baked in)."""
 
-    def __init__(self, model: Path, backend: str = "onnxruntime-cpu", threads: int | None = None,
+    def __init__(self, model: bytes, backend: str = "onnxruntime-cpu", threads: int | None = None,
                  statistics: np.ndarray | None = None):
         if backend not in PREFIX_BACKENDS:
             raise ConfigError(f"unknown prefix backend '{backend}'; choose one of {', '.join(PREFIX_BACKENDS)}.")
@@ -34,22 +33,22 @@ class PrefixRunner:
         self._extra = {STATISTICS_INPUT: np.ascontiguousarray(statistics, np.float32)} \
             if statistics is not None and STATISTICS_INPUT in self._inputs else {}
         if STATISTICS_INPUT in self._inputs and not self._extra:
-            raise ConfigError(f"{model} reads BN statistics: give the bundle's (its state file) to run it.")
+            raise ConfigError("the prefix reads BN statistics: give the bundle's (its state file) to run it.")
 
-    def _onnxruntime(self, model: Path, provider: str, threads: int | None):
+    def _onnxruntime(self, model: bytes, provider: str, threads: int | None):
         if provider not in available_providers():
             raise BackendError(f"ONNX Runtime's {provider} is not available here (available: "
                                f"{', '.join(available_providers())}); use --prefix-device onnxruntime-cpu.")
-        session = onnxruntime_module().InferenceSession(str(model), session_options(threads), providers=[provider])
+        session = onnxruntime_module().InferenceSession(model, session_options(threads), providers=[provider])
         self._inputs = [i.name for i in session.get_inputs()]
         return lambda x: session.run(None, {self._inputs[0]: x, **self._extra})[0]
 
-    def _openvino(self, model: Path, device: str, threads: int | None):
+    def _openvino(self, model: bytes, device: str, threads: int | None):
         config = {"INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {}
         if threads and device == "CPU":
             config["INFERENCE_NUM_THREADS"] = threads
         core = openvino_device(device)
-        graph = core.read_model(str(model))
+        graph = core.read_model(model)
         if self._statistics is not None:  # constants, folded into static weights (NPUs need them)
             graph = with_constant_input(graph, STATISTICS_INPUT, self._statistics)
         compiled = core.compile_model(graph, device, config)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeadapt.runtime.atomic import atomic_copy
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.data import load_dataset, preprocess
 from edgeadapt.runtime.errors import ConfigError
@@ -50,18 +49,20 @@ def quantize_prefix(bundle: Bundle, data: Path, samples: int = 128, seed: int = 
         def get_next(self):
             return next(self.batches, None)
 
-    source, target = bundle.prefix_path, bundle.int8_prefix_path
+    target = bundle.int8_prefix_path
     statistics = bundle_statistics(bundle)
+    model = bundle.read_graph(split.prefix_model)
     with tempfile.TemporaryDirectory() as tmp:
         float_prefix = Path(tmp) / "prefix.onnx"  # the current BN statistics baked in, then folded and quantized
-        model = source.read_bytes()
         float_prefix.write_bytes(bake_input(model, STATISTICS_INPUT, statistics) if statistics is not None else model)
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(float_prefix), str(prepared), skip_symbolic_shape=True)
         staged = Path(tmp) / "int8.onnx"
         quantize_static(str(prepared), str(staged), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        atomic_copy(staged, target)
-    reference, quantized = PrefixRunner(source, statistics=statistics)(inputs), PrefixRunner(target)(inputs)
+        quantized_model = staged.read_bytes()
+    bundle.write_device_graph(target.name, quantized_model)  # authenticated by this device's key
+    reference = PrefixRunner(model, statistics=statistics)(inputs)
+    quantized = PrefixRunner(bundle.read_device_graph(target.name))(inputs)
     diff = float(np.linalg.norm(quantized - reference) / max(np.linalg.norm(reference), 1e-12))
-    return QuantizeResult(target, len(inputs), source.stat().st_size / 2**20, target.stat().st_size / 2**20, diff)
+    return QuantizeResult(target, len(inputs), len(model) / 2**20, target.stat().st_size / 2**20, diff)

@@ -6,18 +6,16 @@ the feature cache, or per batch when augmentation changes the inputs every epoch
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from edgeadapt.runtime.bundle import Bundle, GraphFiles
+from edgeadapt.runtime.bundle import Bundle, GraphFiles, sha256
 from edgeadapt.runtime.data import Dataset, preprocess
 from edgeadapt.runtime.errors import ConfigError
 from edgeadapt.runtime.feature_cache import FeatureCache, namespace
-from edgeadapt.runtime.manifest import sha256_file
 from edgeadapt.runtime.prefix import PrefixRunner
-from edgeadapt.runtime.state import digest, load_state
+from edgeadapt.runtime.state import digest
 
 PREFIX_BATCH = 16  # prefix features are extracted in batches of min(16, batch size): early activations are large
 
@@ -43,21 +41,24 @@ def features_of(data: Dataset, bundle: Bundle, runner: PrefixRunner, cache: Feat
 
 def bundle_statistics(bundle: Bundle) -> np.ndarray | None:
     """The bundle's current BN statistics (re-estimated by adapt-bn, or the exported ones)."""
-    return load_state(bundle.state_path, bundle.manifest, bundle.bundle_id).statistics
+    return bundle.load_state().statistics
 
 
-def prefix_identity(model: Path, statistics: np.ndarray | None) -> str:
-    """What the prefix computes: its file and the BN statistics it is fed (AdaBN changes the features)."""
+def prefix_identity(model: bytes, statistics: np.ndarray | None) -> str:
+    """What the prefix computes: its bytes and the BN statistics it is fed (AdaBN changes the features)."""
     if statistics is None:
-        return sha256_file(model)
-    return f"{sha256_file(model)}:{digest(statistics)}"
+        return sha256(model)
+    return f"{sha256(model)}:{digest(statistics)}"
 
 
-def prefix_model(bundle: Bundle, int8: bool) -> Path:
-    model = bundle.int8_prefix_path if int8 else bundle.prefix_path
-    if not model.is_file():
-        raise ConfigError(f"{model} does not exist; create it with `edgeadapt quantize-prefix {bundle.path} DATA`.")
-    return model
+def prefix_model(bundle: Bundle, int8: bool) -> bytes:
+    """The prefix's verified bytes: the exported one, or the INT8 one this device quantized."""
+    if not int8:
+        return bundle.read_graph(bundle.manifest.split.prefix_model)
+    if not bundle.int8_prefix_path.is_file():
+        raise ConfigError(f"{bundle.int8_prefix_path} does not exist; create it with `edgeadapt quantize-prefix "
+                          f"{bundle.path} DATA`.")
+    return bundle.read_device_graph(bundle.int8_prefix_path.name)
 
 
 def wants_split(bundle: Bundle, mode: str) -> bool:
@@ -77,7 +78,7 @@ def prepare(bundle: Bundle, config, train: Dataset,
     statistics = bundle_statistics(bundle)
     runner = PrefixRunner(model, config.prefix_device, config.threads, statistics)
     space = namespace(prefix_identity(model, statistics), bundle.manifest.input, config.prefix_device)
-    cache = FeatureCache(bundle.cache_path, space, config.cache_mb << 20)
+    cache = FeatureCache(bundle.cache_path, space, config.cache_mb << 20, bundle.seal)
     target = TrainingTarget(bundle.graphs(split=True), split=True)
     chunk = min(PREFIX_BATCH, config.batch_size or PREFIX_BATCH)
     if config.augment and train.is_image:

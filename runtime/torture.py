@@ -18,7 +18,6 @@ import numpy as np
 
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.errors import EdgeAdaptError
-from edgeadapt.runtime.state import load_state, read_progress
 
 
 @dataclass
@@ -42,7 +41,7 @@ def train_command(bundle: Path, data: Path, options: list[str], resume: bool = F
 def weights(bundle: Path) -> np.ndarray:
     """The bundle's trained parameters (one flat vector)."""
     opened = Bundle.open(bundle)
-    return load_state(opened.state_path, opened.manifest, opened.bundle_id).params
+    return opened.load_state().params
 
 
 def _logged_epochs(bundle: Path) -> int:
@@ -57,7 +56,7 @@ def _inspect_after_kill(work: Path, tally: Tally) -> bool:
         tally.during_checkpoint_write += 1
     try:
         bundle = Bundle.open(work)
-        progress = read_progress(bundle.state_path, bundle.manifest, bundle.bundle_id)
+        progress = bundle.load_state().progress
     except EdgeAdaptError as exc:
         tally.corrupt_checkpoints += 1
         tally.notes.append(str(exc))
@@ -74,7 +73,7 @@ def _inspect_after_kill(work: Path, tally: Tally) -> bool:
 
 def _describe(work: Path) -> str:
     bundle = Bundle.open(work)
-    progress = read_progress(bundle.state_path, bundle.manifest, bundle.bundle_id)
+    progress = bundle.load_state().progress
     where = "no progress" if progress is None else \
         f"epoch {progress.epoch} batch {progress.batch} step {progress.step} finished {progress.finished}"
     return f"{where}; logged epochs {_logged_epochs(work)}; files {sorted(p.name for p in work.iterdir())}"

@@ -1,5 +1,9 @@
 """`Trainer(bundle).fit(data)`: on-device training with seeded order, LR schedules, validation, early stopping,
-a time budget, atomic resumable checkpoints and recovery from a diverging loss."""
+a time budget, atomic resumable checkpoints and recovery from a diverging loss.
+
+An epoch commits in one rename: the state file holds the weights, optimizer state, progress, the best validation
+parameters and the run's epoch log lines; `train_log.jsonl` is brought up to date from it after every commit (and
+on `--resume`), so a crash anywhere leaves a state that resumes to the same result, and no epoch's line is lost."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +28,7 @@ from edgeadapt.runtime.errors import ConfigError, DataError, TrainingError
 from edgeadapt.runtime.lock import bundle_lock
 from edgeadapt.runtime.metrics import RunningStats, evaluate_arrays
 from edgeadapt.runtime.schedule import SCHEDULES, learning_rate
-from edgeadapt.runtime.state import Progress, TrainState, digest, keep_copy, load_state, resumable, save_state
+from edgeadapt.runtime.state import Progress, TrainState, digest, resumable
 from edgeadapt.runtime.targets import TrainingTarget
 
 
@@ -129,7 +134,11 @@ class Trainer:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         config.check()
         self.config = config.for_bundle(self.bundle.manifest)
+        if self.config.proximal_mu and self.config.engine == "ort-training":
+            raise ConfigError("a proximal term (FedProx) needs an engine whose parameters the trainer can pull; the "
+                              "ort-training engine keeps its own: use --engine onnxruntime or openvino.")
         self.on_batch, self.on_epoch = on_batch, on_epoch
+        self._best: np.ndarray | None = None  # the run's best validation parameters, saved with every commit
         self.target: TrainingTarget | None = None
         self._anchor: np.ndarray | None = None  # FedProx's global parameters
 
@@ -174,13 +183,13 @@ class Trainer:
 
     def _save(self, engine: Engine, progress: Progress, with_optimizer: bool = True) -> None:
         state = engine.state()
-        state.progress = progress
+        state.progress, state.best = progress, self._best
         if not with_optimizer:
-            state.optimizer = {}
-        save_state(self.bundle.state_path, state, self.manifest, self.bundle.bundle_id)
+            state.optimizer, state.best = {}, None
+        self.bundle.save_state(state)
 
     def _load(self) -> TrainState:
-        return load_state(self.bundle.state_path, self.manifest, self.bundle.bundle_id)
+        return self.bundle.load_state()
 
     def _start(self, settings: dict) -> tuple[Engine, Progress]:
         state, engine = self._load(), self._engine()
@@ -188,10 +197,12 @@ class Trainer:
             settings = {**settings, "statistics": digest(state.statistics)[:16]}
         if self.config.resume:
             progress = resumable(state.progress, settings)
+            self._best = state.best
+            self._write_log(progress)  # lines a crash (or a failed write) kept out of the log
         else:  # a new run: the latest trained parameters, a fresh optimizer
-            progress = Progress(self.bundle.bundle_id, json.dumps(settings, sort_keys=True))
+            progress = Progress(self.bundle.bundle_id, json.dumps(settings, sort_keys=True),
+                                run_id=secrets.token_hex(8))
             state = state.carried()
-            self.bundle.best_state_path.unlink(missing_ok=True)
         if self.config.proximal_mu:
             self._anchor = state.params.copy()
         engine.load(state)
@@ -218,9 +229,8 @@ class Trainer:
     def _finish(self, engine: Engine, progress: Progress) -> None:
         """The run's result (the best epoch's state with early stopping) becomes the bundle's state, finished."""
         progress.finished = 1
-        if self.config.patience is not None and self.bundle.best_state_path.is_file():
-            best = load_state(self.bundle.best_state_path, self.manifest, self.bundle.bundle_id)
-            engine.load(best.carried())
+        if self.config.patience is not None and self._best is not None:
+            engine.load(engine.state().carried(self._best))
         self._save(engine, progress, with_optimizer=False)
 
     def _recover(self, engine: Engine) -> tuple[Engine, Progress]:
@@ -292,31 +302,49 @@ class Trainer:
         progress.epoch, progress.batch = progress.epoch + 1, 0
         record = EpochRecord(progress.epoch, progress.step, lr, stats.loss, stats.accuracy,
                              metrics.loss if metrics else None, metrics.accuracy if metrics else None, seconds)
-        improved = False
         if metrics is not None:
             score = metrics.accuracy if metrics.accuracy is not None else -metrics.loss
-            improved = score > progress.best_metric
-            if improved:
+            if score > progress.best_metric:
                 progress.best_metric, progress.best_epoch, progress.bad_epochs = score, progress.epoch, 0
+                self._best = engine.state().params
             else:
                 progress.bad_epochs += 1
-        self._save(engine, progress)
-        if improved:
-            keep_copy(self.bundle.state_path, self.bundle.best_state_path)
-        self._log(record)
+        progress.records.append({"time": time.time(), **asdict(record), "engine": self.config.engine,
+                                 "device": self.config.device, "split": self.target.split, "run": progress.run_id})
+        self._save(engine, progress)  # the epoch's one commit: weights, best, progress and its log line
+        self._write_log(progress)
         if self.on_epoch:
             self.on_epoch(record)
         return record
 
-    def _log(self, record: EpochRecord) -> None:
-        entry = {"time": time.time(), **asdict(record), "engine": self.config.engine, "device": self.config.device,
-                 "split": self.target.split}
-        line = json.dumps(entry) + "\n"
+    def _write_log(self, progress: Progress) -> None:
+        """Append the run's committed epoch lines that `train_log.jsonl` lacks (after a crash or a failed write)."""
+        path = self.bundle.log_path
         try:
-            with open(self.bundle.log_path, "a", encoding="utf-8") as fh:
-                fh.write(line)
+            present = _logged(path, progress.run_id)
+            missing = [entry for entry in progress.records if entry["epoch"] not in present]
+            if not missing:
+                return
+            torn = path.is_file() and path.stat().st_size and path.read_bytes()[-1:] != b"\n"
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write("\n" * bool(torn) + "".join(json.dumps(entry) + "\n" for entry in missing))
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as exc:
-            raise TrainingError(f"cannot append to {self.bundle.log_path} ({exc.strerror}); the state of this "
-                                "epoch is saved: free space and continue with --resume.") from None
+            raise TrainingError(f"cannot append to {path} ({exc.strerror}); the state of this epoch is saved and "
+                                "holds its log line: free space and continue with --resume.") from None
+
+
+def _logged(path: Path, run_id: str) -> set[int]:
+    """Epochs of run `run_id` that the log holds (a torn last line, from a crash mid-write, is not one)."""
+    if not path.is_file():
+        return set()
+    epochs = set()
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("run") == run_id:
+            epochs.add(entry.get("epoch"))
+    return epochs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from edgeadapt.toolchain.build import HeadRequest
 from edgeadapt.toolchain.export import ExportOptions, export_bundle
 
 DIGIT_LABELS = tuple(str(i) for i in range(10))
+# This suite's device key (what the trainer authenticates its state with), not the user's ~/.config one; the CLI
+# subprocesses inherit it.
+os.environ["EDGEADAPT_DEVICE_KEY"] = str(Path(tempfile.mkdtemp(prefix="edgeadapt-tests-")) / "device.key")
 
 
 @pytest.fixture(scope="session")

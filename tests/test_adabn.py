@@ -18,7 +18,7 @@ from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.data import load_unlabeled, preprocess
 from edgeadapt.runtime.engines import open_engine
 from edgeadapt.runtime.errors import BackendError
-from edgeadapt.runtime.state import load_state, named_parameters
+from edgeadapt.runtime.state import named_parameters
 from edgeadapt.toolchain.build import HeadRequest
 from edgeadapt.toolchain.export import ExportOptions, build
 
@@ -27,7 +27,7 @@ BATCH = 50
 
 def _state(path):
     bundle = Bundle.open(path)
-    return bundle, load_state(bundle.state_path, bundle.manifest, bundle.bundle_id)
+    return bundle, bundle.load_state()
 
 
 def _torch_model(bundle: Bundle, state) -> torch.nn.Module:

@@ -8,7 +8,6 @@ from test_engines import fixed_batch
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.engines import open_engine
 from edgeadapt.runtime.ort import available_providers
-from edgeadapt.runtime.state import load_state
 
 pytestmark = pytest.mark.skipif("CUDAExecutionProvider" not in available_providers(),
                                 reason="no CUDAExecutionProvider in this onnxruntime (no GPU build or no GPU)")
@@ -21,7 +20,7 @@ def test_portable_step_on_cuda_matches_cpu(bundle_factory, preset):
     runs = {}
     for device in ("cpu", "cuda"):
         engine = open_engine(bundle, bundle.graphs(), "onnxruntime", device)
-        engine.load(load_state(bundle.state_path, bundle.manifest, bundle.bundle_id))
+        engine.load(bundle.load_state())
         losses = [engine.train_step(x, y, 1e-3)[0] for _ in range(10)]
         runs[device] = (np.array(losses), engine.state().params)
     assert np.allclose(runs["cuda"][0], runs["cpu"][0], rtol=1e-3)

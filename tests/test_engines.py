@@ -9,7 +9,6 @@ import pytest
 from edgeadapt.models.registry import backbone_names
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.engines import available, open_engine
-from edgeadapt.runtime.state import load_state
 from edgeadapt.toolchain.build import HeadRequest
 
 PRESETS = ("head", "last:2", "bias", "full", "scratch")
@@ -38,7 +37,7 @@ def fixed_batch(manifest, size: int = 8) -> tuple[np.ndarray, np.ndarray]:
 
 def trajectory(bundle: Bundle, engine: str, lr: float, steps: int = STEPS) -> tuple[np.ndarray, np.ndarray]:
     opened = open_engine(bundle, bundle.graphs(), engine)
-    opened.load(load_state(bundle.state_path, bundle.manifest, bundle.bundle_id))
+    opened.load(bundle.load_state())
     x, y = fixed_batch(bundle.manifest)
     losses = [opened.train_step(x, y, lr)[0] for _ in range(steps)]
     return np.array(losses), opened.state().params
@@ -95,7 +94,7 @@ def test_gradients_match_ort_training(bundle_factory, backbone, preset):
     about one floor from the truth, and OpenVINO folds the BN statistics (a graph input since AdaBN) into the
     weights with its own arithmetic: weights an ulp apart, which a random-init MobileNetV3 amplifies to ~2e-4."""
     bundle = _export(bundle_factory, backbone, preset, "sgd")
-    start = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id).params
+    start = bundle.load_state().params
     reference_loss, reference = trajectory(bundle, "ort-training", 1.0, steps=1)
     noise = fp32_noise(bundle, backbone, preset)
     for engine in ENGINES:

@@ -12,7 +12,6 @@ from test_engines import fixed_batch
 from edgeadapt.models.registry import backbone_names, get_entry
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.engines import open_engine
-from edgeadapt.runtime.state import load_state
 from edgeadapt.toolchain.build import HeadRequest
 from edgeadapt.toolchain.export import ExportOptions, build
 
@@ -35,7 +34,7 @@ def _torch_model(backbone: str, preset: str):
 def _engine(bundle_path, name="onnxruntime"):
     bundle = Bundle.open(bundle_path)
     engine = open_engine(bundle, bundle.graphs(), name)
-    engine.load(load_state(bundle.state_path, bundle.manifest, bundle.bundle_id))
+    engine.load(bundle.load_state())
     return bundle, engine
 
 
@@ -183,7 +182,7 @@ def test_onnx_source(mobilenet_onnx, tmp_path, mode, preset):
     if mode == "keep":
         expected = _source_logits(path, x)
     else:  # the new head on the source's features, with the exported head weights
-        state = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id).params
+        state = bundle.load_state().params
         w, b = (state[p.offset:p.offset + p.size].reshape(p.shape) for p in bundle.manifest.portable.layout
                 if p.name.startswith("head"))
         expected = _source_logits(path, x, feature).reshape(4, -1) @ w.T + b

@@ -61,13 +61,12 @@ def test_pretrained_gradients_match_torch_tightly(mobilenet):
 
     from edgeadapt.runtime.bundle import Bundle
     from edgeadapt.runtime.engines import open_engine
-    from edgeadapt.runtime.state import load_state
     from edgeadapt.toolchain.build import build_zoo_model
 
     bundle = Bundle.open(mobilenet("full", optimizer="sgd", input_size=(96,)))
     engine = open_engine(bundle, bundle.graphs(), "onnxruntime")
-    start = load_state(bundle.state_path, bundle.manifest, bundle.bundle_id).params
-    engine.load(load_state(bundle.state_path, bundle.manifest, bundle.bundle_id))
+    start = bundle.load_state().params
+    engine.load(bundle.load_state())
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 3, 96, 96)).astype(np.float32)
     y = np.arange(4, dtype=np.int64)

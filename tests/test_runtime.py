@@ -21,10 +21,9 @@ from edgeadapt.runtime.trainer import TrainConfig, Trainer
 
 def weights(bundle) -> dict[str, np.ndarray]:
     """The bundle's trained parameters, read from its state file."""
-    from edgeadapt.runtime.state import load_state
 
     opened = Bundle.open(bundle)
-    params = load_state(opened.state_path, opened.manifest, opened.bundle_id).params
+    params = opened.load_state().params
     return {p.name: params[p.offset:p.offset + p.size].reshape(p.shape) for p in opened.manifest.portable.layout}
 
 

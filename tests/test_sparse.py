@@ -18,7 +18,6 @@ from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.deploy import inference_model
 from edgeadapt.runtime.engines import available
 from edgeadapt.runtime.errors import ConfigError
-from edgeadapt.runtime.state import load_state
 from edgeadapt.runtime.trainer import TrainConfig, Trainer
 from edgeadapt.toolchain.build import HeadRequest
 from edgeadapt.toolchain.export import ExportOptions, build, export_bundle
@@ -76,7 +75,7 @@ def test_trainable_set_and_planned_peak_respect_the_budget(ladder):
         layout = {p.name: p.size for p in m.portable.layout}
         assert list(layout) == m.trainable and sum(layout.values()) == m.trainable_params
         assert m.trainable_params + m.frozen_params == sum(sizes.values())
-        state = load_state(bundle.state_path, m, bundle.bundle_id)
+        state = bundle.load_state()
         assert state.params.size == m.trainable_params
         assert m.trainable_params >= previous  # a larger budget never trains less
         previous = m.trainable_params

@@ -12,6 +12,7 @@ from conftest import run_cli
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.deploy import deploy
 from edgeadapt.runtime.feature_cache import FeatureCache
+from edgeadapt.runtime.signing import DeviceSeal
 from edgeadapt.runtime.trainer import TrainConfig, Trainer
 from test_errors import assert_one_line_error
 
@@ -54,13 +55,16 @@ def test_feature_cache_reuses_and_invalidates(tmp_path):
         calls.append(len(batch))
         return batch.astype(np.float32) * 2
 
-    cache = FeatureCache(tmp_path, "space-a")
+    seal = DeviceSeal(tmp_path, "bundle-id")
+    cache = FeatureCache(tmp_path, "space-a", seal=seal)
     first = cache.features(samples, compute)
-    again = FeatureCache(tmp_path, "space-a").features(samples[::-1], compute)
+    again = FeatureCache(tmp_path, "space-a", seal=seal).features(samples[::-1], compute)
     assert calls == [6] and np.array_equal(again, first[::-1])
-    FeatureCache(tmp_path, "space-b").features(samples[:2], compute)  # another prefix: the old space goes
+    FeatureCache(tmp_path, "space-b", seal=seal).features(samples[:2], compute)  # another prefix: the old space goes
     assert calls == [6, 2] and not (tmp_path / "space-a").exists()
-    small = FeatureCache(tmp_path, "space-c", max_bytes=64)
+    FeatureCache(tmp_path, "space-b", seal=DeviceSeal(tmp_path, "other-bundle")).features(samples[:2], compute)
+    assert calls == [6, 2, 2]  # another bundle's (or device's) cache is not trusted: recomputed
+    small = FeatureCache(tmp_path, "space-c", max_bytes=64, seal=seal)
     assert np.array_equal(small.features(samples, compute), samples * 2.0) and small.notes
 
 
@@ -68,7 +72,8 @@ def test_augmentation_bypasses_the_cache(bundle_factory, tmp_path, digit_image_n
     bundle = _copy(bundle_factory, tmp_path, "b")
 
     def cached() -> int:
-        return sum(len(json.loads(index.read_text())) for index in (bundle / "feature_cache").glob("*/index.json"))
+        return sum(len(json.loads(json.loads(index.read_text())["index"]))
+                   for index in (bundle / "feature_cache").glob("*/index.json"))
     summary = Trainer(bundle, TrainConfig(epochs=1, augment=True)).fit(digit_image_npz)
     assert cached() == summary.val_samples  # only the (never augmented) validation features
     summary = Trainer(bundle, TrainConfig(epochs=1)).fit(digit_image_npz)
@@ -81,7 +86,6 @@ def test_deployed_split_bundle_computes_prefix_then_trained_suffix(bundle_factor
 
     from edgeadapt.runtime.data import load_dataset, preprocess
     from edgeadapt.runtime.engines import open_engine
-    from edgeadapt.runtime.state import load_state
 
     bundle = _copy(bundle_factory, tmp_path, "b", "last:2")
     Trainer(bundle, TrainConfig(epochs=2, lr=3e-3)).fit(digit_image_npz)
@@ -90,7 +94,7 @@ def test_deployed_split_bundle_computes_prefix_then_trained_suffix(bundle_factor
     opened = Bundle.open(bundle)
     data = load_dataset(digit_image_npz, opened.manifest)
     x = preprocess(data.samples[:8], opened.manifest, True)
-    state = load_state(opened.state_path, opened.manifest, opened.bundle_id)
+    state = opened.load_state()
     prefix = onnxruntime.InferenceSession(str(bundle / "prefix.onnx")).run(None, {"input": x,
                                                                                  "bn_stats": state.statistics})[0]
     suffix = open_engine(opened, opened.graphs(split=True), "onnxruntime", training=False)
@@ -146,14 +150,13 @@ def test_int8_prefix(bundle_factory, tmp_path, digit_image_npz):
     import onnxruntime
 
     from edgeadapt.runtime.data import load_dataset, preprocess
-    from edgeadapt.runtime.state import load_state
 
     bundle = _copy(bundle_factory, tmp_path, "b")
     result = run_cli("quantize-prefix", bundle, digit_image_npz, "--samples", "64")
     assert result.returncode == 0, result.stderr
     opened = Bundle.open(bundle)
     x = preprocess(load_dataset(digit_image_npz, opened.manifest).samples[:64], opened.manifest, True)
-    statistics = load_state(opened.state_path, opened.manifest, opened.bundle_id).statistics
+    statistics = opened.load_state().statistics
     exact = onnxruntime.InferenceSession(str(bundle / "prefix.onnx")).run(None, {"input": x,
                                                                                 "bn_stats": statistics})[0]
     int8 = onnxruntime.InferenceSession(str(bundle / "prefix_int8.onnx")).run(None, {"input": x})[0]  # baked in

@@ -18,7 +18,7 @@ from edgeadapt.models.layers import calibrate_batchnorm, init_weights
 from edgeadapt.models.registry import BackboneSpec
 from edgeadapt.runtime.atomic import check_output_dir, staged_dir
 from edgeadapt.runtime.bundle import Bundle
-from edgeadapt.runtime.errors import ConfigError, UnknownNameError
+from edgeadapt.runtime.errors import ConfigError, ExportError, UnknownNameError
 from edgeadapt.runtime.manifest import (
     LOSSES,
     MANIFEST_NAME,
@@ -278,10 +278,23 @@ def make_manifest(source: Source, lists: Lists, opts: ExportOptions, artifacts: 
         trainable_params=sum(sizes[n] for n in lists.trainable), frozen_params=sum(sizes[n] for n in lists.frozen),
         opset=artifacts.portable.opset, ir_version=artifacts.portable.ir_version,
         onnxruntime_version=_onnxruntime_version(),
-        files={f.name: sha256_file(f) for f in sorted(staging.iterdir()) if f.is_file() and f.name != MANIFEST_NAME},
+        files={f.name: sha256_file(f) for f in _sealed_files(staging)},
+        sizes={f.name: f.stat().st_size for f in _sealed_files(staging)},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=_notes(source, opts, artifacts),
         portable=artifacts.portable, split=artifacts.split, memory=artifacts.memory,
         sparse=source.sparse.spec if source.sparse else None)
+
+
+def _sealed_files(staging: Path) -> list[Path]:
+    """The files a bundle lists and hashes; its graphs hold all their data (the device reads nothing outside)."""
+    from edgeadapt.runtime.onnx_wire import graph_interface
+
+    files = [f for f in sorted(staging.iterdir()) if f.is_file() and f.name != MANIFEST_NAME]
+    for f in files:
+        if f.suffix == ".onnx" and graph_interface(f.read_bytes()).external_data:
+            raise ExportError(f"{f.name} would keep tensor data in external files, which a bundle may not reference; "
+                              "export a model under 2 GB, or load the source's external data first.")
+    return files
 
 
 def _onnxruntime_version() -> str:

@@ -20,7 +20,7 @@ from edgeadapt.runtime.errors import ExportError, InternalError
 from edgeadapt.runtime.losses import mean_loss
 from edgeadapt.runtime.ort import onnxruntime_module
 from edgeadapt.runtime.prefix import PrefixRunner
-from edgeadapt.runtime.state import load_state, named_parameters
+from edgeadapt.runtime.state import named_parameters
 from edgeadapt.runtime.targets import bundle_statistics
 from edgeadapt.toolchain.bn import STATISTICS_INPUT, statistics_layout
 from edgeadapt.toolchain.channels import expand_reference
@@ -151,8 +151,8 @@ def _eval_loss(loss: str, logits: np.ndarray, y: np.ndarray) -> float:
 
 def _logits(bundle, x: np.ndarray, split: bool = False) -> np.ndarray:
 
-    engine = OnnxRuntimeEngine(bundle.manifest, bundle.graphs(split), training=False)
-    engine.load(load_state(bundle.state_path, bundle.manifest, bundle.bundle_id))
+    engine = OnnxRuntimeEngine(bundle, bundle.graphs(split), training=False)
+    engine.load(bundle.load_state())
     return engine.logits(x)
 
 
@@ -167,8 +167,8 @@ def _check_forward(bundle, x: np.ndarray, reference: np.ndarray) -> float:
 def _ort_training(bundle, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
     """ONNX Runtime training's eval graph must match the forward graph; its gradients are returned."""
 
-    engine = OrtTrainingEngine(bundle.manifest, bundle.graphs(False))
-    engine.load(load_state(bundle.state_path, bundle.manifest, bundle.bundle_id))
+    engine = OrtTrainingEngine(bundle, bundle.graphs(False))
+    engine.load(bundle.load_state())
     diff = float(np.abs(engine.eval_step(x, y)[1] - _logits(bundle, x)).max())
     if diff > EVAL_TOLERANCE:
         raise InternalError(f"ONNX Runtime training's eval graph differs from the forward graph by {diff:.2e}")
@@ -178,7 +178,8 @@ def _ort_training(bundle, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str
 def _check_split(bundle, x: np.ndarray) -> float:
     """prefix.onnx followed by the suffix's forward graph must give the whole forward graph's outputs."""
 
-    features = PrefixRunner(bundle.prefix_path, statistics=bundle_statistics(bundle))(x)
+    prefix = bundle.read_graph(bundle.manifest.split.prefix_model)
+    features = PrefixRunner(prefix, statistics=bundle_statistics(bundle))(x)
     diff = float(np.abs(_logits(bundle, features, split=True) - _logits(bundle, x)).max())
     if diff > EVAL_TOLERANCE:
         raise InternalError(f"prefix + suffix differ from the whole graph by {diff:.2e}")

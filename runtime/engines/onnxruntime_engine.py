@@ -38,22 +38,24 @@ def provider_for(device: str) -> tuple[str, int]:
 
 
 def create(bundle, graphs, device: str, threads: int | None, training: bool) -> "OnnxRuntimeEngine":
-    return OnnxRuntimeEngine(bundle.manifest, graphs, device, threads, training)
+    return OnnxRuntimeEngine(bundle, graphs, device, threads, training)
 
 
 class OnnxRuntimeEngine:
     name = "onnxruntime"
 
-    def __init__(self, manifest, graphs, device: str = "cpu", threads: int | None = None, training: bool = True):
+    def __init__(self, bundle, graphs, device: str = "cpu", threads: int | None = None, training: bool = True):
         ort = onnxruntime_module()
         provider, index = provider_for(device)
+        manifest = bundle.manifest
         self.device, self.manifest, self._ort = device, manifest, ort
         providers = [(provider, {"device_id": index})] if provider != "CPUExecutionProvider" else []
         providers.append("CPUExecutionProvider")
         options = session_options(threads)
-        self._forward = ort.InferenceSession(str(graphs.forward), options, providers=providers)
-        self._step = ort.InferenceSession(str(graphs.train_step), options, providers=providers) if training \
-            else None
+        # the verified bytes, never the path: what was hashed is what runs
+        self._forward = ort.InferenceSession(bundle.read_graph(graphs.forward), options, providers=providers)
+        self._step = ort.InferenceSession(bundle.read_graph(graphs.train_step), options, providers=providers) \
+            if training else None
         kind = device.lower().partition(":")[0]
         self._where = (kind, index) if kind in _ON_DEVICE else ("cpu", 0)
         self._state_names = list(manifest.portable.state)

@@ -18,14 +18,15 @@ def devices() -> list[str]:
 
 
 def create(bundle, graphs, device: str, threads: int | None, training: bool) -> "OpenVinoEngine":
-    return OpenVinoEngine(bundle.manifest, graphs, device, threads, training)
+    return OpenVinoEngine(bundle, graphs, device, threads, training)
 
 
 class OpenVinoEngine:
     name = "openvino"
 
-    def __init__(self, manifest, graphs, device: str = "cpu", threads: int | None = None, training: bool = True):
+    def __init__(self, bundle, graphs, device: str = "cpu", threads: int | None = None, training: bool = True):
         openvino = openvino_module()
+        manifest = bundle.manifest
         self._core = openvino.Core()
         self.device, self.manifest = device, manifest
         self._target = device.upper()
@@ -36,7 +37,10 @@ class OpenVinoEngine:
         if threads and self._target == "CPU":
             self._config["INFERENCE_NUM_THREADS"] = threads
         self._static = self._target != "CPU"
-        self._paths = {"step": graphs.train_step, "forward": graphs.forward}
+        # the verified bytes, never the path: what was hashed is what runs
+        self._graphs = {"forward": bundle.read_graph(graphs.forward)}
+        if training:
+            self._graphs["step"] = bundle.read_graph(graphs.train_step)
         self._compiled: dict[tuple[str, int], object] = {}
         self._state_names = list(manifest.portable.state)
         self._values: dict[str, np.ndarray] = {}
@@ -46,7 +50,7 @@ class OpenVinoEngine:
     def _request(self, graph: str, batch: int):
         key = (graph, batch if self._static else -1)
         if key not in self._compiled:
-            model = self._core.read_model(str(self._paths[graph]))
+            model = self._core.read_model(self._graphs[graph])
             if self._statistics is not None:  # frozen during training: constants, folded into the weights
                 model = with_constant_input(model, STATISTICS_INPUT, self._statistics)
             if self._static:
@@ -72,7 +76,8 @@ class OpenVinoEngine:
         request = self._request("step", len(x))
         feed = {0: np.ascontiguousarray(x, np.float32), "labels": np.ascontiguousarray(y),
                 "lr": np.asarray(lr, np.float32), "step": np.asarray(self._t + 1, np.int64), **self._values}
-        result = request.infer(feed)
+        wanted = {name for port in request.model_inputs for name in port.get_names()}
+        result = request.infer({k: v for k, v in feed.items() if k == 0 or k in wanted})  # unused inputs are pruned
         outputs = {k.get_any_name(): v for k, v in result.items()}
         loss = float(outputs["loss"])
         if math.isfinite(loss):

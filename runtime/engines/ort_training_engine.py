@@ -25,7 +25,7 @@ def devices() -> list[str]:
 
 
 def create(bundle, graphs, device: str, threads: int | None, training: bool) -> "OrtTrainingEngine":
-    return OrtTrainingEngine(bundle.manifest, graphs, device, threads)
+    return OrtTrainingEngine(bundle, graphs, device, threads)
 
 
 def _device_name(device: str) -> str:
@@ -45,12 +45,28 @@ def _load_checkpoint(api, path: Path):
                           "or corrupt: re-export the bundle.") from None
 
 
+def _private_copies(bundle, graphs, folder: Path) -> dict[str, Path]:
+    """ORT training's API opens files by path: it gets private copies of the verified bytes, never the bundle's."""
+    paths = {}
+    for role in ("ort_training", "ort_eval", "ort_optimizer", "ort_checkpoint"):
+        name = getattr(graphs, role)
+        if name not in bundle.manifest.files:
+            raise BackendError(f"{bundle.path} has no ONNX Runtime training artifacts ({name}; exported without "
+                               "onnxruntime-training): use --engine onnxruntime or openvino.")
+        data = bundle.read_graph(name) if name.endswith(".onnx") else bundle.read(name)
+        paths[role] = folder / name
+        paths[role].write_bytes(data)
+    return paths
+
+
 class OrtTrainingEngine:
     name = "ort-training"
 
-    def __init__(self, manifest, graphs, device: str = "cpu", threads: int | None = None):
+    def __init__(self, bundle, graphs, device: str = "cpu", threads: int | None = None):
         self.api = training_api()
-        self.device, self.manifest, self.graphs = device, manifest, graphs
+        self.device, self.manifest = device, bundle.manifest
+        self._copies = tempfile.TemporaryDirectory(prefix="edgeadapt-ort-training-")
+        self._paths = _private_copies(bundle, graphs, Path(self._copies.name))
         self._threads = threads
         self._device = _device_name(device)
         self.module = self.optimizer = self.checkpoint = None
@@ -58,16 +74,17 @@ class OrtTrainingEngine:
 
     def _open(self, checkpoint: Path) -> None:
         self.checkpoint = _load_checkpoint(self.api, checkpoint)
-        self.module = self.api.Module(str(self.graphs.ort_training), self.checkpoint, str(self.graphs.ort_eval),
-                                      device=self._device, session_options=session_options(self._threads))
-        self.optimizer = self.api.Optimizer(str(self.graphs.ort_optimizer), self.module)
+        self.module = self.api.Module(str(self._paths["ort_training"]), self.checkpoint,
+                                      str(self._paths["ort_eval"]), device=self._device,
+                                      session_options=session_options(self._threads))
+        self.optimizer = self.api.Optimizer(str(self._paths["ort_optimizer"]), self.module)
 
     def load(self, state: TrainState) -> None:
         self._check_statistics(state.statistics)
         self._statistics = state.statistics
         saved = state.optimizer.get(CHECKPOINT_KEY)
         if saved is None:
-            self._open(self.graphs.ort_checkpoint)
+            self._open(self._paths["ort_checkpoint"])
             for name, value in named_parameters(state.params, self.manifest.portable.layout).items():
                 self.checkpoint.parameters[name] = value
             return
