@@ -1,7 +1,11 @@
 """Crash torture, N = 100 by default: SIGKILL `edgeadapt train` at random moments (checkpoint writes included),
-then check the last good checkpoint, resume, and compare the final weights with an uninterrupted run.
+then check the last good checkpoint, resume, and compare the final weights with an uninterrupted run. With
+`--commit-points`, kill instead at every commit point of every epoch (just before and just after each rename of the
+state file — checkpoints, the epoch's commit of state, best state and log lines, the final state — and just after
+each log append), on each engine of `--engines`, and compare weights and log lines too.
 
     python benchmarks/crash_torture.py [--trials 100] [--backbone tiny_cnn]
+    python benchmarks/crash_torture.py --commit-points [--engines onnxruntime,openvino]
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--backbone", default="tiny_cnn")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--commit-points", action="store_true", help="kill at every commit point instead")
+    parser.add_argument("--engines", default="onnxruntime,openvino")
+    parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
 
     from edgeadapt.runtime.torture import torture
@@ -43,9 +50,21 @@ def main() -> None:
         root = Path(tmp)
         template = export_bundle(ExportOptions(out=root / "template", backbone=args.backbone, trainable="full",
                                                head=HeadRequest(labels=tuple("0123456789")))).out
+        data = make_data(root, args.backbone)
+        if args.commit_points:
+            from edgeadapt.runtime.torture import torture_commit_points
+
+            for engine in args.engines.split(","):
+                options = ["--epochs", str(args.epochs), "--batch-size", "32", "--seed", "7", "--checkpoint-every",
+                           "6", "--patience", "3", "--engine", engine]
+                report(f"commit points, {engine}", torture_commit_points(template, data, options, root / engine))
+            return
         options = ["--epochs", "4", "--batch-size", "32", "--seed", "7", "--checkpoint-every", "2", "--augment"]
-        tally = torture(template, make_data(root, args.backbone), options, args.trials, root, args.seed)
-    print(json.dumps({k: v for k, v in asdict(tally).items() if k != "notes"}, indent=1))
+        report("random kills", torture(template, data, options, args.trials, root, args.seed))
+
+
+def report(title: str, tally) -> None:
+    print(title, json.dumps({k: v for k, v in asdict(tally).items() if k != "notes"}), flush=True)
     for note in tally.notes[:5]:
         print("note:", note)
 

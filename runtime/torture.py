@@ -1,6 +1,7 @@
-"""Crash torture: start `edgeadapt train`, SIGKILL it at a random moment, check what it left, resume, and compare
-the final weights with an uninterrupted run of the same seed. Used by tests (small N) and
-benchmarks/crash_torture.py (N = 100)."""
+"""Crash torture: start `edgeadapt train`, SIGKILL it at a random moment — or at an exact commit point of an epoch
+(just before or just after the state file's rename, just after the log append) —, check what it left, resume, and
+compare the final weights (and the log) with an uninterrupted run of the same seed. Used by tests (small N) and
+benchmarks/crash_torture.py (N >= 100)."""
 
 from __future__ import annotations
 
@@ -134,3 +135,90 @@ def torture(template: Path, data: Path, options: list[str], trials: int, workdir
     return tally
 
 
+
+
+# ---- kills at every commit point ----------------------------------------------------------------------------------
+# The trainer runs under a wrapper that counts commit events — each rename onto state.safetensors is two points
+# (before, after), each log append one (after) — and SIGKILLs itself at point K. With K = 0 it only counts them.
+
+_AT_POINT = """
+import os, signal, sys
+kill_at, seen = int(sys.argv[1]), [0]
+def point():
+    seen[0] += 1
+    if seen[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+real_replace = os.replace
+def replace(src, dst, *args, **kwargs):
+    if not str(dst).endswith("state.safetensors"):
+        return real_replace(src, dst, *args, **kwargs)
+    point()
+    real_replace(src, dst, *args, **kwargs)
+    point()
+os.replace = replace
+import edgeadapt.runtime.trainer as trainer
+real_log = trainer.Trainer._write_log
+def write_log(self, progress):
+    real_log(self, progress)
+    point()
+trainer.Trainer._write_log = write_log
+sys.argv = ["edgeadapt", *sys.argv[2:]]
+from edgeadapt.cli import main
+try:
+    main()
+finally:
+    if kill_at == 0:
+        sys.stderr.write(f"commit points: {seen[0]}\\n")
+"""
+
+
+def _at_point(point: int, bundle: Path, data: Path, options: list[str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", _AT_POINT, str(point), *train_command(bundle, data, options)[3:]]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+def _final_log_epochs(bundle: Path) -> list[int]:
+    """The epochs the log holds for the last run (one line each, in order, is what an uninterrupted run leaves)."""
+    log = bundle / "train_log.jsonl"
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    last = entries[-1]["run"] if entries else None
+    return [e["epoch"] for e in entries if e.get("run") == last]
+
+
+def commit_points(template: Path, data: Path, options: list[str], workdir: Path) -> tuple[int, np.ndarray, list]:
+    """An uninterrupted run that counts its commit points: (points, final weights, logged epochs)."""
+    reference = workdir / "reference"
+    shutil.rmtree(reference, ignore_errors=True)
+    shutil.copytree(template, reference)
+    counted = _at_point(0, reference, data, options)
+    if counted.returncode != 0:
+        raise RuntimeError(f"the uninterrupted reference run failed: {counted.stderr[-300:]}")
+    points = int(counted.stderr.rsplit("commit points:", 1)[1].split()[0])
+    return points, weights(reference), _final_log_epochs(reference)
+
+
+def torture_commit_points(template: Path, data: Path, options: list[str], workdir: Path,
+                          points: list[int] | None = None) -> Tally:
+    """Kill at each commit point (all of them by default), resume, compare weights and log with the reference."""
+    total, reference, logged = commit_points(template, data, options, workdir)
+    tally, work = Tally(), workdir / "work"
+    for point in points or range(1, total + 1):
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(template, work)
+        killed = _at_point(point, work, data, options)
+        tally.kills += killed.returncode == -signal.SIGKILL
+        resumable = _inspect_after_kill(work, tally)
+        if resumable or "no progress" in _describe(work):
+            finished = subprocess.run(train_command(work, data, options, resume=resumable), capture_output=True,
+                                      text=True)
+            if finished.returncode != 0:
+                tally.resume_failures += 1
+                tally.notes.append(f"point {point}: {finished.stderr.strip()[-200:]}")
+                continue
+        if not np.array_equal(reference, weights(work)):
+            tally.weight_mismatches += 1
+            tally.notes.append(f"weights differ after a kill at commit point {point} of {total}")
+        if _final_log_epochs(work) != logged:
+            tally.lost_epochs += 1
+            tally.notes.append(f"log {_final_log_epochs(work)} != {logged} after a kill at point {point}")
+    return tally

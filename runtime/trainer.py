@@ -256,6 +256,8 @@ class Trainer:
             return learning_rate(base_lr * progress.lr_scale, progress.step, total, int(cfg.warmup * total),
                                  cfg.schedule)
         while progress.epoch < cfg.epochs:
+            if cfg.patience is not None and progress.bad_epochs >= cfg.patience:
+                return "early_stopping"  # a run resumed after the epoch that stopped it
             epoch_started, stats = time.monotonic(), RunningStats(self.manifest)
             order = np.random.default_rng([cfg.seed, progress.epoch]).permutation(len(train))
             lr = current_lr()  # also set when a resume lands after the epoch's last batch
@@ -273,8 +275,8 @@ class Trainer:
                     return "time_limit"
             record = self._end_epoch(engine, progress, val, stats, lr, time.monotonic() - epoch_started)
             summary.records.append(record)
-            if cfg.patience is not None and progress.bad_epochs >= cfg.patience:
-                return "early_stopping"
+        if cfg.patience is not None and progress.bad_epochs >= cfg.patience:
+            return "early_stopping"
         return "completed"
 
     def _step(self, engine, train, index, position, lr, stats) -> None:

@@ -24,6 +24,32 @@ from edgeadapt.runtime.bundle import Bundle  # noqa: E402
 from edgeadapt.runtime.inference import evaluate  # noqa: E402
 
 pytestmark = pytest.mark.slow
+FLOWER = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp",
+          "edgeadapt.fleet.owned")
+
+
+def flower_processes() -> set[int]:
+    """Flower's processes (and edgeadapt's watchdogs over them) running now, from /proc."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if entry.name.isdigit() and any(name in command for name in FLOWER) and int(entry.name) != os.getpid():
+            found.add(int(entry.name))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_running():
+    """Every Flower process a test started is gone within 30 s of its end."""
+    before = flower_processes()
+    yield
+    deadline = time.monotonic() + 30
+    while (left := flower_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left running: {left}"
 
 
 def _start(*args, **kwargs) -> subprocess.Popen:
@@ -102,3 +128,14 @@ def test_client_with_another_bundle_is_refused_in_one_line(bundle_factory, share
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: this client's bundle") and "server's bundle" in last
     assert "Traceback" not in err
+
+
+def test_a_server_killed_by_sigkill_takes_its_flower_processes_with_it(bundle_factory, digits, tmp_path):
+    bundle = tmp_path / "server"
+    shutil.copytree(bundle_factory("tiny_mlp", "head"), bundle)
+    before = flower_processes()
+    server = _start("server", bundle, "--rounds", "5", "--min-clients", "2", "--port", free_port())
+    _wait_for(lambda: len(flower_processes() - before) >= 3, 60)  # watchdog, SuperLink, its SuperExec
+    os.kill(server.pid, signal.SIGKILL)  # the server alone: nothing else is signalled
+    server.communicate()
+    _wait_for(lambda: not flower_processes() - before, 30)

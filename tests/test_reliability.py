@@ -169,3 +169,19 @@ def test_device_path_never_unpickles():
         text = source.read_text()
         assert "import pickle" not in text and "allow_pickle=True" not in text and "torch.load" not in text
     assert os.environ.get("EDGEADAPT_DEBUG") is None
+
+
+@pytest.mark.rule("S12")
+@pytest.mark.slow  # CLI subprocesses; CI runs it
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_kills_at_every_commit_point_resume_to_the_same_weights_and_log(fresh_bundle, digits, tmp_path, engine):
+    """Just before and after each rename of the state file (checkpoints, epoch commits with the best state and
+    the log lines, the final state) and just after each log append, on both portable engines."""
+    from edgeadapt.runtime.torture import torture_commit_points
+
+    options = ["--epochs", "2", "--batch-size", "64", "--seed", "3", "--checkpoint-every", "8", "--patience", "2",
+               "--engine", engine]
+    tally = torture_commit_points(fresh_bundle(), digits["csv"], options, tmp_path)
+    assert tally.kills >= 10
+    assert (tally.corrupt_checkpoints, tally.lost_epochs, tally.resume_failures, tally.weight_mismatches) == \
+        (0, 0, 0, 0), tally.notes
