@@ -128,6 +128,9 @@ def simulate(bundle: Bundle | str | Path, data: Dataset | str | Path,
                               proximal_mu=options.proximal_mu, clip=options.clip, dp_noise=options.dp_noise,
                               min_clients=options.clients)
     settings.check()
+    if options.strategy == "fedprox" and options.engine == "ort-training":
+        raise ConfigError("FedProx's proximal pull needs an engine whose parameters the trainer can pull; the "
+                          "ort-training engine keeps its own: use --engine onnxruntime or openvino.")
     with tempfile.TemporaryDirectory(prefix="edgeadapt-fleet-") as scratch:
         root = Path(options.workdir) if options.workdir else Path(scratch)
         if options.workdir and root.exists() and any(root.iterdir()):

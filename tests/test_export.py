@@ -211,3 +211,23 @@ def test_bn_on_a_conv_with_two_consumers_is_not_folded_into_it(tmp_path, policy)
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     assert np.abs(engine.eval_step(x, np.zeros(4, np.int64))[1] - expected).max() < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.rule("S3")
+def test_onnx_source_with_external_data_gives_a_bundle_that_holds_all_its_data(mobilenet_onnx, tmp_path):
+    """A host model whose weights sit in a side file: the bundle's graphs hold the weights themselves."""
+    from edgeadapt.runtime.onnx_wire import graph_interface
+    from edgeadapt.toolchain.export import export_bundle
+
+    path, _ = mobilenet_onnx
+    source = tmp_path / "src" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save(onnx.load(str(path)), str(source), save_as_external_data=True, location="weights.bin",
+              size_threshold=0)
+    assert graph_interface(source.read_bytes()).external_data
+    result = export_bundle(ExportOptions(out=tmp_path / "b", onnx=source, trainable="head",
+                                         head=HeadRequest(num_classes=3), feature_output="/GlobalAveragePool_output_0"))
+    graphs = [f for f in result.out.iterdir() if f.suffix == ".onnx"]
+    assert graphs and not any(graph_interface(f.read_bytes()).external_data for f in graphs)
+    assert "weights.bin" not in result.manifest.files and (result.out / "forward.onnx").stat().st_size > 1e6

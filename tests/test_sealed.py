@@ -718,3 +718,11 @@ def test_fedprox_on_ort_training_is_refused(mlp, digits):
         Trainer(mlp, TrainConfig(engine="ort-training", proximal_mu=0.1)).fit(digits["train"])
     assert snapshot(mlp) == before
 
+
+
+def test_fedprox_on_ort_training_is_refused_by_the_fleet_in_one_line(mlp, digits):
+    pytest.importorskip("flwr")
+    before = snapshot(mlp)
+    refused(cli("fleet", "simulate", mlp, digits["train"], "--strategy", "fedprox", "--engine", "ort-training",
+                "--clients", "2", "--rounds", "1"), "proximal pull")
+    assert snapshot(mlp) == before
