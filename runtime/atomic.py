@@ -33,6 +33,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Let `write(tmp)` produce the file, then move it over `path` in one step; on any failure `path` is untouched."""
     path = Path(path)
     tmp = _temp_name(path)
+    tmp.unlink(missing_ok=True)  # a link planted under this name is removed, never written through
     try:
         write(tmp)
         fsync_file(tmp)

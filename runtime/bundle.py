@@ -112,6 +112,9 @@ class Bundle:
         path = Path(path)
         if not path.is_dir():
             raise BundleError(f"bundle {path} does not exist or is not a folder; create it with `edgeadapt export`.")
+        if not (path / MANIFEST_NAME).exists() and not (path / MANIFEST_NAME).is_symlink():
+            raise BundleError(f"{path} has no {MANIFEST_NAME}: it is not an edgeadapt bundle; create one with "
+                              "`edgeadapt export`.")
         raw = read_plain(path, MANIFEST_NAME, MAX_MANIFEST_BYTES)
         signature = read_plain(path, SIGNATURE_NAME, 4096) if (path / SIGNATURE_NAME).exists() else None
         if trusted_key is not None:
@@ -249,8 +252,8 @@ class Bundle:
         """The trained state (see `state_bytes`): the exported one (its sha256), or one this device wrote (its
         key's HMAC); anything else only without a trusted key."""
         data = self.state_bytes()
-        if sha256(data) != self.manifest.files[STATE_FILE] and not device_authenticated(data, self.seal) and \
-                self.trusted:
+        if self.trusted and sha256(data) != self.manifest.files[STATE_FILE] and \
+                not device_authenticated(data, self.seal):
             raise BundleError(f"{self.state_path} is neither the exported state nor one this device trained (no "
                               "valid device authentication); under --trusted-key it is refused: copy the bundle "
                               "again from its publisher.")

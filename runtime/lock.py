@@ -44,7 +44,8 @@ def _create(lock: Path) -> bool:
     """Create `lock` holding this pid, whole, or return False if it exists."""
     tmp = lock.with_name(f".{lock.name}.pid-{os.getpid()}")  # not a ".tmp-" name: trainers sweep those
     try:
-        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+        tmp.unlink(missing_ok=True)  # a link planted under this name is removed, never written through
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o644)
         with os.fdopen(fd, "w") as fh:
             fh.write(str(os.getpid()))
         try:
