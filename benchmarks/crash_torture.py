@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--commit-points", action="store_true", help="kill at every commit point instead")
     parser.add_argument("--engines", default="onnxruntime,openvino")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--checkpoint-every", default="4")
     args = parser.parse_args()
 
     from edgeadapt.runtime.torture import torture
@@ -56,7 +57,7 @@ def main() -> None:
 
             for engine in args.engines.split(","):
                 options = ["--epochs", str(args.epochs), "--batch-size", "32", "--seed", "7", "--checkpoint-every",
-                           "6", "--patience", "3", "--engine", engine]
+                           args.checkpoint_every, "--patience", "3", "--engine", engine]
                 report(f"commit points, {engine}", torture_commit_points(template, data, options, root / engine))
             return
         options = ["--epochs", "4", "--batch-size", "32", "--seed", "7", "--checkpoint-every", "2", "--augment"]

@@ -113,10 +113,8 @@ def mlp(fresh_bundle):
 
 
 @pytest.fixture
-def split_bundle(bundle_factory, tmp_path):
-    target = tmp_path / "split"
-    shutil.copytree(bundle_factory("tiny_cnn", "head", input_size=(16,)), target)
-    return target
+def split_bundle(fresh_bundle):
+    return fresh_bundle("tiny_cnn", "head", input_size=(16,))
 
 
 @pytest.fixture
