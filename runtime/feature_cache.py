@@ -51,6 +51,8 @@ class FeatureCache:
                     shutil.rmtree(other, ignore_errors=True)  # another prefix/preprocessing: invalid now
         elif Path(root).is_symlink() or Path(root).exists():
             Path(root).unlink()  # not a folder edgeadapt made: never follow it
+        if self.folder.is_symlink() or (self.folder.exists() and not self.folder.is_dir()):
+            self.folder.unlink()
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def _tag(self, index_text: str, features_sha256: str) -> str | None:

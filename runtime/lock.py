@@ -27,6 +27,9 @@ def _alive(pid: int) -> bool:
 
 def owner(lock: Path) -> int | None:
     """The pid a lock holds; None when the lock is gone; TrainingError when it holds anything but a valid pid."""
+    if lock.is_symlink():
+        raise TrainingError(f"the training lock {lock} is a link, which edgeadapt never writes; delete it if no "
+                            "training runs, then retry.")
     try:
         text = lock.read_text(encoding="ascii", errors="replace")[:64].strip()
     except FileNotFoundError:

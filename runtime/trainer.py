@@ -328,7 +328,8 @@ class Trainer:
             if not missing:
                 return
             torn = path.is_file() and path.stat().st_size and path.read_bytes()[-1:] != b"\n"
-            with open(path, "a", encoding="utf-8") as fh:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            with os.fdopen(fd, "a", encoding="utf-8") as fh:  # never through a link out of the bundle
                 fh.write("\n" * bool(torn) + "".join(json.dumps(entry) + "\n" for entry in missing))
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -339,8 +340,8 @@ class Trainer:
 
 def _logged(path: Path, run_id: str) -> set[int]:
     """Epochs of run `run_id` that the log holds (a torn last line, from a crash mid-write, is not one)."""
-    if not path.is_file():
-        return set()
+    if path.is_symlink() or not path.is_file():
+        return set()  # a link is not read (and the append that follows refuses it)
     epochs = set()
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:

@@ -734,3 +734,20 @@ def test_links_planted_under_temp_names_are_never_written_through(mlp, digits, t
         (mlp / name).symlink_to(victim)
     assert cli("train", mlp, digits["train"], "--epochs", "1", "--quiet")[0] == 0
     assert victim.read_text() == "keep me"
+
+
+@pytest.mark.rule("S2")
+def test_log_lock_and_cache_links_out_of_the_bundle_are_never_followed(mlp, bundle_factory, digits, digit_image_npz,
+                                                                       tmp_path, outside):
+    split_bundle = Path(shutil.copytree(bundle_factory("tiny_cnn", "head", input_size=(16,)), tmp_path / "split"))
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    (mlp / "train_log.jsonl").symlink_to(victim)
+    refused(cli("train", mlp, digits["train"], "--epochs", "1", "--quiet"), "cannot append")
+    (mlp / "train_log.jsonl").unlink()
+    (mlp / "train.lock").symlink_to(outside.path)
+    refused(cli("train", mlp, digits["train"], "--epochs", "1", "--quiet"), "is a link")
+    (split_bundle / "feature_cache").symlink_to(tmp_path, target_is_directory=True)
+    assert cli("train", split_bundle, digit_image_npz, "--epochs", "1", "--quiet")[0] == 0
+    assert victim.read_text() == "keep me" and (split_bundle / "feature_cache").is_dir()
+    assert not (split_bundle / "feature_cache").is_symlink()
