@@ -65,6 +65,12 @@ clientapp = "edgeadapt.fleet.deployment:clientapp"
     return folder
 
 
+def append_only(path: Path):
+    """A log file in the bundle, opened for appending, never through a link."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644),
+                     "ab")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -113,7 +119,7 @@ def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 9092, l
         settings.eval_data = str(Path(settings.eval_data).resolve())
     log_path = Path(log_path or Path(settings.bundle) / "fleet_server.log")
     _exit_on_sigterm()
-    with tempfile.TemporaryDirectory(prefix="edgeadapt-fleet-server-") as scratch, open(log_path, "ab") as log:
+    with tempfile.TemporaryDirectory(prefix="edgeadapt-fleet-server-") as scratch, append_only(log_path) as log:
         home = Path(scratch)
         settings.report = settings.report or str(home / "report.json")
         Path(settings.report).unlink(missing_ok=True)
@@ -217,7 +223,7 @@ def join(bundle: str, data: str, server: str, engine: str = "auto", device: str 
                "--port", str(free_port())]
     _exit_on_sigterm()
     log_path = Path(log_path or Path(bundle) / "fleet_client.log")
-    with open(log_path, "ab") as log:
+    with append_only(log_path) as log:
         node_process = spawn(command, env=flower_environment(), stdout=log, stderr=subprocess.STDOUT)
     try:
         while node_process.poll() is None:
