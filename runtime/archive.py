@@ -12,14 +12,13 @@ import tarfile
 from pathlib import Path
 
 from edgeadapt.runtime.atomic import atomic_write, check_output_dir, remove_stale_siblings, staged_dir
-from edgeadapt.runtime.bundle import LOCK_FILE, MAX_MANIFEST_BYTES, Bundle
+from edgeadapt.runtime.bundle import LOCK_FILE, MAX_FILE_BYTES, MAX_MANIFEST_BYTES, Bundle, state_size_limit
 from edgeadapt.runtime.errors import BundleError
 from edgeadapt.runtime.lock import bundle_lock
 from edgeadapt.runtime.manifest import MANIFEST_NAME, Manifest, is_plain_name
 from edgeadapt.runtime.signing import SIGNATURE_NAME
 from edgeadapt.runtime.state import STATE_FILE
 
-MAX_MEMBER_BYTES = 8 << 30  # a listed file whose size the manifest does not record (bundles before 0.3.1)
 _CHUNK = 1 << 20
 
 
@@ -68,15 +67,10 @@ def _copy(source, target: Path, size: int, archive: Path, name: str) -> str:
     return digest.hexdigest()
 
 
-def _state_limit(manifest: Manifest) -> int:
-    portable = manifest.portable
-    return 64 * sum(p.size for p in portable.layout) + 4 * sum(p.size for p in portable.statistics) + (64 << 20)
-
-
 def _limit(manifest: Manifest, name: str) -> int:
     if name == STATE_FILE:  # trained state is larger than the exported one: moments, best parameters, progress
-        return max(manifest.sizes.get(name, 0), _state_limit(manifest))
-    return manifest.sizes.get(name, MAX_MEMBER_BYTES)
+        return max(manifest.sizes.get(name, 0), state_size_limit(manifest))
+    return manifest.sizes.get(name, MAX_FILE_BYTES)
 
 
 def _read_manifest(tar: tarfile.TarFile, archive: Path) -> tuple[bytes, Manifest]:

@@ -59,7 +59,8 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise EdgeAdaptError(f"{out} exists and is not empty; choose another --out or pass --force to replace it.")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (a process we may not signal exists too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,7 +78,7 @@ def remove_stale_siblings(out: Path) -> None:
     for kind in ("staging", "old"):
         for leftover in out.parent.glob(f".{glob_escape(out.name)}.{kind}-*"):
             pid = leftover.name.rpartition("-")[2]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() and not leftover.is_symlink() \
                     else leftover.unlink(missing_ok=True)
 

@@ -80,6 +80,13 @@ def read_plain(folder: Path, name: str, limit: int) -> bytes:
     return data
 
 
+def state_size_limit(manifest: Manifest) -> int:
+    """The most bytes a state file of this layout can need: parameters, moments, best parameters, ORT training's
+    checkpoint (all float32, with room), the BN statistics, and headers and progress."""
+    portable = manifest.portable
+    return 64 * sum(p.size for p in portable.layout) + 4 * sum(p.size for p in portable.statistics) + (64 << 20)
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -243,10 +250,7 @@ class Bundle:
 
     def state_bytes(self) -> bytes:
         """The state file's bytes, once: a consistent snapshot even while a trainer replaces it."""
-        portable = self.manifest.portable
-        values = sum(p.size for p in portable.layout)
-        limit = 64 * values + 4 * sum(p.size for p in portable.statistics) + (64 << 20)  # state, moments, best, ORT's
-        return read_plain(self.path, STATE_FILE, limit)
+        return read_plain(self.path, STATE_FILE, state_size_limit(self.manifest))
 
     def load_state(self) -> TrainState:
         """The trained state (see `state_bytes`): the exported one (its sha256), or one this device wrote (its

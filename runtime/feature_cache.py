@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
-import stat
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -22,6 +20,8 @@ from typing import Callable
 import numpy as np
 
 from edgeadapt.runtime.atomic import atomic_write, atomic_write_text
+from edgeadapt.runtime.bundle import read_plain
+from edgeadapt.runtime.errors import BundleError
 
 DEFAULT_MAX_BYTES = 2 * 1024**3
 
@@ -64,8 +64,8 @@ class FeatureCache:
         if not (index_file.is_file() and data_file.is_file()):
             return {}, None
         try:
-            record = json.loads(_plain_bytes(index_file, 1 << 30))
-            data = _plain_bytes(data_file, self.max_bytes + (1 << 20))
+            record = json.loads(read_plain(self.folder, index_file.name, 1 << 30))
+            data = read_plain(self.folder, data_file.name, self.max_bytes + (1 << 20))
             if self.seal is None or not self.seal.valid(
                     "feature_cache", record["mac"], self.space.encode(), b"\0", record["index"].encode(), b"\0",
                     hashlib.sha256(data).hexdigest().encode()):
@@ -75,7 +75,7 @@ class FeatureCache:
             if not isinstance(index, dict) or not all(isinstance(v, int) and 0 <= v < len(stored)
                                                       for v in index.values()):
                 raise ValueError("an index entry is out of range")
-        except (ValueError, OSError, KeyError, TypeError, AttributeError):
+        except (ValueError, OSError, KeyError, TypeError, AttributeError, BundleError):
             self.notes.append("feature cache unreadable or not authenticated: recomputed")
             return {}, None  # a damaged cache is only a cache: recompute
         return index, stored
@@ -114,11 +114,3 @@ class FeatureCache:
         atomic_write_text(self.folder / "index.json", json.dumps(record))
         return index, combined
 
-
-def _plain_bytes(path: Path, limit: int) -> bytes:
-    """A cache file's bytes: a regular file, not a link, at most `limit` bytes."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_size > limit:
-            raise ValueError("not a regular file of a cache's size")
-        return fh.read(limit)

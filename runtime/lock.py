@@ -10,19 +10,10 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from edgeadapt.runtime.atomic import pid_alive
 from edgeadapt.runtime.errors import TrainingError
 
 MAX_PID = 1 << 22  # Linux's pid_max ceiling; other systems stay below it
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 def owner(lock: Path) -> int | None:
@@ -80,7 +71,7 @@ def _create_exclusive(lock: Path) -> bool:
 def check_unlocked(lock: Path) -> None:
     """Refuse if a live process holds `lock` (e.g. before replacing the bundle it guards)."""
     pid = owner(lock)
-    if pid is not None and pid != os.getpid() and _alive(pid):
+    if pid is not None and pid != os.getpid() and pid_alive(pid):
         raise TrainingError(f"{lock.parent} is being trained by process {pid}; wait for it to finish or stop it, "
                             "then retry.")
 
