@@ -7,6 +7,7 @@ is refused while a trainer holds it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tarfile
 from pathlib import Path
@@ -112,37 +113,20 @@ def _extract(tar: tarfile.TarFile, archive: Path, staging: Path) -> None:
         raise _refuse(archive, f"lacks {missing[0]!r}")
 
 
+def _locked_if_bundle(out: Path):
+    """Hold an existing bundle's training lock while it is replaced: a running trainer makes `--force` fail."""
+    return bundle_lock(out / LOCK_FILE) if (out / MANIFEST_NAME).is_file() else contextlib.nullcontext()
+
+
 def unpack(archive: Path, out: Path, force: bool = False, trusted_key: Path | None = None) -> Bundle:
     archive, out = Path(archive), Path(out)
     check_output_dir(out, force)
     remove_stale_siblings(out)  # staging folders of an unpack that was killed
     try:
-        with tarfile.open(archive, "r|*") as tar, _replacing(out), staged_dir(out) as staging:
+        with tarfile.open(archive, "r|*") as tar, _locked_if_bundle(out), staged_dir(out) as staging:
             _extract(tar, archive, staging)
             Bundle.open(staging, trusted_key=trusted_key)  # a complete, verified bundle or nothing
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         raise BundleError(f"{archive} is not a readable bundle archive ({type(exc).__name__}); pack it with "
                           "`edgeadapt pack`.") from None
     return Bundle.open(out, trusted_key=trusted_key)
-
-
-class _replacing:
-    """Hold an existing bundle's training lock while it is replaced: a running trainer makes `--force` fail."""
-
-    def __init__(self, out: Path):
-        self.lock = out / LOCK_FILE if out.is_dir() and (out / MANIFEST_NAME).is_file() else None
-        self.context = bundle_lock(self.lock) if self.lock else None
-
-    def __enter__(self):
-        if self.context is not None:
-            self.context.__enter__()
-        return self
-
-    def __exit__(self, *failure):
-        if self.context is not None:
-            try:
-                self.context.__exit__(*failure)
-            except FileNotFoundError:
-                pass
-        return False
-

@@ -163,10 +163,6 @@ class Bundle:
         return self.path / LOCK_FILE
 
     @property
-    def prefix_path(self) -> Path:
-        return self.path / self.manifest.split.prefix_model
-
-    @property
     def int8_prefix_path(self) -> Path:
         return self.path / INT8_PREFIX
 
@@ -209,14 +205,11 @@ class Bundle:
         """An exported graph's verified bytes, refused if it references anything outside itself or (portable
         graphs) uses operators outside the standard domain or inputs the runtime does not feed."""
         data = self.read(name)
-        interface = check_graph(self.path / name, data, self._expected_inputs(name))
-        if name in self._logit_graphs():
+        inputs, logits = self._roles().get(name, (None, False))
+        interface = check_graph(self.path / name, data, inputs)
+        if logits:
             self._check_outputs(name, interface)
         return data
-
-    def _logit_graphs(self) -> set[str]:
-        whole, split = self.graphs(False), self.graphs(True) if self.manifest.split else None
-        return {whole.train_step, whole.forward} | ({split.train_step, split.forward} if split else set())
 
     def _check_outputs(self, name: str, interface: GraphInterface) -> None:
         """The logits are there, one per label; a step's labels have the dtype the runtime feeds for the loss."""
@@ -234,19 +227,19 @@ class Bundle:
             raise BundleError(f"{self.path / name} takes {labels[0]} labels, but the {m.loss} loss is fed "
                               f"{wanted}; re-export the bundle.")
 
-    def _expected_inputs(self, name: str) -> set[str] | None:
-        """What the runtime feeds graph `name` (None: not a portable graph, e.g. ORT training's artifacts)."""
+    def _roles(self) -> dict[str, tuple[set[str], bool]]:
+        """Per portable graph: the inputs the runtime feeds it, and whether it gives the logits (ORT training's
+        artifacts are not listed: they are checked for external data only)."""
         m, portable = self.manifest, self.manifest.portable
-        suffix = m.split.suffix_prefix if m.split else None
         stats = {STATISTICS_INPUT} if portable.statistics else set()
-        roles = {portable.train_step: {m.input.name, "labels", "lr", "step", *portable.state} | stats,
-                 portable.forward: {m.input.name, "params"} | stats,
-                 portable.statistics_graph: {m.input.name, "params"}}
+        roles = {portable.statistics_graph: ({m.input.name, "params"}, False)}
+        targets = [("", m.input.name)] + ([(m.split.suffix_prefix, m.split.boundary)] if m.split else [])
+        for prefix, data_input in targets:
+            roles[prefix + portable.train_step] = ({data_input, "labels", "lr", "step", *portable.state} | stats, True)
+            roles[prefix + portable.forward] = ({data_input, "params"} | stats, True)
         if m.split is not None:
-            roles[suffix + portable.train_step] = {m.split.boundary, "labels", "lr", "step", *portable.state} | stats
-            roles[suffix + portable.forward] = {m.split.boundary, "params"} | stats
-            roles[m.split.prefix_model] = {m.input.name} | stats
-        return roles.get(name)
+            roles[m.split.prefix_model] = ({m.input.name} | stats, False)
+        return roles
 
     def state_bytes(self) -> bytes:
         """The state file's bytes, once: a consistent snapshot even while a trainer replaces it."""

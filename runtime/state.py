@@ -127,14 +127,6 @@ def _split(data: bytes) -> tuple[dict, dict, memoryview]:
     return header, metadata, memoryview(data)[8 + length:]
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise BundleError(f"state file {path} cannot be read ({exc.strerror}); re-export the bundle.") from None
-    return decode_safetensors(data, str(path))
-
-
 def device_authenticated(data: bytes, seal) -> bool:
     """Whether the state file `data` carries a valid HMAC by this device (`seal`, a signing.DeviceSeal)."""
     try:

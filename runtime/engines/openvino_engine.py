@@ -41,7 +41,7 @@ class OpenVinoEngine:
         self._graphs = {"forward": bundle.read_graph(graphs.forward)}
         if training:
             self._graphs["step"] = bundle.read_graph(graphs.train_step)
-        self._compiled: dict[tuple[str, int], object] = {}
+        self._compiled: dict[tuple[str, int], tuple[object, set[str]]] = {}
         self._state_names = list(manifest.portable.state)
         self._values: dict[str, np.ndarray] = {}
         self._statistics: np.ndarray | None = None  # BN statistics, compiled into the models as constants
@@ -55,7 +55,9 @@ class OpenVinoEngine:
                 model = with_constant_input(model, STATISTICS_INPUT, self._statistics)
             if self._static:
                 model.reshape({p.get_any_name(): _batched(p, batch) for p in model.inputs})
-            self._compiled[key] = self._core.compile_model(model, self._target, self._config).create_infer_request()
+            request = self._core.compile_model(model, self._target, self._config).create_infer_request()
+            names = {name for port in request.model_inputs for name in port.get_names()}
+            self._compiled[key] = (request, names)  # names: the inputs the compiled graph kept (unused are pruned)
         return self._compiled[key]
 
     def load(self, state: TrainState) -> None:
@@ -73,11 +75,10 @@ class OpenVinoEngine:
         return TrainState(self._values["params"].copy(), optimizer, statistics=statistics)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
-        request = self._request("step", len(x))
+        request, wanted = self._request("step", len(x))
         feed = {0: np.ascontiguousarray(x, np.float32), "labels": np.ascontiguousarray(y),
                 "lr": np.asarray(lr, np.float32), "step": np.asarray(self._t + 1, np.int64), **self._values}
-        wanted = {name for port in request.model_inputs for name in port.get_names()}
-        result = request.infer({k: v for k, v in feed.items() if k == 0 or k in wanted})  # unused inputs are pruned
+        result = request.infer({k: v for k, v in feed.items() if k == 0 or k in wanted})
         outputs = {k.get_any_name(): v for k, v in result.items()}
         loss = float(outputs["loss"])
         if math.isfinite(loss):
@@ -86,7 +87,7 @@ class OpenVinoEngine:
         return loss, np.array(outputs[self.manifest.output_name])
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        request = self._request("forward", len(x))
+        request, _ = self._request("forward", len(x))
         result = request.infer({0: np.ascontiguousarray(x, np.float32), "params": self._values["params"]})
         return np.array(next(v for k, v in result.items() if self.manifest.output_name in k.get_names()))
 
