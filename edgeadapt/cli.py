@@ -10,7 +10,7 @@ import typer
 
 from edgeadapt.runtime.errors import EdgeAdaptError
 
-app = typer.Typer(help="Export pretrained backbones to ONNX Runtime training bundles and adapt them on the device.",
+app = typer.Typer(help="Export pretrained backbones to portable ONNX training bundles and adapt them on the device.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
 

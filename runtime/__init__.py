@@ -1,4 +1,5 @@
-"""Device side of edgeadapt: trains and runs bundles with onnxruntime-training and numpy only (never torch).
+"""Device side of edgeadapt: trains and runs bundles with numpy and a maintained engine (onnxruntime on any
+execution provider, or OpenVINO); never torch or onnx. ONNX Runtime training is one optional legacy engine.
 
 Public API (imported lazily by name): `Bundle`, `Trainer`, `evaluate`, `predict`, `deploy`.
 """

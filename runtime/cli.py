@@ -21,20 +21,24 @@ def console():
 
 
 @contextlib.contextmanager
-def progress_bar():
-    """A rich progress bar fed by the trainer's per-batch callback."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def progress_bar(epochs: int):
+    """A rich progress bar fed by the trainer's per-batch callback: the epoch, the step of all, running metrics.
+    Until the first step it says what is being prepared (loading data, a split bundle's prefix features)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[metrics]}"),
-               TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
+               TextColumn("{task.fields[metrics]}"), TimeElapsedColumn())
     with Progress(*columns, transient=False) as bar:
-        task = bar.add_task("train", total=None, metrics="", start=False)  # the clock starts with training
+        # the clock starts with training
+        task = bar.add_task("preparing data (and prefix features)", total=None, count="", metrics="", start=False)
 
         def on_batch(step: int, total: int, loss: float, accuracy: float | None) -> None:
             if not bar.tasks[0].started:
                 bar.start_task(task)
+            per_epoch = max(1, total // max(1, epochs))
             metrics = f"loss {loss:.4f}" + (f" acc {accuracy:.1%}" if accuracy is not None else "")
-            bar.update(task, completed=step, total=total, metrics=metrics)
+            bar.update(task, completed=step, total=total, count=f"{step}/{total}", metrics=metrics,
+                       description=f"epoch {min(epochs, (step - 1) // per_epoch + 1)}/{epochs}")
 
         yield on_batch
 
@@ -118,14 +122,36 @@ def train(
                          engine=engine, device=device, threads=threads, checkpoint_every=checkpoint_every,
                          resume=resume, split=split, prefix_device=prefix_device, prefix_int8=prefix_int8,
                          cache_mb=cache_mb, adabn=adabn_scope if adabn else "")
-    with (contextlib.nullcontext(None) if quiet else progress_bar()) as on_batch:
-        summary = Trainer(opened, config, on_batch=on_batch).fit(data)
+    trainer = Trainer(opened, config)
+    try:
+        with (contextlib.nullcontext(None) if quiet else progress_bar(trainer.config.epochs)) as on_batch:
+            trainer.on_batch = on_batch
+            summary = trainer.fit(data)
+    except KeyboardInterrupt:
+        typer.echo(interrupted(bundle, data), err=True)
+        raise typer.Exit(130) from None
     _print_summary(summary, bundle)
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def interrupted(bundle: Path, data: Path) -> str:
+    """What Ctrl-C kept: the state of the last checkpoint, and how to continue from it."""
+    from edgeadapt.runtime.bundle import Bundle
+
+    progress = Bundle.open(bundle).load_state().progress
+    if progress is None or progress.finished or progress.step == 0:
+        return "interrupted before the first checkpoint: the bundle's state is as it was."
+    return (f"interrupted: the bundle keeps its last checkpoint (epoch {progress.epoch + 1}, step {progress.step}); "
+            f"continue this run with `edgeadapt train {bundle} {data} --resume` and the same options (a plain "
+            "`train` starts a new run from these parameters).")
 
 
 def _print_summary(summary, bundle: Path) -> None:
     final = summary.final
-    typer.echo(f"{summary.stopped}: {summary.epochs_completed} epochs, {summary.steps} steps in "
+    typer.echo(f"{summary.stopped}: {plural(summary.epochs_completed, 'epoch')}, {plural(summary.steps, 'step')} in "
                f"{summary.loop_seconds:.1f}s of training ({summary.seconds:.1f}s with data loading) on "
                f"{summary.train_samples} samples ({summary.val_samples} held out for validation), engine "
                f"{summary.engine}")

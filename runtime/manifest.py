@@ -89,6 +89,17 @@ class SplitSpec:
 
 
 @dataclass(frozen=True)
+class ParamGroup:
+    """Trainable tensors that share one learning-rate multiplier (of the step's `lr` input) and one decoupled weight
+    decay; the portable step applies them in-graph, so every engine honours them."""
+
+    name: str
+    lr_scale: float
+    weight_decay: float
+    tensors: list[str]
+
+
+@dataclass(frozen=True)
 class StateLayout:
     """Where one trainable tensor lives in the flat state vectors."""
 
@@ -149,6 +160,8 @@ class Manifest:
     memory: dict[str, float] = field(default_factory=dict)  # per-sample activation bytes of each graph (planner)
     sparse: SparseSpec | None = None  # `--trainable sparse`: the selection and its reasons
     sizes: dict[str, int] = field(default_factory=dict)  # bytes of each exported file (0.3.1; bounds `unpack`)
+    # 0.4: every trainable tensor in exactly one group (empty in older bundles: one lr, `weight_decay` for all)
+    param_groups: list[ParamGroup] = field(default_factory=list)
 
     @property
     def num_outputs(self) -> int:
@@ -172,8 +185,8 @@ class Manifest:
         version = raw.get("schema_version")
         if version == 1:
             raise BundleError(f"{source} is a schema-1 bundle (edgeadapt 0.1, onnxruntime-training only); this runtime "
-                              "trains schema 2, which adds the portable training step: re-export it with "
-                              "`edgeadapt export`.")
+                              f"reads schemas {list(SUPPORTED_SCHEMAS)}, which carry the portable training step: "
+                              "re-export it with `edgeadapt export`.")
         if version not in SUPPORTED_SCHEMAS:
             raise BundleError(
                 f"{source} has schema_version {version!r}, this runtime reads {list(SUPPORTED_SCHEMAS)}; "
@@ -237,6 +250,7 @@ def _checked(m: "Manifest", source: str) -> "Manifest":
         (m.portable is None or [p.name for p in m.portable.layout] != m.trainable,
          "the portable step's state layout does not list the trainable parameters"),
         *_hyperparameter_problems(m.hyperparameters),
+        *_group_problems(m),
         *_file_problems(m),
     ]
     for failed, what in problems:
@@ -256,6 +270,23 @@ def _hyperparameter_problems(given: dict[str, float]) -> list[tuple[bool, str]]:
          "the default weight_decay is negative"),
         whole("batch_size", MAX_BATCH), whole("epochs", 1_000_000),
     ]
+
+
+def _group_problems(m: "Manifest") -> list[tuple[bool, str]]:
+    if not m.param_groups:
+        return []
+    listed = [t for g in m.param_groups for t in g.tensors]
+    values = [v for g in m.param_groups for v in (g.lr_scale, g.weight_decay)]
+    return [
+        (sorted(listed) != sorted(m.trainable), "param_groups do not hold every trainable tensor exactly once"),
+        (not all(math.isfinite(v) and v >= 0 for v in values), "a parameter group's lr_scale or decay is negative"),
+    ]
+
+
+def is_uniform(m: "Manifest") -> bool:
+    """One learning rate and one decay for every trainable tensor (what ONNX Runtime training's optimizer takes)."""
+    return len({(g.lr_scale, g.weight_decay) for g in m.param_groups}) <= 1 and \
+        all(g.lr_scale == 1.0 for g in m.param_groups)
 
 
 def _file_problems(m: "Manifest") -> list[tuple[bool, str]]:

@@ -58,8 +58,8 @@ def onnxruntime_module() -> types.ModuleType:
             sys.modules.pop(name, None)
 
 
-_OVERWRITTEN = ("onnxruntime-training cannot be loaded: onnxruntime's files overwrote it; run `pip install --no-deps "
-                "--force-reinstall onnxruntime-training-cpu==1.19.2`.")
+_OVERWRITTEN = ("onnxruntime-training cannot be loaded: onnxruntime's files were written over it (both were installed "
+                "in one pip command); pip uninstall -y onnxruntime-training-cpu, then pip install it on its own.")
 
 
 def training_api() -> types.ModuleType:

@@ -141,6 +141,7 @@ class Trainer:
         self._best: np.ndarray | None = None  # the run's best validation parameters, saved with every commit
         self.target: TrainingTarget | None = None
         self._anchor: np.ndarray | None = None  # FedProx's global parameters
+        self._notes: list[str] = []  # what the summary should tell the user about this run
 
     @property
     def manifest(self):
@@ -165,7 +166,7 @@ class Trainer:
                                             f"re-estimated on {adapted.samples} samples")
             summary = self._run(train, val)
         summary.skipped_files = dataset.skipped
-        summary.notes = self.target.notes
+        summary.notes = self._notes + self.target.notes
         summary.engine = self.config.engine
         summary.seconds = time.monotonic() - started  # data loading and prefix features included
         return summary
@@ -200,6 +201,11 @@ class Trainer:
             self._best = state.best
             self._write_log(progress)  # lines a crash (or a failed write) kept out of the log
         else:  # a new run: the latest trained parameters, a fresh optimizer
+            previous = state.progress
+            if previous is not None and not previous.finished and previous.step:
+                self._notes.append(f"the previous run stopped unfinished at epoch {previous.epoch + 1}, step "
+                                   f"{previous.step}; this new run starts from its parameters with a fresh optimizer "
+                                   "(`--resume` would have continued it)")
             progress = Progress(self.bundle.bundle_id, json.dumps(settings, sort_keys=True),
                                 run_id=secrets.token_hex(8))
             state = state.carried()

@@ -21,6 +21,20 @@ DIGIT_LABELS = tuple(str(i) for i in range(10))
 os.environ["EDGEADAPT_DEVICE_KEY"] = str(Path(tempfile.mkdtemp(prefix="edgeadapt-tests-")) / "device.key")
 
 
+def pytest_runtest_setup(item):
+    """`@pytest.mark.ort_training` tests need the optional plugin: skipped, with the reason, on a host without it;
+    failed where the run says the plugin must be there (CI's plugin host)."""
+    if item.get_closest_marker("ort_training") is None:
+        return
+    from edgeadapt.toolchain.ort_training import unavailable
+
+    missing = unavailable()
+    if missing and os.environ.get("EDGEADAPT_REQUIRE_ORT_TRAINING") == "1":
+        pytest.fail(f"EDGEADAPT_REQUIRE_ORT_TRAINING=1 but {missing}")
+    if missing:
+        pytest.skip(f"needs the [ort-training] plugin: {missing}")
+
+
 @pytest.fixture(scope="session")
 def bundle_factory(tmp_path_factory):
     """export(backbone, preset, **options) -> bundle path; each distinct export runs once per session."""
@@ -106,3 +120,85 @@ def digit_image_npz(tmp_path) -> Path:
     path = tmp_path / "digit_images.npz"
     np.savez(path, x=(digits.images[:300] * 255 / 16).astype(np.uint8), y=digits.target[:300].astype(str))
     return path
+
+
+# ---- the independent reference for training steps: torch in float64 ----------------------------------------------
+
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+
+
+def expected_groups(module, head: str, pretrained: bool, optimizer: str = "adamw", weight_decay: float = 0.01,
+                    ratio: float | None = None) -> dict[str, tuple[float, float]]:
+    """Per parameter, the (lr multiplier, decay) the README promises: a pretrained backbone learns at 0.1× the
+    head's rate, random weights at 1×; tensors of rank ≤ 1 are not decayed; SGD has no decay."""
+    ratio = (0.1 if pretrained else 1.0) if ratio is None else ratio
+    groups = {}
+    for name, p in module.named_parameters():
+        in_head = name == head or name.startswith(head + ".")
+        decay = weight_decay if optimizer == "adamw" and p.dim() > 1 else 0.0
+        groups[name] = (1.0 if in_head else ratio, decay)
+    return groups
+
+
+class TorchSteps:
+    """Training steps of `module` (eval mode, cross-entropy) in float64 (or `dtype`) with the update runtime/
+    COMPATIBILITY.md documents (SGD, or AdamW with ε outside √v and the decoupled decay after the update), each
+    tensor at its group's rate and decay. `step(params)` first loads `params` (flat, in `trainable` order): checking
+    an engine step by step from its own parameters keeps fp32/float64 differences from compounding (a ReLU input
+    that crosses zero in one and not the other sends two 20-step trajectories apart)."""
+
+    def __init__(self, module, trainable: list[str], groups: dict[str, tuple[float, float]], optimizer: str,
+                 lr: float, x: np.ndarray, y: np.ndarray, dtype: str = "float64"):
+        import copy
+
+        import torch
+
+        self.torch, self.optimizer, self.lr, self.groups, self.trainable = torch, optimizer, lr, groups, trainable
+        self.model = copy.deepcopy(module).to(getattr(torch, dtype)).eval()
+        named = dict(self.model.named_parameters())
+        self.params = [named[n] for n in trainable]
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.inputs, self.labels = torch.from_numpy(x).to(self.params[0].dtype), torch.from_numpy(y).long()
+        self.t = 0
+
+    def step(self, params: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+        torch = self.torch
+        if params is not None:
+            self._load(params)
+        self.t += 1
+        loss = torch.nn.functional.cross_entropy(self.model(self.inputs), self.labels)
+        grads = torch.autograd.grad(loss, self.params)
+        beta1, beta2 = ADAM_BETAS
+        with torch.no_grad():
+            for i, (name, p, g) in enumerate(zip(self.trainable, self.params, grads)):
+                scale, decay = self.groups[name]
+                rate = self.lr * scale
+                if self.optimizer == "sgd":
+                    p -= rate * g
+                    continue
+                self.m[i] = beta1 * self.m[i] + (1 - beta1) * g
+                self.v[i] = beta2 * self.v[i] + (1 - beta2) * g * g
+                step = rate * (1 - beta2 ** self.t) ** 0.5 / (1 - beta1 ** self.t)
+                p -= step * self.m[i] / (self.v[i].sqrt() + ADAM_EPS)
+                p *= 1 - rate * decay
+        return float(loss.detach()), self.flat()
+
+    def flat(self) -> np.ndarray:
+        return self.torch.cat([p.detach().reshape(-1) for p in self.params]).double().numpy()
+
+    def _load(self, params: np.ndarray) -> None:
+        offset = 0
+        with self.torch.no_grad():
+            for p in self.params:
+                p.copy_(self.torch.from_numpy(params[offset:offset + p.numel()].reshape(p.shape)))
+                offset += p.numel()
+
+
+def torch_float64_steps(module, trainable: list[str], groups: dict[str, tuple[float, float]], optimizer: str,
+                        lr: float, x: np.ndarray, y: np.ndarray, steps: int,
+                        dtype: str = "float64") -> tuple[np.ndarray, np.ndarray]:
+    """`steps` TorchSteps from the module's own parameters: the loss at every step and the final tensors, flat."""
+    steps_ = TorchSteps(module, trainable, groups, optimizer, lr, x, y, dtype)
+    losses = [steps_.step()[0] for _ in range(steps)]
+    return np.array(losses), steps_.flat()

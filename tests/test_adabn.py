@@ -142,10 +142,11 @@ def test_split_bundle_recomputes_prefix_features_and_deploy_bakes_statistics(bun
     np.testing.assert_allclose(suffix.logits(after.samples.astype(np.float32)), deployed, atol=1e-4)
 
 
+@pytest.mark.ort_training
 def test_ort_training_engine_refuses_reestimated_statistics(fresh_bundle, digit_image_npz):
     from conftest import run_cli
 
-    path = fresh_bundle("tiny_cnn", "full")
+    path = fresh_bundle("tiny_cnn", "full", backbone_lr_ratio=1.0, decay_norms=True)  # one group, as ORT trains
     assert "4 BN layers; as exported" in run_cli("inspect", path).stdout
     result = run_cli("adapt-bn", path, digit_image_npz, "--batch-size", BATCH, "--json")
     assert result.returncode == 0, result.stderr

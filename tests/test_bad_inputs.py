@@ -91,7 +91,7 @@ def test_unreadable_images_are_skipped_and_reported(image_bundle, tmp_path, name
         assert "DecompressionBomb" in data.skipped[0][1]
     result = run_cli("train", image_bundle, folder, "--epochs", "1", "--quiet")
     assert result.returncode == 0 and "skipped 1 unreadable file(s)" in result.stdout
-    assert snapshot(image_bundle)["training_model.onnx"] == before["training_model.onnx"]
+    assert snapshot(image_bundle)["train_step.onnx"] == before["train_step.onnx"]
 
 
 def test_too_many_unreadable_images_fail(image_bundle, tmp_path):
@@ -153,9 +153,7 @@ def test_bad_data_matrix(row_bundle, tmp_path, case):
 
 
 BUNDLE_CASES = {
-    "truncated_training_graph": (lambda b: _truncate(b / "training_model.onnx"), "sha256"),
-    "truncated_eval_graph": (lambda b: _truncate(b / "eval_model.onnx"), "sha256"),
-    "truncated_checkpoint": (lambda b: _truncate(b / "checkpoint"), "sha256"),
+    "truncated_forward_graph": (lambda b: _truncate(b / "forward.onnx"), "sha256"),
     "truncated_state": (lambda b: _truncate(b / "state.safetensors"), "corrupt"),
     "swapped_state": (lambda b: (b / "state.safetensors").write_bytes((b / "state.safetensors").read_bytes()[::-1]),
                       "corrupt"),
@@ -166,7 +164,7 @@ BUNDLE_CASES = {
     "manifest_missing_field": (lambda b: _edit(b, '"loss": "cross_entropy",', ""), "misses the field 'loss'"),
     "manifest_wrong_type": (lambda b: _edit(b, '"opset": 17', '"opset": "17"'), "opset must be int"),
     "manifest_missing": (lambda b: (b / "manifest.json").unlink(), "not an edgeadapt bundle"),
-    "graph_missing": (lambda b: (b / "optimizer_model.onnx").unlink(), "misses optimizer_model.onnx"),
+    "graph_missing": (lambda b: (b / "forward.onnx").unlink(), "misses forward.onnx"),
 }
 
 

@@ -19,8 +19,20 @@ def test_runtime_and_cli_import_without_torch():
         for info in pkgutil.iter_modules(importlib.import_module("edgeadapt.runtime.engines").__path__):
             importlib.import_module(f"edgeadapt.runtime.engines.{info.name}")
         import edgeadapt.devices, edgeadapt.cli
+        bad = [m for m in ("torch", "onnx", "onnxruntime.training.ortmodule") if sys.modules.get(m)]
+        assert not bad, bad
+        print("ok")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+
+
+@pytest.mark.ort_training
+def test_the_legacy_engine_loads_without_torch():
+    result = run_without_torch("""
+        import sys
         from edgeadapt.runtime.ort import training_api
-        api = training_api()  # the legacy engine loads without torch too
+        api = training_api()
         assert api.Module and api.Optimizer and api.CheckpointState
         bad = [m for m in ("torch", "onnx", "onnxruntime.training.ortmodule") if sys.modules.get(m)]
         assert not bad, bad

@@ -64,10 +64,10 @@ def _damaged(bundle_factory, tmp_path, damage):
 
 
 @pytest.mark.parametrize("damage, fragments", [
-    (lambda b: (b / "eval_model.onnx").write_bytes(b"x"), ["does not match the sha256"]),
-    (lambda b: (b / "training_model.onnx").unlink(), ["misses training_model.onnx"]),
+    (lambda b: (b / "train_step.onnx").write_bytes(b"x"), ["does not match the sha256"]),
+    (lambda b: (b / "train_step.onnx").unlink(), ["misses train_step.onnx"]),
     (lambda b: (b / "manifest.json").write_text("{"), ["not valid JSON"]),
-    (lambda b: (b / "checkpoint").write_bytes((b / "checkpoint").read_bytes()[:100]), ["checkpoint", "sha256"]),
+    (lambda b: (b / "forward.onnx").write_bytes((b / "forward.onnx").read_bytes()[:100]), ["forward.onnx", "sha256"]),
     (lambda b: (b / "state.safetensors").write_bytes((b / "state.safetensors").read_bytes()[:100]),
      ["state.safetensors", "corrupt"]),
     (lambda b: (b / "manifest.json").write_text(

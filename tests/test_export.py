@@ -77,9 +77,11 @@ def test_every_initializer_is_trainable_or_frozen_exactly_once(bundle_factory, b
     manifest = json.loads((bundle / "manifest.json").read_text())
     lists = manifest["trainable"] + manifest["frozen"] + manifest["buffers"]
     assert len(lists) == len(set(lists))
-    graph = onnx.load(str(bundle / "eval_model.onnx"))
-    graph_params = {i.name for i in graph.graph.input} | {i.name for i in graph.graph.initializer}
-    assert set(lists) <= graph_params
+    step = onnx.load(str(bundle / "train_step.onnx"))
+    frozen_in_graph = {i.name for i in step.graph.initializer}
+    statistics = {p["name"] for p in manifest["portable"]["statistics"]}  # fed as `bn_stats`, never initializers
+    assert set(manifest["frozen"]) <= frozen_in_graph and not set(manifest["trainable"]) & frozen_in_graph
+    assert set(manifest["buffers"]) <= frozen_in_graph | statistics
     params = dict(get_entry(backbone).factory(10).named_parameters())
     assert set(manifest["trainable"]) | set(manifest["frozen"]) == set(params)
     assert manifest["trainable_params"] + manifest["frozen_params"] == sum(p.numel() for p in params.values())
@@ -112,6 +114,7 @@ def test_training_lowers_the_loss_and_eval_sees_it(bundle_factory, backbone, pre
     assert abs(last_loss - eval_loss) <= 1e-4 * max(1.0, abs(eval_loss))
 
 
+@pytest.mark.ort_training
 def test_ort_format_adds_mobile_models(bundle_factory):
     bundle = bundle_factory("tiny_cnn", "head", ort_format=True)
     names = {p.name for p in bundle.iterdir()}

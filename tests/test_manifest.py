@@ -23,8 +23,7 @@ def test_records_the_contract(manifest_json):
     for field in ("files", "trainable", "frozen", "buffers", "input", "labels", "loss", "optimizer", "opset",
                   "ir_version", "onnxruntime_version", "bn_policy", "hyperparameters"):
         assert manifest_json[field] not in (None, "", [])
-    assert set(manifest_json["files"]) >= {"training_model.onnx", "eval_model.onnx", "optimizer_model.onnx",
-                                           "checkpoint"}
+    assert set(manifest_json["files"]) >= {"train_step.onnx", "forward.onnx", "state.safetensors"}
     assert all(len(h) == 64 for h in manifest_json["files"].values())
 
 

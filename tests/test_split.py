@@ -25,8 +25,7 @@ def test_split_only_when_the_frozen_part_is_a_prefix(bundle_factory, preset, bou
     assert (split is None) == (boundary_dims is None)
     if split:
         assert split["boundary_shape"] == boundary_dims
-        assert {"prefix.onnx", "suffix_train_step.onnx", "suffix_forward.onnx", "suffix_training_model.onnx",
-                "suffix_checkpoint"} <= set(manifest["files"])
+        assert {"prefix.onnx", "suffix_train_step.onnx", "suffix_forward.onnx"} <= set(manifest["files"])
 
 
 def _copy(bundle_factory, tmp_path, name, preset="head"):

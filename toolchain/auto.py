@@ -30,7 +30,7 @@ HEADROOM = 0.8  # plan to 80% of the budget: the planner is within ±3% at 224 p
 def _planner(source, opts, preset: str):
     """batch -> planned peak MB of whole-graph training with `preset`."""
     lists = resolve_lists(source, preset)
-    graphs = build_train_step(source.graph, lists.trainable, opts.loss, opts.optimizer, opts.weight_decay)
+    graphs = build_train_step(source.graph, lists.trainable, opts.loss, opts.optimizer)
     memory = {"kept_bytes_per_sample": graphs.kept_bytes_per_sample,
               "largest_bytes_per_sample": graphs.largest_bytes_per_sample}
     trainable = sum(p.size for p in graphs.layout)

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from edgeadapt.runtime.errors import ConfigError, EdgeAdaptError
+from edgeadapt.toolchain.plan import DEFAULT_WEIGHT_DECAY
 
 
 def _need_host():
@@ -57,7 +58,8 @@ def export(
     calibration: Optional[Path] = typer.Option(None, "--calibration",
                                                help="With --trainable sparse (or auto): labelled samples to score "
                                                     "layers and channels on (yours, or a proxy set)."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="imagenet, or a path to a state dict."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="imagenet (the default where the zoo has it), "
+                                          "random, or a path to a state dict."),
     model: Optional[str] = typer.Option(None, "--model", help="Your model: package.module:factory."),
     head: str = typer.Option("classifier", "--head", help="With --model: the classifier's module name."),
     onnx_model: Optional[Path] = typer.Option(None, "--onnx", help="An existing ONNX model instead of a backbone."),
@@ -69,8 +71,14 @@ def export(
     std: Optional[str] = typer.Option(None, "--std", help="With --model: per-channel std."),
     loss: str = typer.Option("cross_entropy", "--loss", help="cross_entropy | bce_with_logits | mse | l1."),
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | sgd."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Default learning rate stored in the bundle."),
-    weight_decay: float = typer.Option(0.01, "--weight-decay", help="AdamW weight decay."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="The head's default learning rate (adamw 1e-3, sgd 1e-2)."),
+    backbone_lr_ratio: Optional[float] = typer.Option(
+        None, "--backbone-lr-ratio", help="Backbone tensors learn at this times --lr (default 0.1 for pretrained "
+        "weights, 1 for random ones)."),
+    weight_decay: float = typer.Option(DEFAULT_WEIGHT_DECAY, "--weight-decay",
+                                       help="AdamW weight decay (biases and norm parameters: none)."),
+    decay_norms: bool = typer.Option(False, "--decay-norms",
+                                     help="Decay biases and norm parameters too (as ONNX Runtime training does)."),
     bn: str = typer.Option("fold", "--bn", help="BatchNorm policy: fold (default) | affine | ort."),
     ort_format: bool = typer.Option(False, "--ort-format", help="Also write .ort models for minimal builds."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Check against torch (default on)."),
@@ -82,7 +90,7 @@ def export(
     list_params: bool = typer.Option(False, "--list-params", help="Print parameter names and shapes, then stop."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
 ):
-    """Export a backbone + head as ONNX Runtime training artifacts with a manifest."""
+    """Export a backbone + head as a bundle: portable training step, forward graph, state, manifest."""
     _need_host()
     from edgeadapt.models.registry import BackboneSpec
     from edgeadapt.toolchain.build import HeadRequest
@@ -102,7 +110,8 @@ def export(
     options = ExportOptions(out=out, backbone=backbone, model=model,
                             head=HeadRequest(classes, _labels(labels), keep_head), trainable=trainable,
                             weights=weights, input_size=None if model else size, loss=loss, optimizer=optimizer,
-                            lr=lr, weight_decay=weight_decay, bn=bn, ort_format=ort_format, validate=validate,
+                            lr=lr, backbone_lr_ratio=backbone_lr_ratio, weight_decay=weight_decay,
+                            decay_norms=decay_norms, bn=bn, ort_format=ort_format, validate=validate,
                             force=force, seed=seed, user_spec=user_spec, onnx=onnx_model,
                             head_params=tuple(p.strip() for p in (head_params or "").split(",") if p.strip()),
                             feature_output=feature_output, sign=sign, split=split, profile=profile,
@@ -122,6 +131,8 @@ def export(
     for note in m.notes:
         if note.startswith(("trainable auto", "trainable sparse")):
             typer.echo(note)
+        if note.startswith("random weights"):
+            typer.echo(f"warning: {note}", err=True)
     if m.validation:
         v = m.validation
         against = "the source ONNX model (train and eval graphs agree)" if opts_onnx(m) else "torch"
@@ -163,7 +174,7 @@ def demo(
     typer.echo("exporting mobilenet_v2 (ImageNet weights) with a new 4-class head, preset head ...")
     from edgeadapt.runtime.cli import progress_bar
 
-    with progress_bar() as on_batch:
+    with progress_bar(epochs) as on_batch:
         report = run_demo(workdir, epochs, on_batch)
     summary = report.train_summary
     typer.echo(f"bundle: {report.bundle} (export {report.export_seconds:.1f}s)")

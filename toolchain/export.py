@@ -34,14 +34,10 @@ from edgeadapt.toolchain.bn import BN_POLICIES
 from edgeadapt.toolchain.build import BuiltModel, HeadRequest, build_user_model, build_zoo_model
 from edgeadapt.toolchain.onnx_export import onnx_source
 from edgeadapt.toolchain.onnx_graph import export_eval_onnx
+from edgeadapt.toolchain.plan import DEFAULT_BATCH, DEFAULT_WEIGHT_DECAY, TrainingSpec, training_spec
 from edgeadapt.toolchain.presets import resolve_lists
 from edgeadapt.toolchain.stages import Artifacts, Lists, Source
 from edgeadapt.toolchain.validate import ValidationReport, validate
-
-# sparse trains the head and biases (bias's rate) plus a few weights that a smaller rate would leave unused
-DEFAULT_LR = {"adamw": {"head": 1e-3, "bias": 1e-3, "scratch": 1e-3, "sparse": 1e-3, "full": 1e-4, "other": 3e-4},
-              "sgd": {"head": 1e-2, "bias": 1e-2, "scratch": 1e-2, "sparse": 1e-2, "full": 1e-3, "other": 3e-3}}
-DEFAULT_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -51,12 +47,14 @@ class ExportOptions:
     model: str | None = None  # package.module:factory
     head: HeadRequest = field(default_factory=HeadRequest)
     trainable: str = "head"
-    weights: str | None = None
+    weights: str | None = None  # None: the zoo's pretrained weights where it has them (else random, with a note)
     input_size: tuple[int, ...] | None = None
     loss: str = "cross_entropy"
     optimizer: str = "adamw"
-    lr: float | None = None
-    weight_decay: float = 0.01
+    lr: float | None = None  # the head's rate (None: toolchain/plan.py's default for the optimizer)
+    weight_decay: float = DEFAULT_WEIGHT_DECAY
+    backbone_lr_ratio: float | None = None  # None: 0.1 for pretrained weights, 1 for random ones (toolchain/plan.py)
+    decay_norms: bool = False  # also decay biases and norm parameters (one group: what ORT training's AdamW does)
     bn: str = "fold"
     ort_format: bool = False
     validate: bool = True
@@ -92,6 +90,10 @@ def check_options(opts: ExportOptions) -> None:
             raise UnknownNameError(f"unknown {what} '{value}'; choose one of {', '.join(known)}.")
     if opts.lr is not None and not opts.lr > 0:
         raise ConfigError(f"--lr must be positive, got {opts.lr}.")
+    if opts.backbone_lr_ratio is not None and not opts.backbone_lr_ratio >= 0:
+        raise ConfigError(f"--backbone-lr-ratio must be 0 or more, got {opts.backbone_lr_ratio}.")
+    if not opts.weight_decay >= 0:
+        raise ConfigError(f"--weight-decay must be 0 or more, got {opts.weight_decay}.")
 
 
 def build(opts: ExportOptions) -> BuiltModel:
@@ -100,17 +102,34 @@ def build(opts: ExportOptions) -> BuiltModel:
     if opts.model:
         built = build_user_model(opts.model, opts.head, opts.user_spec)
     else:
-        built = build_zoo_model(opts.backbone, opts.head, None if opts.trainable == "scratch" else opts.weights)
+        built = build_zoo_model(opts.backbone, opts.head, zoo_weights(opts))
     if opts.input_size:
         built.spec = replace(built.spec, input_size=_full_input_size(opts.input_size, built.spec.input_size))
     if opts.trainable == "scratch":
         init_weights(built.module)
         built.weights = "random"
+    if built.weights == "random" and opts.trainable != "scratch" and opts.weights is None and not opts.model:
+        built.notes.append(RANDOM_WARNING.format(name=opts.backbone) +
+                           " (pass --weights PATH; features of a random backbone transfer little)")
     if built.weights == "random":
         # Frozen BN statistics of 0/1 normalise nothing: activations of a fresh network vanish layer by layer.
         calibrate_batchnorm(built.module, built.spec.input_size, seed=opts.seed)
         built.notes.append("random init; BN statistics calibrated on standard-normal inputs at export, then frozen")
     return built
+
+
+RANDOM_WARNING = "random weights: {name} has no pretrained weights in the zoo"
+
+
+def zoo_weights(opts: ExportOptions) -> str | None:
+    """What a zoo backbone loads: nothing for `scratch`, else the named weights, else its ImageNet weights."""
+    if opts.trainable == "scratch":
+        return None
+    if opts.weights is not None:
+        return opts.weights
+    from edgeadapt.models.registry import get_entry
+
+    return "imagenet" if "imagenet" in get_entry(opts.backbone).spec.weights else None
 
 
 def _full_input_size(given: tuple[int, ...], default: tuple[int, ...]) -> tuple[int, ...]:
@@ -177,13 +196,6 @@ def list_parameters(opts: ExportOptions) -> list[tuple[str, tuple[int, ...]]]:
     return [(name, tuple(p.shape)) for name, p in build(opts).module.named_parameters()]
 
 
-def default_lr(opts: ExportOptions) -> float:
-    if opts.lr is not None:
-        return opts.lr
-    table = DEFAULT_LR[opts.optimizer]
-    return table.get(opts.trainable, table["other"])
-
-
 def make_source(opts: ExportOptions) -> Source:
     return onnx_source(opts) if opts.onnx else torch_source(opts)
 
@@ -198,14 +210,33 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
     if opts.trainable == "auto":
         opts, source = _auto_source(opts, source)
     lists = resolve_lists(source, opts.trainable)
+    spec = source_training_spec(source, lists, opts)
     with staged_dir(out) as staging:
-        artifacts = write_artifacts(source, lists, opts, staging)
-        manifest = make_manifest(source, lists, opts, artifacts, staging)
+        artifacts = write_artifacts(source, lists, opts, spec, staging)
+        manifest = make_manifest(source, lists, opts, spec, artifacts, staging)
         write_manifest(staging, manifest, None)
         report = validate(source, lists, opts, Bundle(staging, manifest)) if opts.validate else None
+        if report is not None and report.ort_training_failure:
+            artifacts = _without_ort_training(artifacts, staging, report.ort_training_failure)
+            manifest = make_manifest(source, lists, opts, spec, artifacts, staging)
         manifest = replace(manifest, validation=report.as_dict() if report else {})
         write_manifest(staging, manifest, opts.sign)
     return ExportResult(out, manifest, time.perf_counter() - started, report)
+
+
+def source_training_spec(source: Source, lists: Lists, opts: ExportOptions) -> TrainingSpec:
+    ranks = {init.name: len(init.dims) for init in source.graph.graph.initializer}
+    return training_spec(opts, source.weights, lists.trainable, source.head, ranks, opts.auto_batch)
+
+
+def _without_ort_training(artifacts: Artifacts, staging: Path, failure: str) -> Artifacts:
+    """The optional plugin's graphs failed validation: the bundle goes without them."""
+    from edgeadapt.toolchain import ort_training
+    from edgeadapt.toolchain.split import SUFFIX
+
+    ort_training.remove(staging)
+    ort_training.remove(staging, SUFFIX)
+    return replace(artifacts, ort_training_missing=f"its graphs failed validation ({failure})")
 
 
 def _choose_auto(opts: ExportOptions, source: Source) -> ExportOptions:
@@ -257,23 +288,19 @@ def _notes(source: Source, opts: ExportOptions, artifacts: Artifacts) -> list[st
                      f"at batch {spec.batch_size} (`edgeadapt inspect` shows the scores)")
     if opts.bn == "ort":
         notes.append("training graph uses batch statistics for BN (ORT default): train and eval differ")
-    if not artifacts.ort_training:
-        notes.append("no ort-training artifacts: onnxruntime-training was not installed where this was exported")
-    if opts.optimizer == "adamw" and opts.weight_decay:
-        notes.append("weight decay applies to every trainable tensor, biases and norm scales included: ONNX Runtime "
-                     "training's AdamW takes one decay for all tensors, and the portable step matches it")
+    if artifacts.ort_training_missing:
+        notes.append(f"no ort-training artifacts: {artifacts.ort_training_missing}")
     return notes
 
 
-def make_manifest(source: Source, lists: Lists, opts: ExportOptions, artifacts: Artifacts,
+def make_manifest(source: Source, lists: Lists, opts: ExportOptions, spec: TrainingSpec, artifacts: Artifacts,
                   staging: Path) -> Manifest:
     sizes = {init.name: int(np.prod(init.dims)) for init in source.graph.graph.initializer}
     return Manifest(
         schema_version=SCHEMA_VERSION, edgeadapt_version=__version__, backbone=source.backbone,
         weights=source.weights, preset=opts.trainable, bn_policy=opts.bn, input=source.input,
-        output_name="logits", labels=source.labels, loss=opts.loss, optimizer=opts.optimizer,
-        hyperparameters={"lr": default_lr(opts), "batch_size": float(opts.auto_batch or DEFAULT_BATCH), "epochs": 5.0,
-                         "weight_decay": opts.weight_decay if opts.optimizer == "adamw" else 0.0},
+        output_name="logits", labels=source.labels, loss=spec.loss, optimizer=spec.optimizer,
+        hyperparameters=spec.hyperparameters(), param_groups=spec.groups,
         trainable=lists.trainable, frozen=lists.frozen, buffers=lists.buffers,
         trainable_params=sum(sizes[n] for n in lists.trainable), frozen_params=sum(sizes[n] for n in lists.frozen),
         opset=artifacts.portable.opset, ir_version=artifacts.portable.ir_version,

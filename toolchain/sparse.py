@@ -232,7 +232,7 @@ def pricing(graph: onnx.ModelProto, trainable: list[str], opts, batch: int, tota
     from edgeadapt.toolchain.train_step import build_train_step
 
     def measured(model, prefix=""):
-        graphs = build_train_step(model, trainable, opts.loss, opts.optimizer, opts.weight_decay)
+        graphs = build_train_step(model, trainable, opts.loss, opts.optimizer)
         return len(graphs.state_names) - 1, memory_record(graphs, prefix)
     found = split_suffix(graph, trainable, shapes and shapes.measured, shapes and shapes.inferred) \
         if opts.split else None

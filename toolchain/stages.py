@@ -60,7 +60,7 @@ class Artifacts:
     portable: PortableSpec
     split: SplitSpec | None
     memory: dict[str, float]
-    ort_training: bool  # ONNX Runtime training artifacts written
+    ort_training_missing: str  # why ONNX Runtime training's artifacts were left out ("": written)
 
 
 def initial_values(graph: onnx.ModelProto, layout: list) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from edgeadapt.runtime.manifest import StateLayout
+from edgeadapt.runtime.manifest import ParamGroup, StateLayout
 from edgeadapt.toolchain.bn import statistics_as_input
 from edgeadapt.toolchain.fold import fold_constants
 from edgeadapt.toolchain.gradients import backward, prune
@@ -164,13 +164,16 @@ def build_gradient_graph(model: onnx.ModelProto, trainable: list[str], loss: str
 
 
 def build_train_step(model: onnx.ModelProto, trainable: list[str], loss: str, optimizer: str,
-                     weight_decay: float, output: str = "logits",
+                     groups: list[ParamGroup] = (), output: str = "logits",
                      statistics: list[StateLayout] = ()) -> PortableGraphs:
+    """The step; each tensor's update uses its group's lr multiplier and decay (ungrouped: 1 and none)."""
     bw = _backward(model, trainable, loss, output, list(statistics))
     b = bw.builder
     total = sum(p.size for p in bw.layout)
     state_names = ["params", "adam_m", "adam_v"] if optimizer == "adamw" else ["params"]
-    updates = _adamw(b, bw.flat_grad, weight_decay) if optimizer == "adamw" else [_sgd(b, bw.flat_grad)]
+    lr = _group_lr(b, bw.layout, groups)
+    updates = _adamw(b, bw.flat_grad, lr, _group_decay(b, bw.layout, groups)) if optimizer == "adamw" \
+        else [_sgd(b, bw.flat_grad, lr)]
     for new, name in zip(updates, state_names):
         _identity(b, new, f"{name}.new")
     _identity(b, bw.loss, "loss")
@@ -253,11 +256,52 @@ LOSSES = {"cross_entropy": _cross_entropy, "bce_with_logits": _bce_with_logits, 
 
 # ---- optimizers (over the flat state) ------------------------------------------------------------------------
 
-def _sgd(b: GraphBuilder, grad: str) -> str:
-    return b.op("Sub", ["params", b.op("Mul", [grad, "lr"])])
+def _per_element(b: GraphBuilder, layout: list[StateLayout], value: dict[str, float]) -> str | None:
+    """A flat vector holding each tensor's `value` over its elements, built from one scalar per run of equal values
+    (ORT folds it at load); None when every tensor has the same value."""
+    runs: list[list] = []
+    for p in layout:
+        if runs and runs[-1][0] == value[p.name]:
+            runs[-1][1] += p.size
+        else:
+            runs.append([value[p.name], p.size])
+    if len(runs) == 1:
+        return None
+    pieces = [b.op("Expand", [b.const(np.float32(v)), b.const([n], np.int64)]) for v, n in runs]
+    return b.op("Concat", pieces, axis=0)
 
 
-def _adamw(b: GraphBuilder, grad: str, weight_decay: float) -> list[str]:
+def _group_value(layout: list[StateLayout], groups: list[ParamGroup], attribute: str,
+                 default: float) -> dict[str, float]:
+    value = {p.name: default for p in layout}
+    value.update({t: float(getattr(g, attribute)) for g in groups for t in g.tensors})
+    return value
+
+
+def _group_lr(b: GraphBuilder, layout: list[StateLayout], groups: list[ParamGroup]) -> str:
+    """`lr` times each tensor's group multiplier: a scalar, or one value per element."""
+    scale = _group_value(layout, groups, "lr_scale", 1.0)
+    vector = _per_element(b, layout, scale)
+    if vector is not None:
+        return b.op("Mul", ["lr", vector])
+    only = next(iter(scale.values()))
+    return "lr" if only == 1.0 else b.op("Mul", ["lr", b.const(np.float32(only))])
+
+
+def _group_decay(b: GraphBuilder, layout: list[StateLayout], groups: list[ParamGroup]) -> str | None:
+    decay = _group_value(layout, groups, "weight_decay", 0.0)
+    vector = _per_element(b, layout, decay)
+    if vector is not None:
+        return vector
+    only = next(iter(decay.values()))
+    return b.const(np.float32(only)) if only else None
+
+
+def _sgd(b: GraphBuilder, grad: str, lr: str) -> str:
+    return b.op("Sub", ["params", b.op("Mul", [grad, lr])])
+
+
+def _adamw(b: GraphBuilder, grad: str, lr: str, decay: str | None) -> list[str]:
     """AdamW as ONNX Runtime training computes it (its `adam_mode` 1, Hugging Face's AdamW): the bias correction
     scales the learning rate, ε is added to √v, and the decoupled decay follows the update. Both engines then
     train identically."""
@@ -269,9 +313,9 @@ def _adamw(b: GraphBuilder, grad: str, weight_decay: float) -> list[str]:
     m = b.op("Add", [b.op("Mul", ["adam_m", b.const(beta1)]), b.op("Mul", [grad, b.const(1 - beta1)])])
     v = b.op("Add", [b.op("Mul", ["adam_v", b.const(beta2)]), b.op("Mul", [b.op("Mul", [grad, grad]),
                                                                            b.const(1 - beta2)])])
-    step_size = b.op("Div", [b.op("Mul", ["lr", b.op("Sqrt", [correction2])]), correction1])
+    step_size = b.op("Div", [b.op("Mul", [lr, b.op("Sqrt", [correction2])]), correction1])
     denom = b.op("Add", [b.op("Sqrt", [v]), b.const(ADAM_EPS)])
     params = b.op("Sub", ["params", b.op("Mul", [b.op("Div", [m, denom]), step_size])])
-    if weight_decay:
-        params = b.op("Mul", [params, b.op("Sub", [one, b.op("Mul", ["lr", b.const(weight_decay)])])])
+    if decay is not None:
+        params = b.op("Mul", [params, b.op("Sub", [one, b.op("Mul", [lr, decay])])])
     return [params, m, v]

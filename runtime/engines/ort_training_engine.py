@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeadapt.runtime.errors import BackendError, BundleError
+from edgeadapt.runtime.manifest import is_uniform
 from edgeadapt.runtime.ort import available_providers, session_options, training_api
 from edgeadapt.runtime.state import TrainState, digest, named_parameters
 
@@ -25,6 +26,12 @@ def devices() -> list[str]:
 
 
 def create(bundle, graphs, device: str, threads: int | None, training: bool) -> "OrtTrainingEngine":
+    training_api()  # a missing or broken plugin is the first thing to say
+    if training and not is_uniform(bundle.manifest):
+        groups = ", ".join(f"{g.name} ×{g.lr_scale:g} decay {g.weight_decay:g}" for g in bundle.manifest.param_groups)
+        raise BackendError(f"this bundle trains parameter groups ({groups}), and ONNX Runtime training's optimizer "
+                           "takes one rate and decay for all tensors: use --engine onnxruntime or openvino, or "
+                           "export with --backbone-lr-ratio 1 --decay-norms.")
     return OrtTrainingEngine(bundle, graphs, device, threads)
 
 

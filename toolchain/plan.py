@@ -1,0 +1,69 @@
+"""How an export trains: the training defaults (one place) and the parameter groups of the portable step.
+
+Defaults follow what the weights are, not what the preset is called. Every trainable tensor of a pretrained
+backbone learns at `BACKBONE_LR_RATIO` times the head's rate (discriminative fine-tuning: the new head moves fast,
+the pretrained features slowly); randomly initialised weights have nothing to keep and learn at the full rate.
+Biases and normalisation parameters (tensors of rank ≤ 1) get no weight decay, as in PyTorch's usual AdamW recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgeadapt.runtime.manifest import ParamGroup
+
+DEFAULT_BATCH = 32
+DEFAULT_EPOCHS = 5
+DEFAULT_WEIGHT_DECAY = 0.01  # AdamW's decoupled decay of the decayed groups
+BASE_LR = {"adamw": 1e-3, "sgd": 1e-2}  # the head's rate, and every tensor's for random weights
+BACKBONE_LR_RATIO = 0.1  # pretrained backbone tensors: this times the base rate
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """What the manifest records as the bundle's defaults, and the groups its step applies."""
+
+    loss: str
+    optimizer: str
+    lr: float
+    weight_decay: float
+    batch_size: int
+    epochs: int
+    backbone_lr_ratio: float
+    groups: list[ParamGroup]
+
+    def hyperparameters(self) -> dict[str, float]:
+        return {"lr": self.lr, "batch_size": float(self.batch_size), "epochs": float(self.epochs),
+                "weight_decay": self.weight_decay, "backbone_lr_ratio": self.backbone_lr_ratio}
+
+
+def backbone_lr_ratio(requested: float | None, weights: str) -> float:
+    if requested is not None:
+        return requested
+    return 1.0 if weights == "random" else BACKBONE_LR_RATIO
+
+
+def parameter_groups(trainable: list[str], head: list[str], ranks: dict[str, int], weight_decay: float,
+                     backbone_ratio: float, decay_norms: bool = False) -> list[ParamGroup]:
+    """head / backbone × decayed / not decayed (rank ≤ 1 tensors, unless `decay_norms`); empty groups left out."""
+    head_names = set(head)
+    groups: dict[tuple[str, bool], list[str]] = {}
+    for name in trainable:
+        decayed = decay_norms or ranks.get(name, 0) > 1
+        groups.setdefault(("head" if name in head_names else "backbone", decayed), []).append(name)
+    ordered = sorted(groups.items(), key=lambda item: (item[0][0] != "backbone", not item[0][1]))
+    return [ParamGroup(name=part if decayed else f"{part}_no_decay",
+                       lr_scale=1.0 if part == "head" else backbone_ratio,
+                       weight_decay=weight_decay if decayed else 0.0, tensors=tensors)
+            for (part, decayed), tensors in ordered]
+
+
+def training_spec(opts, weights: str, trainable: list[str], head: list[str], ranks: dict[str, int],
+                  batch_size: int | None = None) -> TrainingSpec:
+    """The spec of an export with options `opts` (ExportOptions) over these tensors."""
+    decay = opts.weight_decay if opts.optimizer == "adamw" else 0.0
+    ratio = backbone_lr_ratio(opts.backbone_lr_ratio, weights)
+    groups = parameter_groups(trainable, head, ranks, decay, ratio, opts.decay_norms)
+    return TrainingSpec(loss=opts.loss, optimizer=opts.optimizer, lr=opts.lr or BASE_LR[opts.optimizer],
+                        weight_decay=decay, batch_size=batch_size or DEFAULT_BATCH, epochs=DEFAULT_EPOCHS,
+                        backbone_lr_ratio=ratio, groups=groups)
