@@ -10,8 +10,14 @@ two plots (accuracy vs shots; accuracy vs peak memory) and a JSON of every run.
     python benchmarks/study.py --out docs/study --strategies head,head+adabn --merge docs/study/runs.json
 
 `X+adabn`: preset X, and `train --adabn` (the BN statistics re-estimated on the k-shot training images first).
-`sparse@P`: `--trainable sparse` with `--budget-mb` set to preset P's planned peak (split run, batch 32), or to P MB
-when P is a number, and the k-shot training images as `--calibration` (so it is exported for every run).
+`sparse@P`: `--trainable sparse` with `--budget-mb` set to preset P's planned peak (split run, batch 32), to P MB
+when P is a number, or P% of the way from head's planned peak to full's (the ladder: sparse@0%,25%,...,100%), and
+the k-shot training images as `--calibration` (so it is exported for every run).
+`X/key=value,...`: export options for X: `lr` (the head's rate) and `ratio` (--backbone-lr-ratio), e.g.
+`full/ratio=1,lr=1e-4` is full fine-tuning with one rate for every tensor.
+
+    python benchmarks/study.py --out docs/study/ladder --shots 20,50 \
+        --strategies head,last:2,sparse@0%,sparse@25%,sparse@50%,sparse@75%,sparse@100%,full,full/ratio=1,lr=1e-4
 """
 
 from __future__ import annotations
@@ -91,7 +97,7 @@ def main() -> None:
     size = args.size or (32 if args.quick else 96)
     images, labels, classes = load(args.quick)
     test, sets = split_data(labels, 300 if args.quick else args.held_out, shots, seeds)
-    chosen = args.strategies.split(",")
+    chosen = split_strategies(args.strategies)
     runs = run_all(images, labels, classes, test, sets, size, 25 if args.quick else 60, chosen)
     if args.merge:  # same protocol, same seeds: earlier runs of the strategies not run now
         runs += [r for r in json.loads(args.merge.read_text()) if r["strategy"] not in chosen]
@@ -118,20 +124,26 @@ def run_all(images, labels, classes, test, sets, size: int, min_steps: int, stra
                                             validate=False, **extra))
             return out
 
+        def budget_of(reference: str) -> float:
+            if reference.endswith("%"):
+                low, high = (budget_of(p) for p in ("head", "full"))
+                return round(low + float(reference[:-1]) / 100 * (high - low), 1)
+            if reference.replace(".", "").isdigit():
+                return float(reference)
+            return sparse_budget(export(reference, root / reference.replace(":", ""), 0))
+
         for strategy in strategies:
-            preset, _, adabn = strategy.partition("+")
+            preset, options = parse_strategy(strategy)
+            preset, _, adabn = preset.partition("+")
+            tag = "".join(c if c.isalnum() else "_" for c in strategy)
             for (k, seed), index in sorted(sets.items()):
                 np.savez(root / f"train-{k}-{seed}.npz", x=images[index], y=labels[index])
                 shutil.copyfile(root / f"train-{k}-{seed}.npz", root / "train.npz")
                 if preset.startswith("sparse@"):
-                    reference = preset[7:]
-                    budget = float(reference) if reference.replace(".", "").isdigit() else \
-                        sparse_budget(export(reference, root / reference.replace(":", ""), 0))
-                    template = export("sparse", root / f"{preset.replace(':', '')}-{k}-{seed}", seed,
-                                      budget_mb=budget, calibration=root / f"train-{k}-{seed}.npz")
+                    template = export("sparse", root / f"{tag}-{k}-{seed}", seed, budget_mb=budget_of(preset[7:]),
+                                      calibration=root / f"train-{k}-{seed}.npz", **options)
                 else:
-                    template = export(preset, root / f"{preset.replace(':', '')}-{seed if preset == 'scratch' else 0}",
-                                      seed)
+                    template = export(preset, root / f"{tag}-{seed if preset == 'scratch' else 0}", seed, **options)
                 work = root / "work"
                 shutil.rmtree(work, ignore_errors=True)
                 shutil.copytree(template, work)
@@ -148,12 +160,40 @@ def run_all(images, labels, classes, test, sets, size: int, min_steps: int, stra
     return runs
 
 
+def split_strategies(text: str) -> list[str]:
+    """Comma-separated strategies, where `key=value` items continue the previous strategy's options."""
+    strategies: list[str] = []
+    for item in text.split(","):
+        if "=" in item and "/" not in item and strategies:
+            strategies[-1] += "," + item
+        else:
+            strategies.append(item)
+    return strategies
+
+
+def parse_strategy(strategy: str) -> tuple[str, dict]:
+    """`preset[+adabn][/lr=…,ratio=…]` → (preset[+adabn], ExportOptions fields)."""
+    preset, _, given = strategy.partition("/")
+    names = {"lr": "lr", "ratio": "backbone_lr_ratio"}
+    options = {}
+    for item in filter(None, given.split(",")):
+        key, _, value = item.partition("=")
+        options[names[key]] = float(value)
+    return preset, options
+
+
 def sparse_budget(bundle: Path) -> float:
     """The planned peak MB of training `bundle` (split when it is) at batch 32: the budget `sparse@P` fits."""
     from edgeadapt.devices.planner import planned_peak
     from edgeadapt.runtime.bundle import Bundle
 
     return round(planned_peak(Bundle.open(bundle).manifest, 32, split=True), 1)
+
+
+def ordered_strategies(runs) -> list[str]:
+    """The study's own strategies in their order, then the others as they were run."""
+    seen = list(dict.fromkeys(r["strategy"] for r in runs))
+    return [s for s in STRATEGIES if s in seen] + [s for s in seen if s not in STRATEGIES]
 
 
 def _cell(runs, strategy, k, key):
@@ -167,7 +207,7 @@ def report(runs, shots, data: str, size: int) -> str:
              f"held-out accuracy, mean ± std over {seeds} seeds.", "",
              "| strategy | " + " | ".join(f"k={k}" for k in shots) + " | train time (k=" + str(shots[-1]) +
              ") | peak RSS |", "|---|" + "---|" * (len(shots) + 2)]
-    for strategy in [s for s in STRATEGIES if any(r["strategy"] == s for r in runs)]:
+    for strategy in ordered_strategies(runs):
         accuracy = [_cell(runs, strategy, k, "accuracy") for k in shots]
         seconds, memory = _cell(runs, strategy, shots[-1], "train_s"), _cell(runs, strategy, shots[-1],
                                                                               "peak_rss_mb")
@@ -183,7 +223,7 @@ def plot(runs, shots, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
-    present = [s for s in STRATEGIES if any(r["strategy"] == s for r in runs)]
+    present = ordered_strategies(runs)
     for i, strategy in enumerate(present):
         style = dict(color=plt.cm.tab20(i / max(len(present) - 1, 1)), marker="os^Dv<>p*hX"[i % 11])
         cells = [_cell(runs, strategy, k, "accuracy") for k in shots]

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,10 +45,13 @@ class BenchCase:
 def run_case(bundle: Path, batch: int, threads: int, steps: int, warmup: int, split: bool = False,
              engine: str = "auto", device: str = "cpu", inference: bool = True) -> dict:
     env = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
-    command = [sys.executable, "-m", "edgeadapt.devices.bench_case", str(bundle), str(batch), str(threads),
+    # `-m` puts the working folder first on sys.path: run from a neutral one, so that an installed edgeadapt is
+    # not shadowed by a source checkout's `edgeadapt/` folder the user happens to stand in
+    command = [sys.executable, "-m", "edgeadapt.devices.bench_case", str(Path(bundle).resolve()), str(batch),
+               str(threads),
                str(steps), str(warmup), "--engine", engine, "--device", device] + (["--split"] if split else []) + \
         ([] if inference else ["--no-inference"])
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600, cwd=tempfile.gettempdir())
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["killed"])[-1]
         raise EdgeAdaptError(f"benchmark of {bundle} at batch {batch} failed ({last[:160]}); "
@@ -81,7 +85,9 @@ def cases_json(cases: list[BenchCase], profile: DeviceProfile) -> str:
     return json.dumps({"profile": asdict(profile), "cases": [asdict(c) for c in cases]}, indent=2)
 
 
-def plot(cases: list[BenchCase], path: Path) -> None:
+def plot(cases: list[BenchCase], path: Path) -> Path:
+    """Latency and memory bars as a PNG at `path` (a folder: bench.png in it; no suffix: .png added); returns
+    where it went."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,5 +106,8 @@ def plot(cases: list[BenchCase], path: Path) -> None:
     right.legend()
     fig.suptitle(f"{cases[0].backbone}, {'x'.join(map(str, cases[0].input_size))}, {cases[0].threads} threads")
     fig.tight_layout()
+    path = Path(path) / "bench.png" if Path(path).is_dir() else Path(path)
+    path = path if path.suffix else path.with_suffix(".png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path.resolve()

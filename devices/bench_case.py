@@ -111,9 +111,12 @@ def _latencies(model: Path, x, threads: int) -> dict[str, float]:
 
 
 def _openvino_latencies(model: Path, x, threads: int) -> dict[str, float]:
+    from edgeadapt.runtime.errors import BackendError
+    from edgeadapt.runtime.ov import openvino_module
+
     try:
-        import openvino
-    except ImportError:
+        openvino = openvino_module()
+    except BackendError:
         return {}
     core = openvino.Core()
     results = {}

@@ -64,7 +64,8 @@ def bench_command(
     chosen = get_profile(profile)
     cases = bench(bundles, sizes, chosen, steps, warmup, split, engine, device)
     if plot_path:
-        plot(cases, plot_path)
+        written = plot(cases, plot_path)
+        typer.echo(f"plots written to {written}", err=as_json)
     if as_json:
         typer.echo(cases_json(cases, chosen))
         return

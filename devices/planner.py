@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from edgeadapt.devices.profiles import load_profiles
-from edgeadapt.runtime.manifest import Manifest
+from edgeadapt.runtime.manifest import SUFFIX_PREFIX, Manifest
 from edgeadapt.runtime.targets import PREFIX_BATCH
 
 MB = 1024 * 1024
@@ -40,14 +40,24 @@ class MemoryPlan:
         return {k: round(v, 1) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
-def _plan(manifest: Manifest, batch: int, weights_mb: float, graph: str) -> MemoryPlan:
-    moments = len(manifest.portable.state) - 1
-    return plan_numbers(manifest.trainable_params, moments, manifest.memory, batch, weights_mb, graph)
+def price(trainable_params: int, total_params: int, moments: int, memory: dict[str, float], batch: int,
+          split: bool) -> MemoryPlan:
+    """The one pricing function: the planned peak of training `trainable_params` of a model of `total_params` with
+    `moments` optimizer moments and the memory record `memory` (per-sample bytes, as the manifest keeps them), as a
+    whole graph or as a split run (the suffix trains while the prefix's inference session holds the frozen weights
+    too). `inspect`, `train --profile/--auto-batch`, `--trainable auto` and `--trainable sparse` all price here."""
+    frozen = total_params - trainable_params
+    weights_mb = (2 * frozen + trainable_params if split else total_params) * 4 / MB
+    return _plan_numbers(trainable_params, moments, memory, batch, weights_mb, SUFFIX_PREFIX if split else "")
 
 
-def plan_numbers(trainable_params: int, moments: int, memory: dict[str, float], batch: int, weights_mb: float,
-                 graph: str = "") -> MemoryPlan:
-    """The plan from its inputs (also used by `--trainable auto` before anything is exported)."""
+def _plan(manifest: Manifest, batch: int, split: bool) -> MemoryPlan:
+    return price(manifest.trainable_params, manifest.trainable_params + manifest.frozen_params,
+                 len(manifest.portable.state) - 1, manifest.memory, batch, split)
+
+
+def _plan_numbers(trainable_params: int, moments: int, memory: dict[str, float], batch: int, weights_mb: float,
+                  graph: str = "") -> MemoryPlan:
     trainable = trainable_params * 4 / MB
     optimizer = 2 * moments * trainable  # the moments and the step's fresh copies of them
     gradients = 2 * trainable  # the flat gradient and the step's fresh parameters
@@ -62,14 +72,12 @@ def plan_numbers(trainable_params: int, moments: int, memory: dict[str, float], 
 
 def plan_memory(manifest: Manifest, batch_size: int) -> MemoryPlan:
     """Whole-graph training."""
-    weights = (manifest.trainable_params + manifest.frozen_params) * 4 / MB
-    return _plan(manifest, batch_size, weights, "")
+    return _plan(manifest, batch_size, split=False)
 
 
 def plan_split_memory(manifest: Manifest, batch_size: int) -> MemoryPlan:
     """A split run: the suffix trains while the prefix's inference session stays loaded (both hold the weights)."""
-    weights = (2 * manifest.frozen_params + manifest.trainable_params) * 4 / MB
-    return _plan(manifest, batch_size, weights, manifest.split.suffix_prefix)
+    return _plan(manifest, batch_size, split=True)
 
 
 def planned_peak(manifest: Manifest, batch_size: int, split: bool = False) -> float:

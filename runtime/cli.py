@@ -64,13 +64,21 @@ def inspect(bundle: Path = typer.Argument(..., help="Bundle folder."),
     console().print(table)
 
 
+def _number(value) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    if isinstance(value, float) and abs(value) < 1e-2:
+        return f"{value:.2e}"
+    return str(value)
+
+
 def _rows(key: str, value) -> list[tuple[str, str]]:
     """Nested values (validation, memory plans, files) as one readable line per entry."""
     if not isinstance(value, dict):
         return [(key, str(value))]
     if key == "files":
         return [(key, "")] + [(f"  {name}", f"{size:,} bytes") for name, size in value.items()]
-    parts = [f"{k} {v:.2e}" if isinstance(v, float) and abs(v) < 1e-2 else f"{k} {v}" for k, v in value.items()]
+    parts = [f"{k} {_number(v)}" for k, v in value.items()]
     return [(key, ", ".join(parts) or "-")]
 
 
@@ -114,7 +122,7 @@ def train(
         from edgeadapt.devices.fit import batch_for_profile
 
         wanted = batch_size or int(opened.manifest.hyperparameters.get("batch_size", 32))
-        batch_size, threads = batch_for_profile(bundle, profile, wanted, auto_batch, threads)
+        batch_size, threads = batch_for_profile(bundle, profile, wanted, auto_batch, threads, split)
         typer.echo(f"profile {profile}: batch {batch_size}, {threads} threads")
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, schedule=schedule, warmup=warmup,
@@ -211,9 +219,18 @@ def evaluate(bundle: Path = typer.Argument(...), data: Path = typer.Argument(...
     for label, accuracy in metrics.per_class.items():
         typer.echo(f"  {label:>20}: {accuracy:.1%}")
     if metrics.confusion:
-        typer.echo("confusion (rows: true, columns: predicted):")
-        for row in metrics.confusion:
-            typer.echo("  " + " ".join(f"{v:5d}" for v in row))
+        typer.echo(confusion_table(metrics.confusion, bundle_obj.manifest.labels))
+
+
+def confusion_table(confusion: list[list[int]], labels: list[str]) -> str:
+    """The confusion matrix with its labels: rows the true class, columns the predicted one (by their numbers)."""
+    width = max(5, *(len(str(v)) + 1 for row in confusion for v in row))
+    name = max(len(label) for label in labels)
+    lines = ["confusion (rows: true label, columns: predicted, numbered as the rows):",
+             " " * (name + 8) + "".join(f"{i:>{width}}" for i in range(len(labels)))]
+    lines += [f"  {i:>3} {label:>{name}} " + "".join(f"{v:>{width}}" for v in row)
+              for i, (label, row) in enumerate(zip(labels, confusion))]
+    return "\n".join(lines)
 
 
 def _bundle(path: Path, trusted_key: Path | None = None):
@@ -291,8 +308,16 @@ def quantize_prefix(bundle: Path = typer.Argument(...),
                f"{result.samples} samples; features differ by {result.feature_rel_diff:.1%} (relative)")
 
 
+DATA_FORMATS = ("DATA is one of: a folder of class subfolders of images (photos/cat/1.jpg, photos/dog/7.png: the "
+                "subfolder names are the labels; PNG, JPEG, BMP, GIF, WebP, TIFF); an .npz with x (uint8 images "
+                "N×H×W[×C], or float rows N×features) and y (N label names or numbers); or a UTF-8 .csv with one "
+                "sample a row: the features, then the label (regression: the targets), an optional header. Images "
+                "are resized and normalised as the bundle's manifest says.")
+
+
 def register(app: typer.Typer) -> None:
     app.command("quantize-prefix")(quantize_prefix)
     app.command("adapt-bn")(adapt_bn)
-    for command in (inspect, train, evaluate, predict, deploy, keygen, pack, unpack):
+    app.command(help=f"{train.__doc__}\n\n{DATA_FORMATS}")(train)
+    for command in (inspect, evaluate, predict, deploy, keygen, pack, unpack):
         app.command()(command)

@@ -74,11 +74,14 @@ def openvino_logits_from(model_path: Path, x: np.ndarray, device: str = "CPU") -
 
 
 def save_openvino(onnx_model: Path, xml: Path) -> None:
-    """Convert to IR and place model.xml/.bin atomically (the .bin first, the .xml that names it last)."""
+    """Convert to IR and place model.xml/.bin atomically (the .bin first, the .xml that names it last). The ONNX
+    frontend reads the model (`read_model`), not the `convert_model` tool, which writes a telemetry id under
+    ~/intel unasked."""
     openvino = openvino_module()
     with tempfile.TemporaryDirectory(dir=xml.parent) as tmp:
         staged = Path(tmp) / xml.name
-        openvino.save_model(openvino.convert_model(str(onnx_model)), str(staged), compress_to_fp16=False)
+        model = openvino_device("CPU").read_model(str(onnx_model))
+        openvino.save_model(model, str(staged), compress_to_fp16=False)
         os.replace(staged.with_suffix(".bin"), xml.with_suffix(".bin"))
         os.replace(staged, xml)
         fsync_dir(xml.parent)

@@ -44,11 +44,12 @@ class Prediction:
 
 
 def load_inputs(paths: list[str | Path], bundle: Bundle) -> tuple[list[str], np.ndarray, bool, list[Prediction]]:
-    """Image files, or .npz/.csv files whose rows are samples; returns (names, raw samples, is_image, unreadable
-    images as error predictions). Data files must be readable as a whole."""
+    """Image files, folders of them (labelled in class subfolders or not: every image below, in name order), or
+    .npz/.csv files whose rows are samples; returns (names, raw samples, is_image, unreadable images as error
+    predictions). Data files must be readable as a whole."""
     spec = bundle.manifest.input
     names, samples, is_image, failed = [], [], spec.layout == "NCHW", []
-    for path in map(Path, paths):
+    for path in _expanded(map(Path, paths)):
         if path.suffix.lower() in IMAGE_SUFFIXES:
             try:
                 samples.append(decode_image(path, spec.channels, tuple(spec.resize), spec.crop)[None])
@@ -68,6 +69,21 @@ def load_inputs(paths: list[str | Path], bundle: Bundle) -> tuple[list[str], np.
         raise DataError(f"none of the {len(failed)} inputs can be read (first: {failed[0].input}: {failed[0].error});"
                         " give valid PNG or JPEG files.")
     return names, np.concatenate(samples), is_image, failed
+
+
+def _expanded(paths) -> list[Path]:
+    """Folders become the image files below them."""
+    files = []
+    for path in paths:
+        if not path.is_dir():
+            files.append(path)
+            continue
+        images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not images:
+            raise DataError(f"folder {path} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))}); give image files, "
+                            "a folder of them, or an .npz/.csv.")
+        files += images
+    return files
 
 
 def logits_for(bundle: Bundle, x: np.ndarray, engine: str = "auto", device: str = "cpu",

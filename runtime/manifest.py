@@ -76,6 +76,9 @@ class SparseSpec:
     always_score: float
 
 
+SUFFIX_PREFIX = "suffix_"  # the file-name prefix of a split bundle's suffix graphs and memory record
+
+
 @dataclass(frozen=True)
 class SplitSpec:
     """Split execution: a frozen prefix as a plain inference model, and the trainable suffix as training artifacts
@@ -84,7 +87,7 @@ class SplitSpec:
     boundary: str
     boundary_shape: list[int]  # -1 for the batch dimension
     prefix_model: str = "prefix.onnx"
-    suffix_prefix: str = "suffix_"
+    suffix_prefix: str = SUFFIX_PREFIX
     prefix_statistics: list[str] = field(default_factory=list)  # the BN statistics the prefix reads
 
 

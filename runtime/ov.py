@@ -1,13 +1,20 @@
-"""Loading OpenVINO (an optional package: `pip install 'edgeadapt[openvino]'`), and its devices."""
+"""Loading OpenVINO (an optional package: `pip install 'edgeadapt[openvino]'`), and its devices.
+
+`import openvino` imports its model-conversion tool, whose telemetry writes a client id under ~/intel at once,
+unasked; edgeadapt loads OpenVINO with the telemetry package blocked (every use of it in OpenVINO falls back to
+its own no-op stub), so nothing is written outside the user's files."""
 
 from __future__ import annotations
 
+import sys
 import types
 
 from edgeadapt.runtime.errors import BackendError
 
 
 def openvino_module() -> types.ModuleType:
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)
     try:
         import openvino  # optional and heavy: only where an OpenVINO path is used
     except ImportError:

@@ -43,8 +43,13 @@ def test_the_legacy_engine_loads_without_torch():
 
 
 def test_help_works_without_torch():
-    result = run_without_torch("import sys\nsys.argv = ['edgeadapt', '--help']\nfrom edgeadapt.cli import main\nmain()")
-    assert "train" in result.stdout and "export" in result.stdout, result.stderr
+    """A device has neither torch nor onnx: the help (the preset registry's text included) needs neither."""
+    for command in ("--help", "export --help"):
+        result = run_without_torch("import sys\nsys.modules['onnx'] = None\n"
+                                   f"sys.argv = ['edgeadapt', *{command.split()!r}]\nfrom edgeadapt.cli import main\n"
+                                   "main()")
+        assert "export" in result.stdout and "Traceback" not in result.stderr, result.stderr
+    assert "transfer learning" in result.stdout
 
 
 def test_export_without_torch_says_what_to_install(tmp_path):
@@ -64,3 +69,20 @@ def test_no_host_imports_in_device_folders(folder):
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.split(".")[0] in ("torch", "onnx", "edgeadapt.toolchain") or
                            n.startswith("edgeadapt.toolchain") for n in names), f"{path}: {names}"
+
+
+def test_preset_names_live_only_in_the_registry():
+    """Stages ask the registry what a preset does; no toolchain module but the registry and the CLI compares or
+    spells a preset name (renaming one can then never silently change a stage's behaviour)."""
+    from edgeadapt.toolchain.presets import REGISTRY
+
+    names = set(REGISTRY) | {"last:2"}
+    offenders = []
+    for path in sorted((ROOT / "toolchain").glob("*.py")):
+        if path.name in ("presets.py", "cli.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+                    node.value in names or node.value.startswith("last:")):
+                offenders.append(f"{path.name}:{node.lineno} {node.value!r}")
+    assert not offenders, offenders

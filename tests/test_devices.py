@@ -177,6 +177,7 @@ def test_bench_and_train_open_sessions_the_same_way(fresh_bundle, digits, monkey
     from edgeadapt.runtime.engines import onnxruntime_engine
     from edgeadapt.runtime.trainer import TrainConfig, Trainer
 
+    bundle = fresh_bundle("tiny_mlp", "full")  # exported (and validated) before the sessions are counted
     calls = []
     original = onnxruntime_engine.session_options
 
@@ -185,9 +186,55 @@ def test_bench_and_train_open_sessions_the_same_way(fresh_bundle, digits, monkey
         return original(threads)
 
     monkeypatch.setattr(onnxruntime_engine, "session_options", recording)
-    bundle = fresh_bundle("tiny_mlp", "full")
     time_training(Bundle.open(bundle), 4, 2, steps=1, warmup=0, engine="onnxruntime")
     from_bench = list(calls)
     calls.clear()
     Trainer(bundle, TrainConfig(epochs=1, threads=2, engine="onnxruntime")).fit(digits["train"])
     assert from_bench == [2] and calls == [2]
+
+
+def _profile(tmp_path, budget_mb: float) -> str:
+    path = tmp_path / f"budget-{budget_mb}.toml"
+    path.write_text(f'name = "budget-{budget_mb}"\ndescription = "test"\ncores = 2\nthreads = 2\n'
+                    f'memory_budget_mb = {budget_mb}\ntraining_backend = "cpu"\n'
+                    'inference_backends = ["onnxruntime-cpu"]\nprefix_backend = "onnxruntime-cpu"\nnotes = ""\n'
+                    'sources = []\n')
+    return str(path)
+
+
+@pytest.mark.parametrize("preset, split", [("head", True), ("last:2", True), ("full", False)])
+def test_one_price_for_auto_sparse_inspect_and_train(bundle_factory, tmp_path, preset, split):
+    """The same trainable set priced four ways — `--trainable auto`'s and `sparse`'s search before the export,
+    `inspect` and `train --profile/--auto-batch` after it — is one number, for split runs and whole graphs."""
+    import re
+
+    from edgeadapt.toolchain.auto import _planner
+    from edgeadapt.toolchain.export import ExportOptions, make_source
+    from edgeadapt.toolchain.presets import resolve_lists
+    from edgeadapt.toolchain.pricing import pricing
+
+    batch = 32
+    options = dict(head=HeadRequest(num_classes=10), input_size=(32,))
+    bundle = bundle_factory("tiny_cnn", preset, **options)
+    manifest = Bundle.open(bundle).manifest
+    assert (manifest.split is not None) == split
+    info = json.loads(run_cli("inspect", bundle, "--json").stdout)
+    inspected = info[f"memory plan, {'split run, ' if split else ''}batch {batch}"]["total_mb"]
+
+    opts = ExportOptions(out=None, backbone="tiny_cnn", trainable=preset, **options)
+    source = make_source(opts)
+    lists = resolve_lists(source, preset)
+    sizes = {i.name: int(np.prod(i.dims)) for i in source.graph.graph.initializer}
+    total, trainable = sum(sizes[n] for n in lists.trainable + lists.frozen), sum(sizes[n] for n in lists.trainable)
+    by_auto = _planner(source, opts, preset)(batch)
+    by_sparse = pricing(source.graph, lists.trainable, opts, batch, total).peak(trainable)
+
+    refused = run_cli("train", bundle, "unused.npz", "--profile", _profile(tmp_path, round(inspected - 1, 1)),
+                      "--batch-size", batch)
+    by_train = float(re.search(r"needs ~([\d.]+) MB", refused.stderr).group(1))
+    between = (by_auto + _planner(source, opts, preset)(2 * batch)) / 2  # over batch 32's price, under 64's
+    fits = run_cli("train", bundle, "unused.npz", "--profile", _profile(tmp_path, between), "--auto-batch")
+    assert f"batch {batch}," in fits.stdout, fits.stdout + fits.stderr
+    assert by_auto == pytest.approx(by_sparse, abs=1e-9)
+    assert by_auto == pytest.approx(inspected, abs=0.051)
+    assert by_train == pytest.approx(inspected, abs=0.051)

@@ -14,44 +14,44 @@ taken. Each candidate is planned from its training step built in memory: nothing
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from edgeadapt.devices.planner import MB, plan_numbers
 from edgeadapt.devices.profiles import DeviceProfile
 from edgeadapt.runtime.errors import ConfigError
-from edgeadapt.toolchain.presets import resolve_lists
-from edgeadapt.toolchain.train_step import build_train_step
+from edgeadapt.toolchain.presets import AUTO_RANKING, HEAD, preset_of, resolve_lists
+from edgeadapt.toolchain.pricing import pricing
 
-PREFERENCE = ("full", "sparse", "last:2", "head")
 MIN_BATCH, MAX_BATCH = 8, 32
 HEADROOM = 0.8  # plan to 80% of the budget: the planner is within ±3% at 224 px, up to +12% off at 64 px
 
 
 def _planner(source, opts, preset: str):
-    """batch -> planned peak MB of whole-graph training with `preset`."""
+    """batch -> planned peak MB of training with `preset` as the device will run it (split where it splits)."""
     lists = resolve_lists(source, preset)
-    graphs = build_train_step(source.graph, lists.trainable, opts.loss, opts.optimizer)
-    memory = {"kept_bytes_per_sample": graphs.kept_bytes_per_sample,
-              "largest_bytes_per_sample": graphs.largest_bytes_per_sample}
-    trainable = sum(p.size for p in graphs.layout)
-    weights = sum(int(np.prod(i.dims)) for i in source.graph.graph.initializer) * 4 / MB
-    return lambda batch: plan_numbers(trainable, len(graphs.state_names) - 1, memory, batch, weights).total_mb
+    sizes = {i.name: int(np.prod(i.dims)) for i in source.graph.graph.initializer}
+    total = sum(sizes[n] for n in lists.trainable + lists.frozen)
+    trainable = sum(sizes[n] for n in lists.trainable)
+    measured = pricing(source.graph, lists.trainable, opts, 1, total)  # the memory record: per sample
+    return lambda batch: replace(measured, batch=batch).peak(trainable)
 
 
 def choose(source, opts, profile: DeviceProfile, skip: tuple[str, ...] = ()) -> tuple[str, int, list[str]]:
     """(preset, batch size, reasons) for `opts` under `profile`'s memory budget."""
     budget, reasons = HEADROOM * profile.memory_budget_mb, []
-    for preset in (p for p in PREFERENCE if p not in skip):
-        if preset == "sparse" and (opts.calibration is None or source.torch_module is None):
-            reasons.append("sparse needs --calibration and a torch model")
+    for preset in (p for p in AUTO_RANKING if p not in skip):
+        scored = preset_of(preset).scored
+        if scored and (opts.calibration is None or source.torch_module is None):
+            reasons.append(f"{preset} needs --calibration and a torch model")
             continue
-        # sparse fills whatever the budget leaves above the head: it fits where the head fits
-        peak_at = _planner(source, opts, "head" if preset == "sparse" else preset)
+        # a scored selection fills whatever the budget leaves above the head: it fits where the head fits
+        peak_at = _planner(source, opts, HEAD if scored else preset)
         batch = MAX_BATCH
         while batch >= 1 and peak_at(batch) > budget:
             batch //= 2
-        if batch >= (1 if preset == "head" else MIN_BATCH):
-            planned = f"the selection fills {budget:.0f} MB" if preset == "sparse" else \
+        if batch >= (1 if preset == HEAD else MIN_BATCH):
+            planned = f"the selection fills {budget:.0f} MB" if scored else \
                 f"planned {peak_at(batch):.0f} MB"
             reasons.append(f"chose {preset} at batch {batch} ({planned} of {profile.name}'s "
                            f"{profile.memory_budget_mb} MB)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -136,7 +136,7 @@ def build_user_model(target: str, head: HeadRequest, spec: BackboneSpec) -> Buil
         module.get_submodule(head_name)
     except AttributeError:
         raise ConfigError(f"--model {target} has no module '{head_name}'; name its classifier with --head.") from None
-    spec = BackboneSpec(**{**spec.__dict__, "head": head_name})
+    spec = replace(spec, head=head_name)
     outputs = _count_outputs(module, spec)
     labels, head_is_new = resolve_labels(head, outputs)
     if head_is_new:

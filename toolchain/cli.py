@@ -10,6 +10,10 @@ import typer
 
 from edgeadapt.runtime.errors import ConfigError, EdgeAdaptError
 from edgeadapt.toolchain.plan import DEFAULT_WEIGHT_DECAY
+from edgeadapt.toolchain.presets import HEAD as DEFAULT_PRESET
+from edgeadapt.toolchain.presets import help_text
+
+PRESET_HELP = "What trains (the rest is frozen): " + help_text()
 
 
 def _need_host():
@@ -47,10 +51,7 @@ def export(
     classes: Optional[int] = typer.Option(None, "--classes", help="New head with N classes."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="New head with the labels in FILE (one a line)."),
     keep_head: bool = typer.Option(False, "--keep-head", help="Keep the pretrained classifier (e.g. ImageNet)."),
-    trainable: str = typer.Option("head", "--trainable", "-t",
-                                  help="head | full | last:K | bias | scratch | sparse (with --calibration and "
-                                       "--budget-mb or --profile) | auto (with --profile) | globs, or re:REGEX, "
-                                       "comma-separated."),
+    trainable: str = typer.Option(DEFAULT_PRESET, "--trainable", "-t", help=PRESET_HELP),
     profile: Optional[str] = typer.Option(None, "--profile",
                                           help="With --trainable auto or sparse: device profile to fit."),
     budget_mb: Optional[float] = typer.Option(None, "--budget-mb",
@@ -87,6 +88,8 @@ def export(
     split: bool = typer.Option(True, "--split/--no-split",
                                help="head/last:K: also write prefix.onnx + suffix_* (adds the prefix's weights)."),
     seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads",
+                                          help="Threads for torch and validation (default: half the cores, <= 4)."),
     list_params: bool = typer.Option(False, "--list-params", help="Print parameter names and shapes, then stop."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest summary as JSON."),
 ):
@@ -115,12 +118,12 @@ def export(
                             force=force, seed=seed, user_spec=user_spec, onnx=onnx_model,
                             head_params=tuple(p.strip() for p in (head_params or "").split(",") if p.strip()),
                             feature_output=feature_output, sign=sign, split=split, profile=profile,
-                            budget_mb=budget_mb, calibration=calibration)
+                            budget_mb=budget_mb, calibration=calibration, threads=threads)
     if list_params:
         for name, shape in list_parameters(options):
             typer.echo(f"{name}\t{list(shape)}")
         return
-    result = export_bundle(options)
+    result = export_bundle(options, on_stage=None if as_json else _stage_printer())
     m = result.manifest
     if as_json:
         typer.echo(json.dumps({"out": str(result.out), "seconds": result.seconds, "validation": m.validation,
@@ -143,6 +146,14 @@ def export(
         typer.echo(text)
 
 
+def _stage_printer():
+    """Each export stage as it starts, with the time so far (an export can take a minute)."""
+    import time
+
+    started = time.perf_counter()
+    return lambda stage: typer.echo(f"[{time.perf_counter() - started:5.1f}s] {stage} ...")
+
+
 def opts_onnx(manifest) -> bool:
     return manifest.backbone.startswith("onnx:")
 
@@ -158,8 +169,9 @@ def zoo():
     table = Table("backbone", "input", "features", "head", "weights", "description")
     for name in backbone_names():
         spec = get_entry(name).spec
-        table.add_row(name, "x".join(map(str, spec.input_size)), str(spec.feature_dim), spec.head,
-                      ", ".join(spec.weights) or "-", spec.description)
+        weights = ", ".join(f"{w} (default)" if w == "imagenet" else w for w in spec.weights) or "random only"
+        table.add_row(name, "x".join(map(str, spec.input_size)), str(spec.feature_dim), spec.head, weights,
+                      spec.description)
     console().print(table)
 
 

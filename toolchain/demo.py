@@ -55,7 +55,7 @@ def run_demo(workdir: Path, epochs: int = 3, on_batch=None) -> DemoReport:
     if not (data / "test").is_dir():
         write_texture_dataset(data)
     result = export_bundle(ExportOptions(out=workdir / "bundle", backbone="mobilenet_v2", weights="imagenet",
-                                         head=HeadRequest(labels=TEXTURES), trainable="head", force=True))
+                                         head=HeadRequest(labels=TEXTURES), force=True))
     before = evaluate(result.out, data / "test").accuracy
     summary = Trainer(result.out, TrainConfig(epochs=epochs, batch_size=32, val_split=0.1),
                       on_batch=on_batch).fit(data / "train")

@@ -3,11 +3,13 @@ file): Source → Lists → Artifacts → ValidationReport → Manifest (see sta
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -35,7 +37,8 @@ from edgeadapt.toolchain.build import BuiltModel, HeadRequest, build_user_model,
 from edgeadapt.toolchain.onnx_export import onnx_source
 from edgeadapt.toolchain.onnx_graph import export_eval_onnx
 from edgeadapt.toolchain.plan import DEFAULT_BATCH, DEFAULT_WEIGHT_DECAY, TrainingSpec, training_spec
-from edgeadapt.toolchain.presets import resolve_lists
+from edgeadapt.toolchain.presets import HEAD as DEFAULT_PRESET
+from edgeadapt.toolchain.presets import preset_of, resolve_lists
 from edgeadapt.toolchain.stages import Artifacts, Lists, Source
 from edgeadapt.toolchain.validate import ValidationReport, validate
 
@@ -46,7 +49,7 @@ class ExportOptions:
     backbone: str | None = None  # a zoo name
     model: str | None = None  # package.module:factory
     head: HeadRequest = field(default_factory=HeadRequest)
-    trainable: str = "head"
+    trainable: str = DEFAULT_PRESET
     weights: str | None = None  # None: the zoo's pretrained weights where it has them (else random, with a note)
     input_size: tuple[int, ...] | None = None
     loss: str = "cross_entropy"
@@ -71,6 +74,7 @@ class ExportOptions:
     auto_batch: int | None = None
     budget_mb: float | None = None  # with trainable="sparse": planned peak training memory to fit (else the profile's)
     calibration: Path | None = None  # with trainable="sparse": labelled samples (the user's, or a proxy) to score
+    threads: int | None = None  # torch's and the validation sessions' (None: export_threads)
 
 
 @dataclass(frozen=True)
@@ -105,10 +109,11 @@ def build(opts: ExportOptions) -> BuiltModel:
         built = build_zoo_model(opts.backbone, opts.head, zoo_weights(opts))
     if opts.input_size:
         built.spec = replace(built.spec, input_size=_full_input_size(opts.input_size, built.spec.input_size))
-    if opts.trainable == "scratch":
+    if preset_of(opts.trainable).random_init:
         init_weights(built.module)
         built.weights = "random"
-    if built.weights == "random" and opts.trainable != "scratch" and opts.weights is None and not opts.model:
+    if built.weights == "random" and not preset_of(opts.trainable).random_init and opts.weights is None and \
+            not opts.model:
         built.notes.append(RANDOM_WARNING.format(name=opts.backbone) +
                            " (pass --weights PATH; features of a random backbone transfer little)")
     if built.weights == "random":
@@ -123,7 +128,7 @@ RANDOM_WARNING = "random weights: {name} has no pretrained weights in the zoo"
 
 def zoo_weights(opts: ExportOptions) -> str | None:
     """What a zoo backbone loads: nothing for `scratch`, else the named weights, else its ImageNet weights."""
-    if opts.trainable == "scratch":
+    if preset_of(opts.trainable).random_init:
         return None
     if opts.weights is not None:
         return opts.weights
@@ -146,7 +151,7 @@ def _full_input_size(given: tuple[int, ...], default: tuple[int, ...]) -> tuple[
 def torch_source(opts: ExportOptions) -> Source:
     """Stage 1 for torch models: the eval graph exported with the BN policy applied."""
     built = build(opts)
-    sparse = opts.trainable == "sparse"
+    sparse = preset_of(opts.trainable).scored
     with tempfile.TemporaryDirectory() as tmp:
         graph = export_eval_onnx(built.module, built.spec.input_size, None if sparse else opts.bn,
                                  Path(tmp) / "eval.onnx")
@@ -200,22 +205,50 @@ def make_source(opts: ExportOptions) -> Source:
     return onnx_source(opts) if opts.onnx else torch_source(opts)
 
 
-def export_bundle(opts: ExportOptions) -> ExportResult:
-    """Run the whole chain; the bundle appears at `opts.out` complete, or not at all."""
+def export_threads(requested: int | None) -> int:
+    """Threads for torch and the validation sessions: half the usable cores, at most 4, so that an export shares a
+    busy machine instead of spinning against it (MobileNetV2 on 2 cores beside a 2-thread job: 6-7 s with 1 thread,
+    14-24 s with 2)."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores // 2))
+
+
+def export_bundle(opts: ExportOptions, on_stage: Callable[[str], None] | None = None) -> ExportResult:
+    """Run the whole chain; the bundle appears at `opts.out` complete, or not at all. `on_stage` hears each stage
+    as it starts (the CLI prints them)."""
     started = time.perf_counter()
     check_options(opts)
     out = Path(opts.out)
     check_output_dir(out, opts.force)
+    stage = on_stage or (lambda _: None)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(export_threads(opts.threads))
+    try:
+        return _export(opts, out, stage, started)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _export(opts: ExportOptions, out: Path, stage: Callable[[str], None], started: float) -> ExportResult:
+    stage(f"building {opts.backbone or opts.model or Path(opts.onnx).name} and its eval graph"
+          + (" (scoring the calibration samples)" if preset_of(opts.trainable).scored else ""))
     source = make_source(opts)
-    if opts.trainable == "auto":
+    if preset_of(opts.trainable).searched:
+        stage(f"choosing what trains for {opts.profile}")
         opts, source = _auto_source(opts, source)
     lists = resolve_lists(source, opts.trainable)
     spec = source_training_spec(source, lists, opts)
     with staged_dir(out) as staging:
+        stage("writing the training step, forward graph and state")
         artifacts = write_artifacts(source, lists, opts, spec, staging)
         manifest = make_manifest(source, lists, opts, spec, artifacts, staging)
         write_manifest(staging, manifest, None)
-        report = validate(source, lists, opts, Bundle(staging, manifest)) if opts.validate else None
+        if opts.validate:
+            stage("validating against " + ("torch (float64)" if source.torch_module is not None else "the source"))
+        report = validate(source, lists, opts, Bundle(staging, manifest), export_threads(opts.threads)) \
+            if opts.validate else None
         if report is not None and report.ort_training_failure:
             artifacts = _without_ort_training(artifacts, staging, report.ort_training_failure)
             manifest = make_manifest(source, lists, opts, spec, artifacts, staging)
@@ -250,12 +283,12 @@ def _auto_source(opts: ExportOptions, source: Source) -> tuple[ExportOptions, So
     """`--trainable auto`: the chosen preset, and the source it needs (sparse rewrites the graph; if no selection
     fits after all, the next strategy in the ranking)."""
     chosen = _choose_auto(opts, source)
-    if chosen.trainable != "sparse":
+    if not preset_of(chosen.trainable).scored:
         return chosen, source
     try:
         return chosen, make_source(chosen)
     except ConfigError as exc:
-        preset, batch, reasons = choose(source, opts, get_profile(opts.profile), skip=("sparse",))
+        preset, batch, reasons = choose(source, opts, get_profile(opts.profile), skip=(chosen.trainable,))
         notes = (f"sparse: {exc}", *reasons)
         return replace(opts, trainable=preset, auto_notes=notes, auto_batch=batch), source
 

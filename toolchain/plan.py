@@ -17,6 +17,7 @@ DEFAULT_EPOCHS = 5
 DEFAULT_WEIGHT_DECAY = 0.01  # AdamW's decoupled decay of the decayed groups
 BASE_LR = {"adamw": 1e-3, "sgd": 1e-2}  # the head's rate, and every tensor's for random weights
 BACKBONE_LR_RATIO = 0.1  # pretrained backbone tensors: this times the base rate
+HEAD_GROUP, BACKBONE_GROUP = "task_head", "backbone"  # parameter group names (each also has a `_no_decay` group)
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,10 @@ def parameter_groups(trainable: list[str], head: list[str], ranks: dict[str, int
     groups: dict[tuple[str, bool], list[str]] = {}
     for name in trainable:
         decayed = decay_norms or ranks.get(name, 0) > 1
-        groups.setdefault(("head" if name in head_names else "backbone", decayed), []).append(name)
-    ordered = sorted(groups.items(), key=lambda item: (item[0][0] != "backbone", not item[0][1]))
+        groups.setdefault((HEAD_GROUP if name in head_names else BACKBONE_GROUP, decayed), []).append(name)
+    ordered = sorted(groups.items(), key=lambda item: (item[0][0] != BACKBONE_GROUP, not item[0][1]))
     return [ParamGroup(name=part if decayed else f"{part}_no_decay",
-                       lr_scale=1.0 if part == "head" else backbone_ratio,
+                       lr_scale=1.0 if part == HEAD_GROUP else backbone_ratio,
                        weight_decay=weight_decay if decayed else 0.0, tensors=tensors)
             for (part, decayed), tensors in ordered]
 

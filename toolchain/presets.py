@@ -1,16 +1,58 @@
-"""Trainable subgraphs named by intent (`head`, `last:K`, `bias`, `full`, `scratch`, or patterns), resolved to the
-exact parameter names that ONNX Runtime gets as `requires_grad`."""
+"""The preset registry: trainable sets named by intent, resolved to the exact parameter names that train (the
+rest frozen). The only place preset names live in the toolchain, with the CLI's help built from it; other stages
+ask the registry what a preset does (`preset_of(name).random_init`, …), never compare names."""
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
 import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edgeadapt.runtime.errors import ConfigError
-from edgeadapt.toolchain.stages import Lists, Source
 
-PRESETS = ("head", "full", "last:K", "bias", "scratch", "sparse")
+if TYPE_CHECKING:  # the registry itself imports nothing heavy: the CLI's help reads it on devices too
+    from edgeadapt.toolchain.stages import Lists, Source
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str  # as typed; `last:K` stands for last:1, last:2, …
+    summary: str  # what trains (the CLI's help)
+    random_init: bool = False  # the weights start random, whatever --weights says
+    scored: bool = False  # chosen by scoring calibration samples against a memory budget (rewrites the graph)
+    searched: bool = False  # a search over the other presets for a device profile
+    needs_module: bool = False  # needs a torch module (block boundaries, initialisers, scores)
+
+
+HEAD = "head"
+REGISTRY = {p.name: p for p in (
+    Preset(HEAD, "transfer learning: the new head only, the backbone frozen as a feature extractor"),
+    Preset("last:K", "the last K blocks and the head", needs_module=True),
+    Preset("bias", "every bias (BatchNorm shifts included) and the head, as in TinyTL"),
+    Preset("full", "fine-tuning of every weight from the pretrained start"),
+    Preset("scratch", "learning from scratch: random init, everything trainable", random_init=True,
+           needs_module=True),
+    Preset("sparse", "with --calibration and --budget-mb or --profile: the layers and channels that contribute most "
+           "per MB of training memory, the head and the biases after the earliest", scored=True, needs_module=True),
+    Preset("auto", "with --profile: the most accurate strategy of the study that fits its memory", searched=True),
+)}
+PRESETS = tuple(REGISTRY)
+# `auto`'s candidates, most accurate first (the study's ranking; toolchain/auto.py says why)
+AUTO_RANKING = ("full", "sparse", "last:2", HEAD)
+PLAIN = Preset("patterns", "globs or re:REGEX over parameter names, comma-separated")
+
+
+def preset_of(spec: str) -> Preset:
+    """The registered preset `spec` names (`last:3` is `last:K`); patterns get PLAIN."""
+    if spec.startswith("last:"):
+        return REGISTRY["last:K"]
+    return REGISTRY.get(spec, PLAIN)
+
+
+def help_text() -> str:
+    return "; ".join(f"{p.name}: {p.summary}" for p in REGISTRY.values()) + f"; or {PLAIN.summary}."
 
 
 def _under(name: str, prefix: str) -> bool:
@@ -20,7 +62,7 @@ def _under(name: str, prefix: str) -> bool:
 def resolve_trainable(preset: str, names: list[str], head: str, blocks: tuple[str, ...]) -> list[str]:
     """Return the trainable subset of `names` (in model order) for `preset`."""
     head_names = [n for n in names if _under(n, head)]
-    if preset == "head":
+    if preset == HEAD:
         return head_names
     if preset in ("full", "scratch"):
         return list(names)
@@ -34,8 +76,10 @@ def resolve_trainable(preset: str, names: list[str], head: str, blocks: tuple[st
 
 def _last_blocks(preset: str, blocks: tuple[str, ...]) -> tuple[str, ...]:
     count = preset.partition(":")[2]
-    if not count.isdigit() or not 0 <= int(count) <= len(blocks):
-        raise ConfigError(f"'{preset}' needs a whole number of blocks from 0 to {len(blocks)}, e.g. last:2.")
+    if count == "0":
+        raise ConfigError("last:0 trains no block, only the head: use --trainable head.")
+    if not count.isdigit() or not 1 <= int(count) <= len(blocks):
+        raise ConfigError(f"'{preset}' needs a whole number of blocks from 1 to {len(blocks)}, e.g. last:2.")
     return blocks[len(blocks) - int(count):]
 
 
@@ -45,12 +89,20 @@ def _match_patterns(spec: str, names: list[str]) -> list[str]:
     for pattern in filter(None, (p.strip() for p in spec.split(","))):
         hits = _matches(pattern, names)
         if not hits:
-            close = difflib.get_close_matches(pattern.removeprefix("re:"), names, n=3, cutoff=0.4)
-            raise ConfigError(
-                f"--trainable pattern '{pattern}' matches no parameter; close names: {', '.join(close) or 'none'} "
-                f"(presets: {', '.join(PRESETS)}; `edgeadapt export ... --list-params` shows all names).")
+            raise ConfigError(_no_match(pattern, names))
         selected.update(hits)
     return [n for n in names if n in selected]
+
+
+def _no_match(pattern: str, names: list[str]) -> str:
+    """A preset name mistyped is the likelier mistake than a pattern matching nothing: say which was meant."""
+    preset = difflib.get_close_matches(pattern, [p for p in PRESETS if p != "last:K"] + ["last:2"], n=1, cutoff=0.6)
+    if preset:
+        return (f"--trainable '{pattern}' is neither a preset nor a pattern that matches a parameter; did you mean "
+                f"'{preset[0]}'? (presets: {', '.join(PRESETS)})")
+    close = difflib.get_close_matches(pattern.removeprefix("re:"), names, n=3, cutoff=0.4)
+    return (f"--trainable pattern '{pattern}' matches no parameter; close names: {', '.join(close) or 'none'} "
+            f"(presets: {', '.join(PRESETS)}; `edgeadapt export ... --list-params` shows all names).")
 
 
 def _matches(pattern: str, names: list[str]) -> list[str]:
@@ -63,17 +115,17 @@ def _matches(pattern: str, names: list[str]) -> list[str]:
     return [n for n in names if fnmatch.fnmatchcase(n, pattern) or _under(n, pattern)]
 
 
-def resolve_lists(source: Source, preset: str) -> Lists:
+def resolve_lists(source: "Source", preset: str) -> "Lists":
     """(trainable, frozen parameters, frozen buffers/constants): every initializer lands in exactly one list."""
-    if source.torch_module is None and (preset.startswith("last:") or preset == "scratch"):
-        raise ConfigError(f"--trainable {preset} needs a torch model (block boundaries, initialisers); with --onnx use "
-                          "head, bias, full or patterns over initializer names.")
-    if preset == "sparse" and source.sparse is None:
-        raise ConfigError("--trainable sparse needs a torch model (zoo backbone or --model) to score; with --onnx use "
-                          "head, bias, full or patterns.")
-    if preset == "head":
+    from edgeadapt.toolchain.stages import Lists
+
+    kind = preset_of(preset)
+    if kind.needs_module and (source.torch_module is None or (kind.scored and source.sparse is None)):
+        raise ConfigError(f"--trainable {preset} needs a torch model (zoo backbone or --model: block boundaries, "
+                          "initialisers, scores); with --onnx use head, bias, full or patterns over initializer names.")
+    if preset == HEAD:
         wanted = set(source.head)
-    elif preset == "sparse":
+    elif kind.scored:
         wanted = set(source.sparse.graph.trainable)
     elif source.torch_module is not None:
         wanted = set(resolve_trainable(preset, source.params, source.head_module, source.blocks))

@@ -12,12 +12,12 @@ from onnx import shape_inference
 from onnx.utils import Extractor
 
 from edgeadapt.runtime.errors import InternalError
-from edgeadapt.runtime.manifest import SplitSpec
+from edgeadapt.runtime.manifest import SUFFIX_PREFIX, SplitSpec
 from edgeadapt.toolchain.bn import statistics_as_input
 from edgeadapt.toolchain.stages import INPUT_NAME as INPUT
 from edgeadapt.toolchain.stages import OUTPUT_NAME as OUTPUT
 
-SUFFIX = "suffix_"
+SUFFIX = SUFFIX_PREFIX
 
 
 def _from_input(model: onnx.ModelProto) -> set[str]:

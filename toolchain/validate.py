@@ -21,7 +21,7 @@ from edgeadapt.runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 from edgeadapt.runtime.engines.ort_training_engine import OrtTrainingEngine
 from edgeadapt.runtime.errors import ExportError, InternalError
 from edgeadapt.runtime.losses import mean_loss
-from edgeadapt.runtime.ort import onnxruntime_module
+from edgeadapt.runtime.ort import onnxruntime_module, session_options
 from edgeadapt.runtime.prefix import PrefixRunner
 from edgeadapt.runtime.state import named_parameters
 from edgeadapt.runtime.targets import bundle_statistics
@@ -69,13 +69,13 @@ def _relative_error(value: np.ndarray, reference: np.ndarray) -> float:
 
 
 def portable_gradients(source, trainable: list[str], loss: str, x: np.ndarray,
-                       y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+                       y: np.ndarray, threads: int | None = None) -> tuple[float, dict[str, np.ndarray]]:
     """Loss and gradients of the portable step's backward pass, run on onnxruntime."""
 
     statistics = statistics_layout(source.graph)
     graph, layout = build_gradient_graph(source.graph, trainable, loss, statistics=statistics)
     params = initial_values(source.graph, layout)
-    session = onnxruntime_module().InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = _session(graph, threads)
     feed = {"input": x, "labels": y, "params": params}
     if statistics:
         feed[STATISTICS_INPUT] = initial_values(source.graph, statistics)
@@ -115,14 +115,14 @@ def _check_gradients(grads: dict, reference: dict, noise: dict | None, trainable
     return worst, worst_name
 
 
-def validate(source, lists, opts, bundle) -> ValidationReport:
+def validate(source, lists, opts, bundle, threads: int | None = None) -> ValidationReport:
     """Check a written bundle (its manifest in place) against its source; an ExportError names what is off."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, *source.input_shape)).astype(np.float32)
     reference = source.reference(x)
     y = example_targets(opts.loss, 4, reference.shape[-1], rng)
-    eval_diff = _check_forward(bundle, x, reference)
-    loss, grads = portable_gradients(source, lists.trainable, opts.loss, x, y)
+    eval_diff = _check_forward(bundle, x, reference, threads)
+    loss, grads = portable_gradients(source, lists.trainable, opts.loss, x, y, threads)
     if source.torch_module is not None:
         loss_ref, ref = _torch_gradients(source.torch_module, x, y, opts.loss, torch_dtype("float64"))
         noise = _torch_gradients(source.torch_module, x, y, opts.loss, torch_dtype("float32"))[1]
@@ -136,12 +136,13 @@ def validate(source, lists, opts, bundle) -> ValidationReport:
     if ref is not None:
         worst, worst_name = _check_gradients(grads, ref, noise, lists.trainable, "portable step")
     else:
-        worst, worst_name = _check_directional(source, lists.trainable, opts.loss, x, y, grads, rng), "directional"
-    split_diff = _check_split(bundle, x) if bundle.manifest.split else float("nan")
+        worst = _check_directional(source, lists.trainable, opts.loss, x, y, grads, rng, threads)
+        worst_name = "directional"
+    split_diff = _check_split(bundle, x, threads) if bundle.manifest.split else float("nan")
     ort_worst, ort_failure = float("nan"), ""
     if (bundle.path / "training_model.onnx").is_file() and opts.bn != "ort":
         try:
-            ort = _ort_training(bundle, x, y)
+            ort = _ort_training(bundle, x, y, threads)
             reference_grads = grads if ref is None else ref
             ort_worst = _check_gradients(ort[1], reference_grads, noise, lists.trainable, "ort-training graph")[0]
         except (ExportError, InternalError) as exc:
@@ -153,10 +154,10 @@ DIRECTIONS, DIRECTION_STEP, DIRECTION_TOLERANCE = 3, 1e-3, 2e-2
 
 
 def _check_directional(source, trainable: list[str], loss: str, x: np.ndarray, y: np.ndarray,
-                       grads: dict[str, np.ndarray], rng: np.random.Generator) -> float:
+                       grads: dict[str, np.ndarray], rng: np.random.Generator, threads: int | None = None) -> float:
     """The step's gradient along random directions d (each tensor scaled by its own size) against the central
     difference (L(θ + h·d) − L(θ − h·d)) / 2h of the source graph's loss, run on onnxruntime."""
-    loss_at, values = _loss_of_parameters(source.graph, trainable, x, y, loss)
+    loss_at, values = _loss_of_parameters(source.graph, trainable, x, y, loss, threads)
     worst = 0.0
     for _ in range(DIRECTIONS):
         direction = {n: rng.standard_normal(v.shape).astype(np.float32) * max(float(np.sqrt(np.mean(v * v))), 1e-2)
@@ -173,7 +174,8 @@ def _check_directional(source, trainable: list[str], loss: str, x: np.ndarray, y
     return worst
 
 
-def _loss_of_parameters(graph, trainable: list[str], x: np.ndarray, y: np.ndarray, loss: str):
+def _loss_of_parameters(graph, trainable: list[str], x: np.ndarray, y: np.ndarray, loss: str,
+                        threads: int | None = None):
     """(values -> mean loss of the source graph with those trainable tensors, the exported values)."""
     model = copy.deepcopy(graph)
     values = {i.name: numpy_helper.to_array(i).astype(np.float32) for i in model.graph.initializer
@@ -181,9 +183,14 @@ def _loss_of_parameters(graph, trainable: list[str], x: np.ndarray, y: np.ndarra
     inputs = {i.name for i in model.graph.input}
     model.graph.input.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, list(values[n].shape))
                              for n in trainable if n not in inputs)
-    session = onnxruntime_module().InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = _session(model, threads)
     output = session.get_outputs()[0].name
     return (lambda params: mean_loss(loss, session.run([output], {"input": x, **params})[0], y)), values
+
+
+def _session(model, threads: int | None):
+    return onnxruntime_module().InferenceSession(model.SerializeToString(), session_options(threads),
+                                                 providers=["CPUExecutionProvider"])
 
 
 def torch_dtype(name: str):
@@ -196,38 +203,39 @@ def _eval_loss(loss: str, logits: np.ndarray, y: np.ndarray) -> float:
     return mean_loss(loss, logits, y)
 
 
-def _logits(bundle, x: np.ndarray, split: bool = False) -> np.ndarray:
+def _logits(bundle, x: np.ndarray, split: bool = False, threads: int | None = None) -> np.ndarray:
 
-    engine = OnnxRuntimeEngine(bundle, bundle.graphs(split), training=False)
+    engine = OnnxRuntimeEngine(bundle, bundle.graphs(split), threads=threads, training=False)
     engine.load(bundle.load_state())
     return engine.logits(x)
 
 
-def _check_forward(bundle, x: np.ndarray, reference: np.ndarray) -> float:
-    diff = float(np.abs(_logits(bundle, x) - reference).max())
+def _check_forward(bundle, x: np.ndarray, reference: np.ndarray, threads: int | None = None) -> float:
+    diff = float(np.abs(_logits(bundle, x, threads=threads) - reference).max())
     if diff > EVAL_TOLERANCE:
         raise ExportError(f"the exported forward graph differs from the source model by {diff:.2e} (> "
                           f"{EVAL_TOLERANCE}); the export is wrong: try --bn affine, or report a bug with this model.")
     return diff
 
 
-def _ort_training(bundle, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+def _ort_training(bundle, x: np.ndarray, y: np.ndarray,
+                  threads: int | None = None) -> tuple[float, dict[str, np.ndarray]]:
     """ONNX Runtime training's eval graph must match the forward graph; its gradients are returned."""
 
-    engine = OrtTrainingEngine(bundle, bundle.graphs(False))
+    engine = OrtTrainingEngine(bundle, bundle.graphs(False), threads=threads)
     engine.load(bundle.load_state())
-    diff = float(np.abs(engine.eval_step(x, y)[1] - _logits(bundle, x)).max())
+    diff = float(np.abs(engine.eval_step(x, y)[1] - _logits(bundle, x, threads=threads)).max())
     if diff > EVAL_TOLERANCE:
         raise InternalError(f"ONNX Runtime training's eval graph differs from the forward graph by {diff:.2e}")
     return engine.gradients(x, y)
 
 
-def _check_split(bundle, x: np.ndarray) -> float:
+def _check_split(bundle, x: np.ndarray, threads: int | None = None) -> float:
     """prefix.onnx followed by the suffix's forward graph must give the whole forward graph's outputs."""
 
     prefix = bundle.read_graph(bundle.manifest.split.prefix_model)
-    features = PrefixRunner(prefix, statistics=bundle_statistics(bundle))(x)
-    diff = float(np.abs(_logits(bundle, features, split=True) - _logits(bundle, x)).max())
+    features = PrefixRunner(prefix, threads=threads, statistics=bundle_statistics(bundle))(x)
+    diff = float(np.abs(_logits(bundle, features, True, threads) - _logits(bundle, x, threads=threads)).max())
     if diff > EVAL_TOLERANCE:
         raise InternalError(f"prefix + suffix differ from the whole graph by {diff:.2e}")
     return diff
