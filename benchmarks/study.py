@@ -12,7 +12,8 @@ two plots (accuracy vs shots; accuracy vs peak memory) and a JSON of every run.
 `X+adabn`: preset X, and `train --adabn` (the BN statistics re-estimated on the k-shot training images first).
 `sparse@P`: `--trainable sparse` with `--budget-mb` set to preset P's planned peak (split run, batch 32), to P MB
 when P is a number, or P% of the way from head's planned peak to full's (the ladder: sparse@0%,25%,...,100%), and
-the k-shot training images as `--calibration` (so it is exported for every run).
+the k-shot training images as `--calibration` (so it is exported for every run, its new head initialised as every
+pretrained strategy's: export seed 0).
 `X/key=value,...`: export options for X: `lr` (the head's rate) and `ratio` (--backbone-lr-ratio), e.g.
 `full/ratio=1,lr=1e-4` is full fine-tuning with one rate for every tensor.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -98,7 +100,9 @@ def main() -> None:
     images, labels, classes = load(args.quick)
     test, sets = split_data(labels, 300 if args.quick else args.held_out, shots, seeds)
     chosen = split_strategies(args.strategies)
-    runs = run_all(images, labels, classes, test, sets, size, 25 if args.quick else 60, chosen)
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs = run_all(images, labels, classes, test, sets, size, 25 if args.quick else 60, chosen,
+                   args.out / "runs.partial.json")
     if args.merge:  # same protocol, same seeds: earlier runs of the strategies not run now
         runs += [r for r in json.loads(args.merge.read_text()) if r["strategy"] not in chosen]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +113,10 @@ def main() -> None:
     print(table)
 
 
-def run_all(images, labels, classes, test, sets, size: int, min_steps: int, strategies=STRATEGIES) -> list[dict]:
+def run_all(images, labels, classes, test, sets, size: int, min_steps: int, strategies=STRATEGIES,
+            partial: Path | None = None) -> list[dict]:
+    """Every strategy on every (k, seed) set; each finished run is also written to `partial` at once (a long study
+    that stops keeps what it measured)."""
     from edgeadapt.toolchain.build import HeadRequest
     from edgeadapt.toolchain.export import ExportOptions, export_bundle
 
@@ -127,7 +134,7 @@ def run_all(images, labels, classes, test, sets, size: int, min_steps: int, stra
         def budget_of(reference: str) -> float:
             if reference.endswith("%"):
                 low, high = (budget_of(p) for p in ("head", "full"))
-                return round(low + float(reference[:-1]) / 100 * (high - low), 1)
+                return math.ceil(10 * (low + float(reference[:-1]) / 100 * (high - low))) / 10
             if reference.replace(".", "").isdigit():
                 return float(reference)
             return sparse_budget(export(reference, root / reference.replace(":", ""), 0))
@@ -140,7 +147,7 @@ def run_all(images, labels, classes, test, sets, size: int, min_steps: int, stra
                 np.savez(root / f"train-{k}-{seed}.npz", x=images[index], y=labels[index])
                 shutil.copyfile(root / f"train-{k}-{seed}.npz", root / "train.npz")
                 if preset.startswith("sparse@"):
-                    template = export("sparse", root / f"{tag}-{k}-{seed}", seed, budget_mb=budget_of(preset[7:]),
+                    template = export("sparse", root / f"{tag}-{k}-{seed}", 0, budget_mb=budget_of(preset[7:]),
                                       calibration=root / f"train-{k}-{seed}.npz", **options)
                 else:
                     template = export(preset, root / f"{tag}-{seed if preset == 'scratch' else 0}", seed, **options)
@@ -155,6 +162,8 @@ def run_all(images, labels, classes, test, sets, size: int, min_steps: int, stra
                                       capture_output=True, text=True, check=True)
                 result = json.loads(done.stdout.strip().splitlines()[-1])
                 runs.append({"strategy": strategy, "shots": k, "seed": seed, "epochs": epochs, **result})
+                if partial is not None:
+                    partial.write_text(json.dumps(runs, indent=1))
                 print(f"{strategy:8} k={k:3} seed={seed}: {result['accuracy']:.3f} in {result['train_s']:.1f} s, "
                       f"{result['peak_rss_mb']:.0f} MB", file=sys.stderr)
     return runs
@@ -187,7 +196,7 @@ def sparse_budget(bundle: Path) -> float:
     from edgeadapt.devices.planner import planned_peak
     from edgeadapt.runtime.bundle import Bundle
 
-    return round(planned_peak(Bundle.open(bundle).manifest, 32, split=True), 1)
+    return math.ceil(10 * planned_peak(Bundle.open(bundle).manifest, 32, split=True)) / 10  # P's plan fits
 
 
 def ordered_strategies(runs) -> list[str]:

@@ -57,7 +57,7 @@ def _sparse(m) -> dict:
     if s is None:
         return {}
     rows = {"sparse": f"planned {s.planned_mb} MB of a {s.budget_mb} MB budget at batch {s.batch_size}; "
-                      f"cut at {s.cut}; scored on {s.calibration_samples} samples; "
+                      f"cut at {s.cut or 'none (the head alone)'}; scored on {s.calibration_samples} samples; "
                       "always trained: head + biases after the cut "
                       f"({s.always} tensors, {s.always_params:,} params, score {s.always_score:.3g})"}
     for layer in s.layers:

@@ -68,7 +68,7 @@ class SparseSpec:
     budget_mb: float
     batch_size: int
     planned_mb: float
-    cut: str  # the earliest block that trains (biases from there on always train)
+    cut: str  # the earliest block that trains (biases from there on always train); "": the head alone
     calibration_samples: int
     layers: list[SparseLayer]
     always: int  # tensors that train whatever the scores: the head and the biases after the cut

@@ -49,9 +49,17 @@ def test_planner_grows_with_batch_and_trainable_set(mobilenet_bundles):
     for by_batch in plans.values():
         assert by_batch[32].total_mb > by_batch[8].total_mb
     assert plans["head"][32].total_mb < plans["last:2"][32].total_mb < plans["full"][32].total_mb
+    # the state terms from the training graph itself: its flat `params` input and one moment per optimizer input
+    import onnx
+
+    step = onnx.load(str(mobilenet_bundles["full"] / "train_step.onnx"))
+    inputs = {i.name: i for i in step.graph.input}
+    params = inputs["params"].type.tensor_type.shape.dim[0].dim_value
+    moments = sum(name in inputs for name in ("adam_m", "adam_v"))
     full = plans["full"][32]
-    assert full.optimizer_mb == pytest.approx(2 * full.gradients_mb)  # AdamW: two moments, each also fresh
-    assert full.gradients_mb == pytest.approx(2 * 2_236_682 * 4 / 2**20)  # the flat gradient and the new params
+    assert params == 2_236_682 and moments == 2  # torchvision's MobileNetV2 with a 10-class head, AdamW
+    assert full.gradients_mb == pytest.approx(2 * params * 4 / 2**20)  # the flat gradient and the new params
+    assert full.optimizer_mb == pytest.approx(2 * moments * params * 4 / 2**20)  # each moment, also fresh
 
 
 @pytest.mark.slow

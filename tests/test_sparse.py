@@ -11,16 +11,18 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from test_engines import fixed_batch
 
+from conftest import run_cli
 from edgeadapt.devices.planner import planned_peak
 from edgeadapt.models.registry import BackboneSpec, backbone_names
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.deploy import inference_model
+from edgeadapt.runtime.engines import open_engine
 from edgeadapt.runtime.errors import ConfigError
 from edgeadapt.runtime.trainer import TrainConfig, Trainer
 from edgeadapt.toolchain.build import HeadRequest
 from edgeadapt.toolchain.export import ExportOptions, build, export_bundle
-from tests.conftest import run_cli
 
 LABELS = tuple(str(i) for i in range(10))
 # tiny_cnn at 32 px, batch 32: head + last biases need ~96.1 MB; all of features.3 ~97.1 MB; more reaches back.
@@ -64,6 +66,9 @@ def test_trainable_set_and_planned_peak_respect_the_budget(ladder):
     for budget, result in ladder.items():
         m = result.manifest
         bundle = Bundle.open(result.out)
+        step = onnx.load(str(result.out / m.portable.train_step))  # the graph's own flat state, not the manifest's
+        graph_params = next(i for i in step.graph.input if i.name == "params").type.tensor_type.shape.dim[0].dim_value
+        assert graph_params == m.trainable_params
         assert planned_peak(m, 32, split=m.split is not None) <= budget + 1e-6
         assert m.sparse.budget_mb == budget and m.sparse.batch_size == 32
         # the head always trains; every trainable tensor is a parameter or a channel part of one
@@ -94,7 +99,40 @@ def test_channel_split_is_real_and_gradients_match_torch(ladder):
     step = onnx.load(str(result.out / m.portable.train_step))
     convs = [n for n in step.graph.node if n.op_type == "Conv" and weight in n.name]
     assert len(convs) == 2  # the forward pass: the chosen half and the frozen half, each its own conv
-    assert m.validation["grad_max_rel_diff"] < 1e-3  # against torch (export validates; the split names included)
+
+
+def test_a_sparse_step_is_torchs_gradient_on_the_chosen_channels(ladder):
+    """The gradient a channel-split bundle's step computes against torch's float64 gradient of the unsplit model,
+    restricted to each part's channels: the split convs, their BN scales and shifts, and the whole tensors. The step
+    is AdamW from a fresh state, whose first moment comes out as exactly (1 − β1)·g."""
+    from conftest import ADAM_BETAS
+
+    result = _split_bundle(ladder)
+    m = result.manifest
+    bundle = Bundle.open(result.out)
+    x, y = fixed_batch(m)
+    engine = open_engine(bundle, bundle.graphs(), "onnxruntime")
+    engine.load(bundle.load_state())
+    engine.train_step(x, y, 1e-3)
+    update = engine.state().optimizer["adam_m"].astype(np.float64) / (1 - ADAM_BETAS[0])
+    module = build(ExportOptions(out=None, backbone="tiny_cnn", head=HeadRequest(labels=LABELS))).module.double()
+    torch.nn.functional.cross_entropy(module.eval()(torch.from_numpy(x).double()), torch.from_numpy(y)).backward()
+    grads = {n: p.grad.numpy() for n, p in module.named_parameters()}
+    channels = {}
+    for layer in m.sparse.layers:
+        if 0 < len(layer.channels) < layer.total_channels:
+            bn = layer.name.rsplit(".", 2)[0] + ".1"
+            for name in (layer.name, f"{bn}.weight", f"{bn}.bias"):
+                channels[name] = np.asarray(layer.channels)
+    for p in m.portable.layout:
+        base, _, part = p.name.partition("@")
+        expected = grads[base]
+        if part:
+            chosen = np.isin(np.arange(expected.shape[0]), channels[base])
+            expected = expected[chosen if part == "sel" else ~chosen]
+        mine = update[p.offset:p.offset + p.size]
+        error = np.linalg.norm(mine - expected.ravel()) / max(np.linalg.norm(expected), 1e-12)
+        assert error < 1e-3, (p.name, error)
 
 
 @pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
@@ -163,7 +201,14 @@ def test_model_factory_and_cli(tmp_path, calibration):
                                          head=HeadRequest(labels=LABELS), trainable="sparse", budget_mb=200,
                                          calibration=calibration))
     assert "features.0.weight" in result.manifest.trainable or "features.0.weight@sel" in result.manifest.trainable
-    assert result.manifest.validation["grad_max_rel_diff"] < 1e-3
+    module = build(ExportOptions(out=None, model="user_models:small_net", user_spec=spec,
+                                 head=HeadRequest(labels=LABELS))).module  # the export's seed: the same new head
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    bundle = Bundle.open(result.out)
+    engine = open_engine(bundle, bundle.graphs(), "onnxruntime", training=False)
+    engine.load(bundle.load_state())
+    with torch.no_grad():
+        np.testing.assert_allclose(engine.logits(x), module.eval()(torch.from_numpy(x)).numpy(), atol=1e-4)
     shown = run_cli("inspect", result.out)
     assert shown.returncode == 0 and "budget at batch 32" in shown.stdout and "/param" in shown.stdout
 
@@ -205,4 +250,17 @@ def test_every_backbone_exports_sparse_within_budget(tmp_path, backbone, calibra
     assert planned_peak(m, 32, split=m.split is not None) <= budget
     assert head.trainable_params < m.trainable_params < full.trainable_params
     assert any(layer.params > 0 for layer in m.sparse.layers)
-    assert m.validation["grad_max_rel_diff"] < 5e-2  # the export raises beyond its noise-scaled tolerance
+    step = onnx.load(str(result.out / m.portable.train_step))  # the graph's own flat state, not the manifest's
+    assert next(i for i in step.graph.input if i.name == "params").type.tensor_type.shape.dim[0].dim_value == \
+        m.trainable_params
+
+
+def test_a_budget_that_affords_only_the_head_trains_the_head(tmp_path, calibration):
+    """At the head preset's own planned peak, sparse can buy nothing more: it is the head, never worse than it
+    (and never an error)."""
+    head = export_bundle(ExportOptions(out=tmp_path / "head", backbone="tiny_cnn", head=HeadRequest(labels=LABELS),
+                                       validate=False)).manifest
+    budget = planned_peak(head, 32, split=True) + 1e-3
+    m = _export(tmp_path / "sparse", budget, calibration).manifest
+    assert m.trainable == head.trainable and m.sparse.cut == "" and m.sparse.layers == []
+    assert "the head alone" in " ".join(m.notes)

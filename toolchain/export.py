@@ -316,9 +316,10 @@ def _notes(source: Source, opts: ExportOptions, artifacts: Artifacts) -> list[st
     if source.sparse is not None:
         spec = source.sparse.spec
         partial = sum(1 for layer in spec.layers if 0 < len(layer.channels) < layer.total_channels)
-        notes.append(f"trainable sparse: {len(spec.layers)} weight tensors ({partial} by channels) from {spec.cut} on, "
-                     f"the head and the biases after the cut; planned {spec.planned_mb} MB of {spec.budget_mb} MB "
-                     f"at batch {spec.batch_size} (`edgeadapt inspect` shows the scores)")
+        what = (f"{len(spec.layers)} weight tensors ({partial} by channels) from {spec.cut} on, the head and the "
+                "biases after the cut") if spec.cut else "the head alone (the budget affords nothing more)"
+        notes.append(f"trainable sparse: {what}; planned {spec.planned_mb} MB of {spec.budget_mb} MB at batch "
+                     f"{spec.batch_size} (`edgeadapt inspect` shows the scores)")
     if opts.bn == "ort":
         notes.append("training graph uses batch statistics for BN (ORT default): train and eval differ")
     if artifacts.ort_training_missing:

@@ -202,24 +202,30 @@ class Selection:
 
 def select(cand: Candidate, price_cut, budget_mb: float, activation: dict[str, float]) -> tuple[Selection, list[str]]:
     """The best-scoring selection over cuts whose planned peak fits; `price_cut(cut)` prices the head and the biases
-    from `cut` on, `activation` is each layer's input bytes per sample. Raises if not even the last cut fits."""
+    from `cut` on, `activation` is each layer's input bytes per sample. The last "cut", past every block, is the head
+    alone: a budget that affords nothing more makes sparse the `head` preset, never worse. Raises if not even the
+    head fits."""
     best, reasons = None, []
-    for cut in range(len(cand.blocks) - 1, -1, -1):
+    for cut in range(len(cand.blocks), -1, -1):
         mandatory = cand.head + biases_from(cand, cut)
         price = price_cut(cut)
         base = price.peak(sum(cand.sizes[n] for n in mandatory))
         if base > budget_mb:  # earlier cuts keep more activations still
-            reasons.append(f"cut at {cand.blocks[cut]}: {base:.1f} MB with the head and biases alone")
+            reasons.append(f"{cut_name(cand, cut)}: {base:.1f} MB with the head and biases alone")
             break
         chosen = fill(cand, cut, budget_mb - base, price, activation)
         total = cand.score(mandatory) + sum(u.score for u in chosen)
-        reasons.append(f"cut at {cand.blocks[cut]}: score {total:.3g}")
+        reasons.append(f"{cut_name(cand, cut)}: score {total:.3g}")
         if best is None or total > best.score:
             best = Selection(cut, chosen, mandatory, total, base, budget_mb - base)
     if best is None:
-        raise ConfigError(f"--trainable sparse: not even the head and the last block's biases fit {budget_mb:.1f} MB "
-                          f"({reasons[-1]}); raise --budget-mb, lower the batch size or use --trainable head.")
+        raise ConfigError(f"--trainable sparse: not even the head fits {budget_mb:.1f} MB ({reasons[-1]}); raise "
+                          "--budget-mb or lower the batch size.")
     return best, reasons
+
+
+def cut_name(cand: Candidate, cut: int) -> str:
+    return f"cut at {cand.blocks[cut]}" if cut < len(cand.blocks) else "the head alone"
 
 
 def fill(cand: Candidate, cut: int, room_mb: float, price: Pricing, activation: dict[str, float]) -> list[Unit]:
@@ -317,7 +323,8 @@ def spec_of(cand: Candidate, selection: Selection, budget_mb: float, batch: int,
     layers.sort(key=lambda layer: -layer.score / max(layer.params, 1))
     mandatory = sum(cand.sizes[n] for n in selection.mandatory)
     return SparseSpec(budget_mb=float(budget_mb), batch_size=batch, planned_mb=round(selection.planned_mb, 2),
-                      cut=cand.blocks[selection.cut], calibration_samples=samples, layers=layers,
+                      cut=cand.blocks[selection.cut] if selection.cut < len(cand.blocks) else "",
+                      calibration_samples=samples, layers=layers,
                       always=len(selection.mandatory), always_params=mandatory,
                       always_score=round(cand.score(selection.mandatory), 8))
 
