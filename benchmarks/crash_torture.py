@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the harness lives with the tests
 
 
 def make_data(root: Path, backbone: str) -> Path:
@@ -43,7 +46,8 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", default="4")
     args = parser.parse_args()
 
-    from edgeadapt.runtime.torture import torture
+    from torture import torture
+
     from edgeadapt.toolchain.build import HeadRequest
     from edgeadapt.toolchain.export import ExportOptions, export_bundle
 
@@ -53,7 +57,7 @@ def main() -> None:
                                                head=HeadRequest(labels=tuple("0123456789")))).out
         data = make_data(root, args.backbone)
         if args.commit_points:
-            from edgeadapt.runtime.torture import torture_commit_points
+            from torture import torture_commit_points
 
             for engine in args.engines.split(","):
                 options = ["--epochs", str(args.epochs), "--batch-size", "32", "--seed", "7", "--checkpoint-every",

@@ -53,7 +53,7 @@ def time_training(bundle, batch: int, threads: int, steps: int, warmup: int, eng
     an uncached epoch is prefix inference, then a suffix step."""
     from edgeadapt.runtime.engines import open_engine
     from edgeadapt.runtime.prefix import PrefixRunner
-    from edgeadapt.runtime.targets import PREFIX_BATCH
+    from edgeadapt.runtime.training_target import PREFIX_BATCH
 
     opened = open_engine(bundle, bundle.graphs(split), engine, device, threads)
     state = bundle.load_state()

@@ -9,7 +9,7 @@ from edgeadapt.devices.planner import largest_fitting_batch, planned_peak
 from edgeadapt.devices.profiles import get_profile
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.errors import ConfigError
-from edgeadapt.runtime.targets import wants_split
+from edgeadapt.runtime.training_target import wants_split
 
 
 def batch_for_profile(bundle_path: Path, profile_name: str, batch_size: int, auto: bool,

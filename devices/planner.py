@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 from edgeadapt.devices.profiles import load_profiles
 from edgeadapt.runtime.manifest import SUFFIX_PREFIX, Manifest
-from edgeadapt.runtime.targets import PREFIX_BATCH
+from edgeadapt.runtime.training_target import PREFIX_BATCH
 
 MB = 1024 * 1024
 # Calibrated on the reference host for the portable step on onnxruntime (CPU, 2 threads, edgeadapt's

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeadapt.runtime import targets
+from edgeadapt.runtime import training_target
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.data import Dataset, load_dataset, split
 from edgeadapt.runtime.engines import open_engine
@@ -116,7 +116,7 @@ def accuracy_of(bundle: Bundle, data: Dataset, config: TrainConfig) -> float:
     if bundle.manifest.loss != "cross_entropy":
         raise ConfigError("fleet runs report accuracy: they need a classification bundle (cross-entropy loss).")
     with bundle_lock(bundle.lock_path):
-        inputs, _, target = targets.prepare(bundle, config, data, None)
+        inputs, _, target = training_target.prepare(bundle, config, data, None)
     engine = open_engine(bundle, target.graphs, config.engine, config.device, config.threads, training=False)
     engine.load(bundle.load_state())
     return float(evaluate_arrays(engine, inputs, bundle.manifest, config.batch_size or 64).accuracy)

@@ -15,7 +15,7 @@ from edgeadapt.runtime.errors import ConfigError
 from edgeadapt.runtime.onnx_wire import bake_input
 from edgeadapt.runtime.prefix import PrefixRunner
 from edgeadapt.runtime.state import STATISTICS_INPUT
-from edgeadapt.runtime.targets import bundle_statistics
+from edgeadapt.runtime.training_target import bundle_statistics
 
 
 @dataclass(frozen=True)

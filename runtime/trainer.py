@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgeadapt.runtime import targets
+from edgeadapt.runtime import training_target
 from edgeadapt.runtime.adabn import SCOPES, adapt_bn_locked
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.data import Dataset, batch_inputs, load_dataset, split
@@ -29,7 +29,7 @@ from edgeadapt.runtime.lock import bundle_lock
 from edgeadapt.runtime.metrics import RunningStats, evaluate_arrays
 from edgeadapt.runtime.schedule import SCHEDULES, learning_rate
 from edgeadapt.runtime.state import Progress, TrainState, digest, resumable
-from edgeadapt.runtime.targets import TrainingTarget
+from edgeadapt.runtime.training_target import TrainingTarget
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ class Trainer:
             if self.config.adabn and not self.config.resume:  # a resumed run has its statistics already
                 adapted = adapt_bn_locked(self.bundle, train, self.config.adabn, self.config.batch_size,
                                           self.config.threads)
-            train, val, self.target = targets.prepare(self.bundle, self.config, train, val)
+            train, val, self.target = training_target.prepare(self.bundle, self.config, train, val)
             if adapted is not None:
                 self.target.notes.insert(0, f"AdaBN ({adapted.scope}): {adapted.statistics} BN statistics "
                                             f"re-estimated on {adapted.samples} samples")

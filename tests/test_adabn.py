@@ -106,7 +106,7 @@ def test_train_with_adabn_resumes_bit_exactly(fresh_bundle, bundle_factory, digi
 
 def test_split_bundle_recomputes_prefix_features_and_deploy_bakes_statistics(bundle_factory, digit_image_npz,
                                                                             tmp_path):
-    from edgeadapt.runtime import targets
+    from edgeadapt.runtime import training_target as targets
     from edgeadapt.runtime.data import load_dataset
     from edgeadapt.runtime.deploy import deploy
     from edgeadapt.runtime.inference import evaluate

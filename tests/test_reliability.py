@@ -12,9 +12,9 @@ import tarfile
 import time
 
 import pytest
+from torture import torture
 
 from conftest import run_cli
-from edgeadapt.runtime.torture import torture
 from test_errors import assert_one_line_error
 
 
@@ -177,7 +177,7 @@ def test_device_path_never_unpickles():
 def test_kills_at_every_commit_point_resume_to_the_same_weights_and_log(fresh_bundle, digits, tmp_path, engine):
     """Just before and after each rename of the state file (checkpoints, epoch commits with the best state and
     the log lines, the final state) and just after each log append, on both portable engines."""
-    from edgeadapt.runtime.torture import torture_commit_points
+    from torture import torture_commit_points
 
     options = ["--epochs", "2", "--batch-size", "64", "--seed", "3", "--checkpoint-every", "8", "--patience", "2",
                "--engine", engine]

@@ -34,12 +34,12 @@ from edgeadapt.toolchain.artifacts import write_artifacts
 from edgeadapt.toolchain.auto import HEADROOM, choose
 from edgeadapt.toolchain.bn import BN_POLICIES
 from edgeadapt.toolchain.build import BuiltModel, HeadRequest, build_user_model, build_zoo_model
-from edgeadapt.toolchain.onnx_export import onnx_source
-from edgeadapt.toolchain.onnx_graph import export_eval_onnx
+from edgeadapt.toolchain.onnx_source import onnx_source
 from edgeadapt.toolchain.plan import DEFAULT_BATCH, DEFAULT_WEIGHT_DECAY, TrainingSpec, training_spec
 from edgeadapt.toolchain.presets import HEAD as DEFAULT_PRESET
 from edgeadapt.toolchain.presets import preset_of, resolve_lists
 from edgeadapt.toolchain.stages import Artifacts, Lists, Source
+from edgeadapt.toolchain.torch_export import export_eval_onnx
 from edgeadapt.toolchain.validate import ValidationReport, validate
 
 

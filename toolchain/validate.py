@@ -24,7 +24,7 @@ from edgeadapt.runtime.losses import mean_loss
 from edgeadapt.runtime.ort import onnxruntime_module, session_options
 from edgeadapt.runtime.prefix import PrefixRunner
 from edgeadapt.runtime.state import named_parameters
-from edgeadapt.runtime.targets import bundle_statistics
+from edgeadapt.runtime.training_target import bundle_statistics
 from edgeadapt.toolchain.bn import STATISTICS_INPUT, statistics_layout
 from edgeadapt.toolchain.channels import expand_reference
 from edgeadapt.toolchain.stages import initial_values

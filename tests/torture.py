@@ -1,7 +1,7 @@
 """Crash torture: start `edgeadapt train`, SIGKILL it at a random moment — or at an exact commit point of an epoch
 (just before or just after the state file's rename, just after the log append) —, check what it left, resume, and
-compare the final weights (and the log) with an uninterrupted run of the same seed. Used by tests (small N) and
-benchmarks/crash_torture.py (N >= 100)."""
+compare the final weights (and the log) with an uninterrupted run of the same seed. A test harness, not part of the
+device package: used by tests (small N) and benchmarks/crash_torture.py (N >= 100)."""
 
 from __future__ import annotations
 
