@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from edgeadapt.runtime.engines import ENGINES
+
 
 def available_here() -> dict[str, list[str]]:
     """Training engines this machine really has, with their devices (`--engine`, `--device`)."""
@@ -47,7 +49,7 @@ def bench_command(
     steps: int = typer.Option(5, "--steps"),
     warmup: int = typer.Option(2, "--warmup"),
     split: bool = typer.Option(False, "--split", help="Split bundles: time prefix inference + suffix training."),
-    engine: str = typer.Option("auto", "--engine", help="auto | onnxruntime | openvino | ort-training."),
+    engine: str = typer.Option("auto", "--engine", help=" | ".join(ENGINES) + "."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, gpu, npu, … (see `edgeadapt devices`)."),
     as_json: bool = typer.Option(False, "--json"),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write latency and memory plots (PNG)."),

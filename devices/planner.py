@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from edgeadapt.devices.profiles import load_profiles
-from edgeadapt.runtime.manifest import SUFFIX_PREFIX, Manifest
+from edgeadapt.runtime.manifest import SUFFIX_PREFIX, Manifest, default_batch
 from edgeadapt.runtime.training_target import PREFIX_BATCH
 
 MB = 1024 * 1024
@@ -102,7 +102,7 @@ def plan_summary(bundle) -> dict:
     """For `inspect`: predicted peak training memory at the bundle's default batch size (and for a split run), and
     which device profiles it fits."""
     manifest = bundle.manifest
-    batch = int(manifest.hyperparameters.get("batch_size", 32))
+    batch = default_batch(manifest)
     plan = plan_memory(manifest, batch)
     info = {f"memory plan, batch {batch}": plan.as_dict()}
     if manifest.split is not None:

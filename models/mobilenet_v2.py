@@ -6,10 +6,8 @@ import torch
 from torch import nn
 
 from edgeadapt.models.layers import Backbone, ConvBNAct, init_weights, make_divisible
-from edgeadapt.models.registry import BackboneSpec, WeightSource, register_backbone
+from edgeadapt.models.registry import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, WeightSource, register_backbone
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # (expansion t, channels c, repeats n, stride s), from the paper and torchvision.
 _SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 

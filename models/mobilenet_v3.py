@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 from edgeadapt.models.layers import Backbone, ConvBNAct, init_weights, make_divisible
-from edgeadapt.models.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD
-from edgeadapt.models.registry import BackboneSpec, register_backbone
+from edgeadapt.models.registry import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, register_backbone
 
 # (kernel, expanded, out, squeeze-excite, hard-swish, stride), torchvision's mobilenet_v3_small table.
 _SMALL = [(3, 16, 16, True, False, 2), (3, 72, 24, False, False, 2), (3, 88, 24, False, False, 1),

@@ -8,6 +8,10 @@ from typing import Callable
 
 from edgeadapt.runtime.errors import UnknownNameError
 
+# torchvision's ImageNet normalisation: the zoo's pretrained backbones, and the default for user models and ONNX files
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @dataclass(frozen=True)
 class WeightSource:

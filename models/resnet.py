@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 from edgeadapt.models.layers import Backbone, init_weights
-from edgeadapt.models.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD
-from edgeadapt.models.registry import BackboneSpec, register_backbone
+from edgeadapt.models.registry import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, register_backbone
 
 
 class BasicBlock(nn.Module):

@@ -18,6 +18,7 @@ from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.data import Dataset, load_unlabeled, preprocess
 from edgeadapt.runtime.errors import ConfigError, DataError
 from edgeadapt.runtime.lock import bundle_lock
+from edgeadapt.runtime.manifest import DEFAULT_BATCH
 from edgeadapt.runtime.ort import onnxruntime_module, session_options
 
 SCOPES = ("all", "prefix")
@@ -33,7 +34,8 @@ class AdaBNResult:
     seconds: float
 
 
-def adapt_bn(bundle: Bundle | str | Path, data: Dataset | str | Path, scope: str = "all", batch_size: int = 32,
+def adapt_bn(bundle: Bundle | str | Path, data: Dataset | str | Path, scope: str = "all",
+             batch_size: int = DEFAULT_BATCH,
              threads: int | None = None) -> AdaBNResult:
     """Re-estimate the bundle's BN statistics from `data` (labels unused), under the trainer's lock."""
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)

@@ -11,6 +11,13 @@ from typing import List, Optional
 
 import typer
 
+from edgeadapt.runtime.engines import ENGINES
+from edgeadapt.runtime.manifest import DEFAULT_BATCH, DEFAULT_EPOCHS, default_batch
+from edgeadapt.runtime.trainer import TrainConfig
+
+TRAIN = TrainConfig()  # the one owner of `train`'s defaults: the options below read them
+ENGINE_HELP = " | ".join(ENGINES) + "."
+
 
 def console():
     """Rich console; piped output gets a wide fixed width instead of 80 columns."""
@@ -85,28 +92,30 @@ def _rows(key: str, value) -> list[tuple[str, str]]:
 def train(
     bundle: Path = typer.Argument(..., help="Bundle folder (updated in place)."),
     data: Path = typer.Argument(..., help="Folder of class subfolders of images, .npz (x, y) or .csv."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Default: the bundle's (5)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size",
-                                             help="Default: the bundle's (32, or the one --trainable auto chose)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Default: the bundle's."),
-    seed: int = typer.Option(0, "--seed"),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine | linear | constant (after warm-up)."),
-    warmup: float = typer.Option(0.05, "--warmup", help="Warm-up as a fraction of all steps."),
-    val_split: float = typer.Option(0.1, "--val-split"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=f"Default: the bundle's ({DEFAULT_EPOCHS})."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Default: the bundle's ({DEFAULT_BATCH}, or "
+                                             "the one --trainable auto chose)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Default: the bundle's (the head's; groups scale it)."),
+    seed: int = typer.Option(TRAIN.seed, "--seed"),
+    schedule: str = typer.Option(TRAIN.schedule, "--schedule", help="cosine | linear | constant (after warm-up)."),
+    warmup: float = typer.Option(TRAIN.warmup, "--warmup", help="Warm-up as a fraction of all steps."),
+    val_split: float = typer.Option(TRAIN.val_split, "--val-split"),
     patience: Optional[int] = typer.Option(None, "--patience", help="Early stopping after N epochs without gain."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Stop cleanly (resumable) after this."),
-    augment: bool = typer.Option(False, "--augment/--no-augment", help="Light image augmentation."),
-    engine: str = typer.Option("auto", "--engine", help="auto | onnxruntime | openvino | ort-training."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda[:N], gpu, npu, dml, coreml, qnn, … "
-                                                        "(`edgeadapt devices` lists this machine's)."),
+    augment: bool = typer.Option(TRAIN.augment, "--augment/--no-augment", help="Light image augmentation."),
+    engine: str = typer.Option(TRAIN.engine, "--engine", help=ENGINE_HELP),
+    device: str = typer.Option(TRAIN.device, "--device", help="cpu, cuda[:N], gpu, npu, dml, coreml, qnn, … "
+                                                               "(`edgeadapt devices` lists this machine's)."),
     threads: Optional[int] = typer.Option(None, "--threads"),
-    checkpoint_every: int = typer.Option(20, "--checkpoint-every", help="Steps between checkpoints."),
+    checkpoint_every: int = typer.Option(TRAIN.checkpoint_every, "--checkpoint-every", help="Steps between "
+                                         "checkpoints."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run exactly."),
-    split: str = typer.Option("auto", "--split", help="auto | on | off: train only the suffix of a split bundle."),
-    prefix_device: str = typer.Option("onnxruntime-cpu", "--prefix-device",
+    split: str = typer.Option(TRAIN.split, "--split", help="auto | on | off: train only the suffix of a split "
+                              "bundle."),
+    prefix_device: str = typer.Option(TRAIN.prefix_device, "--prefix-device",
                                       help="Where the frozen prefix runs: onnxruntime-cpu, openvino-cpu|gpu|npu, …"),
     prefix_int8: bool = typer.Option(False, "--prefix-int8", help="Use the INT8 prefix (edgeadapt quantize-prefix)."),
-    cache_mb: int = typer.Option(2048, "--cache-mb", help="Feature cache limit."),
+    cache_mb: int = typer.Option(TRAIN.cache_mb, "--cache-mb", help="Feature cache limit."),
     profile: Optional[str] = typer.Option(None, "--profile", help="Device profile: refuse batches over its budget."),
     auto_batch: bool = typer.Option(False, "--auto-batch", help="With --profile: the largest batch that fits."),
     trusted_key: Optional[Path] = typer.Option(None, "--trusted-key", help="Refuse bundles not signed by this key."),
@@ -115,13 +124,13 @@ def train(
     adabn_scope: str = typer.Option("all", "--adabn-scope", help="all | prefix: which BN statistics --adabn sets."),
 ):
     """Train the bundle on local data (no torch needed)."""
-    from edgeadapt.runtime.trainer import TrainConfig, Trainer
+    from edgeadapt.runtime.trainer import Trainer
 
     opened = _bundle(bundle, trusted_key)
     if profile:
         from edgeadapt.devices.fit import batch_for_profile
 
-        wanted = batch_size or int(opened.manifest.hyperparameters.get("batch_size", 32))
+        wanted = batch_size or default_batch(opened.manifest)
         batch_size, threads = batch_for_profile(bundle, profile, wanted, auto_batch, threads, split)
         typer.echo(f"profile {profile}: batch {batch_size}, {threads} threads")
 
@@ -181,7 +190,7 @@ def _print_summary(summary, bundle: Path) -> None:
 def adapt_bn(bundle: Path = typer.Argument(..., help="Bundle folder (its BN statistics are updated in place)."),
              data: Path = typer.Argument(..., help="Local samples, labels unused: images (any folders), .npz or .csv."),
              scope: str = typer.Option("all", "--scope", help="all: every BN; prefix: the frozen prefix's only."),
-             batch_size: int = typer.Option(32, "--batch-size"),
+             batch_size: int = typer.Option(DEFAULT_BATCH, "--batch-size"),
              threads: Optional[int] = typer.Option(None, "--threads"), as_json: bool = typer.Option(False, "--json"),
              trusted_key: Optional[Path] = typer.Option(None, "--trusted-key",
                                                         help="Refuse bundles not signed by this key.")):
@@ -198,7 +207,7 @@ def adapt_bn(bundle: Path = typer.Argument(..., help="Bundle folder (its BN stat
 
 def evaluate(bundle: Path = typer.Argument(...), data: Path = typer.Argument(...),
              batch_size: int = typer.Option(64, "--batch-size"), as_json: bool = typer.Option(False, "--json"),
-             engine: str = typer.Option("auto", "--engine", help="auto | onnxruntime | openvino | ort-training."),
+             engine: str = typer.Option("auto", "--engine", help=ENGINE_HELP),
              device: str = typer.Option("cpu", "--device"),
              trusted_key: Optional[Path] = typer.Option(None, "--trusted-key",
                                                         help="Refuse bundles not signed by this key.")):
@@ -241,7 +250,7 @@ def _bundle(path: Path, trusted_key: Path | None = None):
 
 def predict(bundle: Path = typer.Argument(...), inputs: List[Path] = typer.Argument(..., help="Images, .npz, .csv."),
             top_k: int = typer.Option(5, "--top-k"),
-            engine: str = typer.Option("auto", "--engine", help="auto | onnxruntime | openvino | ort-training."),
+            engine: str = typer.Option("auto", "--engine", help=ENGINE_HELP),
             device: str = typer.Option("cpu", "--device", help="cpu, cuda, gpu, npu, …"),
             as_json: bool = typer.Option(False, "--json"),
             trusted_key: Optional[Path] = typer.Option(None, "--trusted-key",

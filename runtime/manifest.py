@@ -30,6 +30,12 @@ MAX_SIDE = 8192  # image resize, each side
 MAX_SAMPLE_ELEMENTS = 1 << 26  # one preprocessed sample: 256 MB of float32
 MAX_LABELS = 100_000
 MAX_BATCH = 1 << 16
+# What a manifest's hyperparameters mean when they lack a batch size or epochs (every export writes its own).
+DEFAULT_BATCH, DEFAULT_EPOCHS = 32, 5
+
+
+def default_batch(m: "Manifest") -> int:
+    return int(m.hyperparameters.get("batch_size", DEFAULT_BATCH))
 
 
 @dataclass(frozen=True)

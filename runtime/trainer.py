@@ -26,6 +26,7 @@ from edgeadapt.runtime.data import Dataset, batch_inputs, load_dataset, split
 from edgeadapt.runtime.engines import Engine, open_engine, resolve_engine
 from edgeadapt.runtime.errors import ConfigError, DataError, TrainingError
 from edgeadapt.runtime.lock import bundle_lock
+from edgeadapt.runtime.manifest import DEFAULT_EPOCHS, default_batch
 from edgeadapt.runtime.metrics import RunningStats, evaluate_arrays
 from edgeadapt.runtime.schedule import SCHEDULES, learning_rate
 from edgeadapt.runtime.state import Progress, TrainState, digest, resumable
@@ -34,9 +35,9 @@ from edgeadapt.runtime.training_target import TrainingTarget
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int | None = None  # None: the bundle's (manifest hyperparameters), else 5
-    batch_size: int | None = None  # None: the bundle's (e.g. chosen by `--trainable auto`), else 32
-    lr: float | None = None  # None: the bundle's default for its preset
+    epochs: int | None = None  # None: the bundle's (manifest hyperparameters), else DEFAULT_EPOCHS
+    batch_size: int | None = None  # None: the bundle's (e.g. chosen by `--trainable auto`), else DEFAULT_BATCH
+    lr: float | None = None  # None: the bundle's default (the head's rate; its groups scale it)
     seed: int = 0
     schedule: str = "cosine"
     warmup: float = 0.05  # fraction of all steps
@@ -60,8 +61,8 @@ class TrainConfig:
     def for_bundle(self, manifest) -> "TrainConfig":
         """Unset epochs and batch size from the bundle; precedence: flag > manifest > default."""
         given = manifest.hyperparameters
-        return dataclasses.replace(self, epochs=self.epochs or int(given.get("epochs", 5)),
-                                   batch_size=self.batch_size or int(given.get("batch_size", 32)),
+        return dataclasses.replace(self, epochs=self.epochs or int(given.get("epochs", DEFAULT_EPOCHS)),
+                                   batch_size=self.batch_size or default_batch(manifest),
                                    engine=resolve_engine(self.engine, self.device))
 
     def check(self) -> None:

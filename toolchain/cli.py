@@ -95,7 +95,7 @@ def export(
 ):
     """Export a backbone + head as a bundle: portable training step, forward graph, state, manifest."""
     _need_host()
-    from edgeadapt.models.registry import BackboneSpec
+    from edgeadapt.models.registry import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec
     from edgeadapt.toolchain.build import HeadRequest
     from edgeadapt.toolchain.export import ExportOptions, export_bundle, list_parameters
 
@@ -107,8 +107,8 @@ def export(
     if model:
         height, width = (size * 2 if len(size) == 1 else size) if size else (224, 224)
         user_spec = BackboneSpec(name=model, input_size=(3, height, width),
-                                 mean=_numbers(mean, float, "--mean") or (0.485, 0.456, 0.406),
-                                 std=_numbers(std, float, "--std") or (0.229, 0.224, 0.225),
+                                 mean=_numbers(mean, float, "--mean") or IMAGENET_MEAN,
+                                 std=_numbers(std, float, "--std") or IMAGENET_STD,
                                  feature_dim=0, head=head, blocks=())
     options = ExportOptions(out=out, backbone=backbone, model=model,
                             head=HeadRequest(classes, _labels(labels), keep_head), trainable=trainable,

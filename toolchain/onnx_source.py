@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeadapt.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from edgeadapt.runtime.errors import ConfigError
 from edgeadapt.runtime.manifest import InputSpec
 from edgeadapt.toolchain.bn import fold_batchnorm
@@ -153,8 +154,9 @@ def reference_logits(path: Path, x: np.ndarray, feature_output: str | None, head
 def _input_spec(opts, shape: tuple[int, ...]) -> InputSpec:
     spec = opts.user_spec
     is_image = len(shape) == 3
-    mean = list(spec.mean) if spec else ([0.485, 0.456, 0.406] if is_image and shape[0] == 3 else [0.0])
-    std = list(spec.std) if spec else ([0.229, 0.224, 0.225] if is_image and shape[0] == 3 else [1.0])
+    rgb = is_image and shape[0] == 3
+    mean = list(spec.mean) if spec else (list(IMAGENET_MEAN) if rgb else [0.0])
+    std = list(spec.std) if spec else (list(IMAGENET_STD) if rgb else [1.0])
     channels = ("RGB" if shape[0] == 3 else "L") if is_image else ""
     return InputSpec("input", [-1, *shape], "float32", "NCHW" if is_image else "NC", channels, mean, std,
                      list(shape[1:]) if is_image else [])

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgeadapt.runtime.manifest import ParamGroup
+from edgeadapt.runtime.manifest import DEFAULT_BATCH, DEFAULT_EPOCHS, ParamGroup
 
-DEFAULT_BATCH = 32
-DEFAULT_EPOCHS = 5
 DEFAULT_WEIGHT_DECAY = 0.01  # AdamW's decoupled decay of the decayed groups
 BASE_LR = {"adamw": 1e-3, "sgd": 1e-2}  # the head's rate, and every tensor's for random weights
 BACKBONE_LR_RATIO = 0.1  # pretrained backbone tensors: this times the base rate
