@@ -26,8 +26,6 @@ def assert_one_line_error(result, *fragments):
     (["export", "tiny_cnn", "--classes", "3", "--loss", "hinge"], ["unknown loss 'hinge'"]),
     (["export", "tiny_cnn"], ["exactly one of --classes"]),
     (["export", "resnet18", "--classes", "3", "--weights", "imagenet"], ["no downloadable ImageNet weights"]),
-    (["export", "--model", "user_models:net_with_hardswish", "--classes", "3", "--trainable", "full",
-      "--input-size", "32"], ["HardSwish", "no gradient", "freeze"]),
 ])
 def test_export_errors(tmp_path, args, fragments):
     out = tmp_path / "bundle"

@@ -234,3 +234,24 @@ def test_onnx_source_with_external_data_gives_a_bundle_that_holds_all_its_data(m
     graphs = [f for f in result.out.iterdir() if f.suffix == ".onnx"]
     assert graphs and not any(graph_interface(f.read_bytes()).external_data for f in graphs)
     assert "weights.bin" not in result.manifest.files and (result.out / "forward.onnx").stat().st_size > 1e6
+
+
+@pytest.mark.ort_training
+def test_a_model_ort_training_cannot_differentiate_exports_with_a_note_and_trains(tmp_path, digit_image_npz):
+    """HardSwish on the trainable path: ONNX Runtime training's generator fails, the plugin's artifacts are left out
+    with the reason in the manifest, and the bundle (validated against torch) trains on the portable step."""
+    from conftest import run_cli
+
+    out = tmp_path / "b"
+    result = run_cli("export", "--model", "user_models:net_with_hardswish", "--classes", "3", "--trainable", "full",
+                     "--input-size", "32", "--out", out)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    note = next(n for n in manifest["notes"] if n.startswith("no ort-training artifacts"))
+    assert "HardSwish" in note and "no gradient" in note
+    assert not [p for p in out.iterdir() if p.name.startswith(("training_model", "eval_model", "checkpoint"))]
+    assert "validated against torch" in result.stdout
+    x = np.random.default_rng(0).integers(0, 255, (60, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.array(["0", "1", "2"] * 20))
+    trained = run_cli("train", out, tmp_path / "d.npz", "--epochs", "1", "--quiet")
+    assert trained.returncode == 0, trained.stderr

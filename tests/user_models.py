@@ -12,7 +12,7 @@ def small_net() -> nn.Module:
 
 
 def net_with_hardswish() -> tuple[nn.Module, str]:
-    """ONNX Runtime has no gradient for HardSwish: training across it must be refused clearly."""
+    """ONNX Runtime training has no gradient for HardSwish; the portable step has."""
     net = nn.Sequential()
     net.add_module("features", nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.Hardswish(), nn.AdaptiveAvgPool2d(1),
                                              nn.Flatten()))

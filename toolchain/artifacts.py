@@ -18,8 +18,9 @@ from edgeadapt.toolchain.stages import OUTPUT_NAME, Artifacts, initial_values, w
 from edgeadapt.toolchain.train_step import build_forward, build_train_step
 
 
-def write_artifacts(source, lists, opts, spec, out_dir: Path):
+def write_artifacts(source, plan, out_dir: Path):
     """All graphs of the bundle, its initial state, and the split (when the frozen part is a prefix)."""
+    lists, spec = plan.lists, plan.training
     from edgeadapt.toolchain import ort_training
 
     ort_missing = ort_training.unavailable()  # why ORT training's artifacts are left out ("" while they are not)
@@ -32,7 +33,7 @@ def write_artifacts(source, lists, opts, spec, out_dir: Path):
         if not ort_missing:
             try:
                 ort_training.generate(graph, trainable, frozen, spec.loss, spec.optimizer, spec.weight_decay,
-                                      out_dir, opts.ort_format, OUTPUT_NAME, prefix)
+                                      out_dir, plan.ort_format, OUTPUT_NAME, prefix)
             except ExportError as exc:
                 ort_missing = str(exc)
                 ort_training.remove(out_dir)
@@ -40,7 +41,7 @@ def write_artifacts(source, lists, opts, spec, out_dir: Path):
         return portable
 
     portable = make_graphs(source.graph, lists.trainable, lists.frozen + lists.buffers)
-    split = build_split(source.graph, lists, out_dir, make_graphs, portable, statistics) if opts.split else None
+    split = build_split(source.graph, lists, out_dir, make_graphs, portable, statistics) if plan.split else None
     if split is not None:  # the prefix's largest tensor is the network's (early layers are the widest)
         memory["prefix_largest_bytes_per_sample"] = memory["largest_bytes_per_sample"]
     if statistics:

@@ -1,5 +1,6 @@
 """`edgeadapt export` as one chain of typed stages for every source (zoo backbone, `--model` factory, `--onnx`
-file): Source → Lists → Artifacts → ValidationReport → Manifest (see stages.py)."""
+file): Source → TrainingPlan (toolchain/plan.py: what trains and how) → Artifacts → ValidationReport → Manifest
+(see stages.py). Only planning reads the export's options; the later stages take the source and the plan."""
 
 from __future__ import annotations
 
@@ -35,10 +36,10 @@ from edgeadapt.toolchain.auto import HEADROOM, choose
 from edgeadapt.toolchain.bn import BN_POLICIES
 from edgeadapt.toolchain.build import BuiltModel, HeadRequest, build_user_model, build_zoo_model
 from edgeadapt.toolchain.onnx_source import onnx_source
-from edgeadapt.toolchain.plan import DEFAULT_BATCH, DEFAULT_WEIGHT_DECAY, TrainingSpec, training_spec
+from edgeadapt.toolchain.plan import DEFAULT_BATCH, DEFAULT_WEIGHT_DECAY, TrainingPlan, make_plan
 from edgeadapt.toolchain.presets import HEAD as DEFAULT_PRESET
 from edgeadapt.toolchain.presets import preset_of, resolve_lists
-from edgeadapt.toolchain.stages import Artifacts, Lists, Source
+from edgeadapt.toolchain.stages import Artifacts, Source
 from edgeadapt.toolchain.torch_export import export_eval_onnx
 from edgeadapt.toolchain.validate import ValidationReport, validate
 
@@ -238,28 +239,22 @@ def _export(opts: ExportOptions, out: Path, stage: Callable[[str], None], starte
     if preset_of(opts.trainable).searched:
         stage(f"choosing what trains for {opts.profile}")
         opts, source = _auto_source(opts, source)
-    lists = resolve_lists(source, opts.trainable)
-    spec = source_training_spec(source, lists, opts)
+    plan = make_plan(opts, source, resolve_lists(source, opts.trainable))  # the later stages see only the plan
     with staged_dir(out) as staging:
         stage("writing the training step, forward graph and state")
-        artifacts = write_artifacts(source, lists, opts, spec, staging)
-        manifest = make_manifest(source, lists, opts, spec, artifacts, staging)
+        artifacts = write_artifacts(source, plan, staging)
+        manifest = make_manifest(source, plan, artifacts, staging)
         write_manifest(staging, manifest, None)
         if opts.validate:
             stage("validating against " + ("torch (float64)" if source.torch_module is not None else "the source"))
-        report = validate(source, lists, opts, Bundle(staging, manifest), export_threads(opts.threads)) \
+        report = validate(source, plan, Bundle(staging, manifest), export_threads(opts.threads)) \
             if opts.validate else None
         if report is not None and report.ort_training_failure:
             artifacts = _without_ort_training(artifacts, staging, report.ort_training_failure)
-            manifest = make_manifest(source, lists, opts, spec, artifacts, staging)
+            manifest = make_manifest(source, plan, artifacts, staging)
         manifest = replace(manifest, validation=report.as_dict() if report else {})
         write_manifest(staging, manifest, opts.sign)
     return ExportResult(out, manifest, time.perf_counter() - started, report)
-
-
-def source_training_spec(source: Source, lists: Lists, opts: ExportOptions) -> TrainingSpec:
-    ranks = {init.name: len(init.dims) for init in source.graph.graph.initializer}
-    return training_spec(opts, source.weights, lists.trainable, source.head, ranks, opts.auto_batch)
 
 
 def _without_ort_training(artifacts: Artifacts, staging: Path, failure: str) -> Artifacts:
@@ -309,10 +304,10 @@ def _input_spec(spec: BackboneSpec) -> InputSpec:
                      resize=list(spec.input_size[1:]) if is_image else [])
 
 
-def _notes(source: Source, opts: ExportOptions, artifacts: Artifacts) -> list[str]:
+def _notes(source: Source, plan: TrainingPlan, artifacts: Artifacts) -> list[str]:
     notes = list(source.notes)
-    if opts.auto_notes:
-        notes.append(f"trainable auto for {opts.profile}: " + "; ".join(opts.auto_notes))
+    if plan.reasons:
+        notes.append(f"trainable auto for {plan.profile}: " + "; ".join(plan.reasons))
     if source.sparse is not None:
         spec = source.sparse.spec
         partial = sum(1 for layer in spec.layers if 0 < len(layer.channels) < layer.total_channels)
@@ -320,19 +315,19 @@ def _notes(source: Source, opts: ExportOptions, artifacts: Artifacts) -> list[st
                 "biases after the cut") if spec.cut else "the head alone (the budget affords nothing more)"
         notes.append(f"trainable sparse: {what}; planned {spec.planned_mb} MB of {spec.budget_mb} MB at batch "
                      f"{spec.batch_size} (`edgeadapt inspect` shows the scores)")
-    if opts.bn == "ort":
+    if plan.bn_policy == "ort":
         notes.append("training graph uses batch statistics for BN (ORT default): train and eval differ")
     if artifacts.ort_training_missing:
         notes.append(f"no ort-training artifacts: {artifacts.ort_training_missing}")
     return notes
 
 
-def make_manifest(source: Source, lists: Lists, opts: ExportOptions, spec: TrainingSpec, artifacts: Artifacts,
-                  staging: Path) -> Manifest:
+def make_manifest(source: Source, plan: TrainingPlan, artifacts: Artifacts, staging: Path) -> Manifest:
     sizes = {init.name: int(np.prod(init.dims)) for init in source.graph.graph.initializer}
+    lists, spec = plan.lists, plan.training
     return Manifest(
         schema_version=SCHEMA_VERSION, edgeadapt_version=__version__, backbone=source.backbone,
-        weights=source.weights, preset=opts.trainable, bn_policy=opts.bn, input=source.input,
+        weights=source.weights, preset=plan.preset, bn_policy=plan.bn_policy, input=source.input,
         output_name="logits", labels=source.labels, loss=spec.loss, optimizer=spec.optimizer,
         hyperparameters=spec.hyperparameters(), param_groups=spec.groups,
         trainable=lists.trainable, frozen=lists.frozen, buffers=lists.buffers,
@@ -341,7 +336,7 @@ def make_manifest(source: Source, lists: Lists, opts: ExportOptions, spec: Train
         onnxruntime_version=_onnxruntime_version(),
         files={f.name: sha256_file(f) for f in _sealed_files(staging)},
         sizes={f.name: f.stat().st_size for f in _sealed_files(staging)},
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=_notes(source, opts, artifacts),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=_notes(source, plan, artifacts),
         portable=artifacts.portable, split=artifacts.split, memory=artifacts.memory,
         sparse=source.sparse.spec if source.sparse else None)
 

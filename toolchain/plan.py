@@ -66,3 +66,30 @@ def training_spec(opts, weights: str, trainable: list[str], head: list[str], ran
     return TrainingSpec(loss=opts.loss, optimizer=opts.optimizer, lr=opts.lr or BASE_LR[opts.optimizer],
                         weight_decay=decay, batch_size=batch_size or DEFAULT_BATCH, epochs=DEFAULT_EPOCHS,
                         backbone_lr_ratio=ratio, groups=groups)
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Everything the later stages need about what trains and how, decided once, before any artifact is written:
+    artifacts, validation and the manifest take the source and this plan, never the export's options."""
+
+    preset: str  # the resolved preset (what `auto` chose, not "auto")
+    lists: object  # stages.Lists: trainable, frozen parameters, frozen buffers
+    training: TrainingSpec
+    bn_policy: str
+    split: bool  # also write the prefix and suffix graphs when the frozen part is a prefix
+    ort_format: bool  # the plugin's .ort models too
+    reasons: tuple[str, ...] = ()  # why `auto` chose the preset
+    profile: str | None = None  # the device profile `auto` fitted
+
+    @property
+    def trainable(self) -> list[str]:
+        return self.lists.trainable
+
+
+def make_plan(opts, source, lists) -> TrainingPlan:
+    """The plan of an export with options `opts` (ExportOptions) over `source` (stages.Source)."""
+    ranks = {init.name: len(init.dims) for init in source.graph.graph.initializer}
+    spec = training_spec(opts, source.weights, lists.trainable, source.head, ranks, opts.auto_batch)
+    return TrainingPlan(opts.trainable, lists, spec, opts.bn, opts.split, opts.ort_format, tuple(opts.auto_notes),
+                        opts.profile)

@@ -1,7 +1,7 @@
 """The typed stages every export goes through, whatever the model came from:
 
-    Source (eval graph + parameter lists + labels + reference)  →  Artifacts (graphs, state, split)
-    →  ValidationReport  →  Manifest (+ signature)
+    Source (eval graph + parameter lists + labels + reference)  →  TrainingPlan (toolchain/plan.py)
+    →  Artifacts (graphs, state, split)  →  ValidationReport  →  Manifest (+ signature)
 
 `Source` is built from a zoo backbone, a `--model` factory or an `--onnx` file; everything after it is shared."""
 

@@ -115,20 +115,21 @@ def _check_gradients(grads: dict, reference: dict, noise: dict | None, trainable
     return worst, worst_name
 
 
-def validate(source, lists, opts, bundle, threads: int | None = None) -> ValidationReport:
+def validate(source, plan, bundle, threads: int | None = None) -> ValidationReport:
     """Check a written bundle (its manifest in place) against its source; an ExportError names what is off."""
+    lists, loss_name = plan.lists, plan.training.loss
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, *source.input_shape)).astype(np.float32)
     reference = source.reference(x)
-    y = example_targets(opts.loss, 4, reference.shape[-1], rng)
+    y = example_targets(loss_name, 4, reference.shape[-1], rng)
     eval_diff = _check_forward(bundle, x, reference, threads)
-    loss, grads = portable_gradients(source, lists.trainable, opts.loss, x, y, threads)
+    loss, grads = portable_gradients(source, lists.trainable, loss_name, x, y, threads)
     if source.torch_module is not None:
-        loss_ref, ref = _torch_gradients(source.torch_module, x, y, opts.loss, torch_dtype("float64"))
-        noise = _torch_gradients(source.torch_module, x, y, opts.loss, torch_dtype("float32"))[1]
+        loss_ref, ref = _torch_gradients(source.torch_module, x, y, loss_name, torch_dtype("float64"))
+        noise = _torch_gradients(source.torch_module, x, y, loss_name, torch_dtype("float32"))[1]
         ref, noise = expand_reference(ref, source.parts), expand_reference(noise, source.parts)
     else:  # no torch model: the loss must be the eval graph's, the gradient the source graph's finite differences
-        loss_ref, ref, noise = _eval_loss(opts.loss, reference, y), None, None
+        loss_ref, ref, noise = _eval_loss(loss_name, reference, y), None, None
     loss_diff = abs(loss - loss_ref) / max(abs(loss_ref), 1e-6)
     if loss_diff > LOSS_TOLERANCE:
         raise ExportError(f"the portable training step's loss differs from its reference by {loss_diff:.2e}; a layer "
@@ -136,11 +137,11 @@ def validate(source, lists, opts, bundle, threads: int | None = None) -> Validat
     if ref is not None:
         worst, worst_name = _check_gradients(grads, ref, noise, lists.trainable, "portable step")
     else:
-        worst = _check_directional(source, lists.trainable, opts.loss, x, y, grads, rng, threads)
+        worst = _check_directional(source, lists.trainable, loss_name, x, y, grads, rng, threads)
         worst_name = "directional"
     split_diff = _check_split(bundle, x, threads) if bundle.manifest.split else float("nan")
     ort_worst, ort_failure = float("nan"), ""
-    if (bundle.path / "training_model.onnx").is_file() and opts.bn != "ort":
+    if (bundle.path / "training_model.onnx").is_file() and plan.bn_policy != "ort":
         try:
             ort = _ort_training(bundle, x, y, threads)
             reference_grads = grads if ref is None else ref
