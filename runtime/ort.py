@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import types
 from pathlib import Path
@@ -27,9 +28,12 @@ def _training_dir() -> Path | None:
 
 
 def onnxruntime_module() -> types.ModuleType:
-    """`onnxruntime`, without the training wheel's torch-importing package (whose compiled API is loaded instead)."""
+    """`onnxruntime`, without the training wheel's torch-importing package (whose compiled API is loaded instead).
+    Its telemetry is switched off before it loads: recent releases otherwise write a device id under
+    ~/.cache/Microsoft at import, unasked (ORT_DISABLE_TELEMETRY, which a user may still set to 0)."""
     if "onnxruntime" in sys.modules:
         return sys.modules["onnxruntime"]
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     training = _training_dir()
     if training is None:
         raise BackendError("onnxruntime is not installed; `pip install edgeadapt` installs it.")

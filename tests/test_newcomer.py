@@ -62,7 +62,9 @@ def test_ctrl_c_says_what_was_kept_and_the_next_plain_run_says_it_is_new(mlp_bun
     a plain `train` afterwards says it starts a new run instead of silently doing so."""
     process = subprocess.Popen([sys.executable, "-m", "edgeadapt", "train", str(mlp_bundle), str(digits["train"]),
                                 "--epochs", "400", "--checkpoint-every", "5", "--quiet"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # a terminal's default: a run started in the background inherits SIGINT ignored
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = mlp_bundle / "train_log.jsonl"
     deadline = time.monotonic() + 120
     while not (log.exists() and log.read_text().strip()) and time.monotonic() < deadline:
@@ -107,7 +109,7 @@ def test_predict_takes_a_folder_of_unlabelled_images(fresh_bundle, tmp_path):
 
 def test_inspect_shows_whole_numbers_as_such(bundle_factory):
     result = run_cli("inspect", bundle_factory("tiny_mlp", "full"))
-    assert "batch_size 32," in result.stdout and "epochs 5," in result.stdout and "32.0" not in result.stdout
+    assert "batch_size 32," in result.stdout and "epochs 5," in result.stdout and "batch_size 32.0" not in result.stdout
 
 
 def test_the_confusion_matrix_names_its_rows(mlp_bundle, digits):

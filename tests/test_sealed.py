@@ -374,6 +374,11 @@ def _archive(path: Path, members: list[tuple[str, bytes | None, dict]]) -> Path:
             info.size = len(data) if data is not None else 0
             for key, value in extra.items():
                 setattr(info, key, value)
+            if data is None and info.isreg() and info.size:  # a header that claims data it never brings
+                header = info.tobuf(tar.format, tar.encoding, tar.errors)  # (tarfile >= 3.13 refuses to write one)
+                tar.fileobj.write(header)
+                tar.offset += len(header)
+                continue
             tar.addfile(info, io.BytesIO(data) if data is not None and info.isreg() else None)
     return path
 

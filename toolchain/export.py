@@ -354,6 +354,6 @@ def _sealed_files(staging: Path) -> list[Path]:
 
 
 def _onnxruntime_version() -> str:
-    import onnxruntime
+    from edgeadapt.runtime.ort import onnxruntime_module
 
-    return onnxruntime.__version__
+    return onnxruntime_module().__version__

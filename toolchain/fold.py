@@ -27,7 +27,9 @@ def _constant_nodes(model: onnx.ModelProto, variable: set[str]) -> tuple[list, s
 
 def fold_constants(model: onnx.ModelProto, variable: set[str]) -> onnx.ModelProto:
     """`model` with every constant subgraph (not touching `variable` initializers or graph inputs) evaluated."""
-    import onnxruntime
+    from edgeadapt.runtime.ort import onnxruntime_module
+
+    onnxruntime = onnxruntime_module()
 
     nodes, constant = _constant_nodes(model, variable)
     folded = {id(n) for n in nodes}

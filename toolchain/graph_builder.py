@@ -73,7 +73,9 @@ def inferred_shapes(model: onnx.ModelProto, batches: tuple[int, int] = (2, 3)) -
     """Shapes of every tensor, measured: the graph runs at two batch sizes; a dimension that follows the batch is
     symbolic ("batch"), the rest are static. (Static inference loses sizes behind shape arithmetic such as
     TensorFlow-style 'SAME' padding.)"""
-    import onnxruntime
+    from edgeadapt.runtime.ort import onnxruntime_module
+
+    onnxruntime = onnxruntime_module()
 
     typed = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type for v in [*typed.graph.value_info, *typed.graph.output]}

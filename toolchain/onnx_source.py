@@ -135,7 +135,9 @@ def _describe(model: onnx.ModelProto, head: list[str], statistics: list[str], pa
 
 def reference_logits(path: Path, x: np.ndarray, feature_output: str | None, head: dict[str, np.ndarray]):
     """What the bundle must compute, from the original file: its output, or its features through the new head."""
-    import onnxruntime
+    from edgeadapt.runtime.ort import onnxruntime_module
+
+    onnxruntime = onnxruntime_module()
 
     model = load_onnx(path)
     if feature_output:
