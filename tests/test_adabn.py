@@ -155,3 +155,33 @@ def test_ort_training_engine_refuses_reestimated_statistics(fresh_bundle, digit_
     bundle, state = _state(path)
     with pytest.raises(BackendError, match="adapt-bn"):
         open_engine(bundle, bundle.graphs(), "ort-training").load(state)
+
+
+def test_the_stages_find_folded_batchnorms_by_the_folds_record_not_by_names():
+    """Every tensor of the fold renamed: AdaBN's statistics layout, the statistics graph and the step's gradient
+    rule for folded weights still find each BN, since they read the fold's record (renaming a prefix used to
+    disable AdaBN silently)."""
+    from edgeadapt.toolchain.bn import FOLD_RECORD, folded_batchnorms, folded_weights, statistics_layout
+    from edgeadapt.toolchain.export import make_source
+    from edgeadapt.toolchain.train_step import build_train_step
+
+    source = make_source(ExportOptions(out=None, backbone="tiny_cnn", head=HeadRequest(num_classes=3),
+                                       input_size=(16,), trainable="full"))
+    graph, expected = source.graph, statistics_layout(source.graph)
+    assert len(folded_batchnorms(graph)) == 4 and folded_weights(graph)
+
+    def renamed(name: str) -> str:
+        return name.replace("bnfold/", "folded-bn:") if name else name
+    for node in graph.graph.node:
+        node.input[:] = [renamed(n) for n in node.input]
+        node.output[:] = [renamed(n) for n in node.output]
+    for init in graph.graph.initializer:
+        init.name = renamed(init.name)
+    for entry in graph.metadata_props:
+        if entry.key == FOLD_RECORD:
+            entry.value = entry.value.replace("bnfold/", "folded-bn:")
+    assert not any("bnfold/" in n for node in graph.graph.node for n in node.output)
+    assert [p.name for p in statistics_layout(graph)] == [p.name for p in expected]
+    assert len(folded_weights(graph)) == 4  # tiny_cnn: every conv's BN folds into it
+    step = build_train_step(graph, source.params, "cross_entropy", "adamw", statistics=statistics_layout(graph)).step
+    assert "bn_stats" in {i.name for i in step.graph.input}

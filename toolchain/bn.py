@@ -12,7 +12,8 @@ every BN the affine; `ort` keeps BN nodes (ORT's default behaviour, batch statis
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import onnx
@@ -42,7 +43,8 @@ def fold_batchnorm(model: onnx.ModelProto, into_conv: bool = True) -> list[str]:
             consumers[name] = consumers.get(name, 0) + 1
     producers = {out: node for node in model.graph.node for out in node.output}
     outputs = {o.name for o in model.graph.output}
-    new_nodes, statistics = [], []
+    new_nodes, statistics, records = [], [], []
+    before = {i.name for i in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type != "BatchNormalization":
             new_nodes.append(node)
@@ -51,6 +53,7 @@ def fold_batchnorm(model: onnx.ModelProto, into_conv: bool = True) -> list[str]:
         statistics += [mean, var]
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
         prefix = f"bnfold/{node.name or node.output[0]}"
+        record = FoldedBN(prefix, mean, var, scale, bias, float(np.float32(eps)), node.output[0])
         scale_of, shift_of = f"{prefix}/scale", f"{prefix}/shift"
         model.graph.initializer.append(numpy_helper.from_array(np.array(eps, np.float32), f"{prefix}/eps"))
         math_nodes = [helper.make_node("Add", [var, f"{prefix}/eps"], [f"{prefix}/var_eps"]),
@@ -61,11 +64,51 @@ def fold_batchnorm(model: onnx.ModelProto, into_conv: bool = True) -> list[str]:
         conv = producers.get(x)
         if into_conv and conv is not None and conv.op_type == "Conv" and consumers.get(x) == 1 and x not in outputs:
             _fold_into_conv(model, conv, node, new_nodes, math_nodes, prefix)
+            record = replace(record, weight=f"{prefix}/weight")
         else:
             new_nodes += math_nodes + _affine_nodes(model, x, node.output[0], prefix, ranks.get(x, 4))
+        records.append(record)
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
+    added = [i.name for i in model.graph.initializer if i.name not in before]
+    _write_record(model, {"batchnorms": [asdict(r) for r in records], "constants": added})
     return statistics
+
+
+# The fold's record of what it did, kept in the graph's metadata: later stages (AdaBN's graph, the gradient rules,
+# an ONNX source's parameter list) read it instead of recognising the fold's tensors by their names.
+FOLD_RECORD = "edgeadapt.folded_batchnorms"
+
+
+def _write_record(model: onnx.ModelProto, record: dict) -> None:
+    kept = [p for p in model.metadata_props if p.key != FOLD_RECORD]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=FOLD_RECORD, value=json.dumps(record))
+
+
+def _read_record(model: onnx.ModelProto) -> dict:
+    value = next((p.value for p in model.metadata_props if p.key == FOLD_RECORD), None)
+    return json.loads(value) if value else {"batchnorms": [], "constants": []}
+
+
+def copy_fold_record(source: onnx.ModelProto, target: onnx.ModelProto) -> onnx.ModelProto:
+    """`target` (a part of `source`, e.g. a split's suffix) keeps the record of the BNs it still holds."""
+    record = _read_record(source)
+    tensors = {o for n in target.graph.node for o in n.output}
+    record["batchnorms"] = [r for r in record["batchnorms"] if r["output"] in tensors]
+    _write_record(target, record)
+    return target
+
+
+def fold_constants_of(model: onnx.ModelProto) -> set[str]:
+    """The initializers the fold itself added (epsilons, reshape shapes): never parameters."""
+    return set(_read_record(model)["constants"])
+
+
+def folded_weights(model: onnx.ModelProto) -> set[str]:
+    """Conv weights computed as W·γ/√(σ²+ε) by the fold."""
+    return {bn.weight for bn in folded_batchnorms(model) if bn.weight}
 
 
 def _fold_into_conv(model, conv, bn, new_nodes, math_nodes, prefix) -> None:
@@ -102,34 +145,21 @@ def _affine_nodes(model, x: str, y: str, prefix: str, rank: int) -> list:
 
 @dataclass(frozen=True)
 class FoldedBN:
-    """One BN of a `fold`/`affine` graph, found by the names `fold_batchnorm` gives its arithmetic."""
+    """One BN of a `fold`/`affine` graph, as `fold_batchnorm` recorded it (the graph's FOLD_RECORD metadata)."""
 
-    prefix: str
+    prefix: str  # the names of its arithmetic start with this
     mean: str
     var: str
     gamma: str
     beta: str
     eps: float
     output: str  # the BN's output tensor
+    weight: str = ""  # folded into a conv: the conv's weight W·γ/√(σ²+ε) ("" for a per-channel affine)
 
 
 def folded_batchnorms(model: onnx.ModelProto) -> list[FoldedBN]:
-    """The graph's BNs in graph order (none under policy `ort`, whose BN nodes stay)."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    epsilons = {i.name: float(numpy_helper.to_array(i)) for i in model.graph.initializer if i.name.endswith("/eps")}
-    found = []
-    for node in model.graph.node:
-        name = node.output[0]
-        if not (node.op_type == "Add" and name.startswith("bnfold/") and name.endswith("/var_eps")):
-            continue
-        prefix = name[:-len("/var_eps")]
-        output = next(n.output[0] for n in model.graph.node
-                      if (n.op_type == "Conv" and len(n.input) > 1 and n.input[1] == f"{prefix}/weight")
-                      or (n.op_type == "Add" and f"{prefix}/scaled" in n.input))
-        found.append(FoldedBN(prefix, producers[f"{prefix}/mean_scaled"].input[0], node.input[0],
-                              producers[f"{prefix}/scale"].input[0], producers[f"{prefix}/shift"].input[0],
-                              epsilons[f"{prefix}/eps"], output))
-    return found
+    """The graph's BNs in graph order, from the fold's record (none under policy `ort`, whose BN nodes stay)."""
+    return [FoldedBN(**r) for r in _read_record(model)["batchnorms"]]
 
 
 def statistics_names(model: onnx.ModelProto) -> list[str]:
@@ -174,14 +204,13 @@ def statistics_graph(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _folded_prefix(node, bns: dict) -> str | None:
-    if node.op_type == "Conv" and len(node.input) > 1 and node.input[1].endswith("/weight"):
-        prefix = node.input[1][:-len("/weight")]
-        return prefix if prefix in bns else None
-    if node.op_type == "Add":
-        for name in node.input:
-            if name.endswith("/scaled") and name[:-len("/scaled")] in bns and bns[name[:-len("/scaled")]].output \
-                    == node.output[0]:
-                return name[:-len("/scaled")]
+    """The recorded BN whose arithmetic `node` finishes: a conv over its folded weight, or the Add writing an
+    affine BN's output."""
+    for bn in bns.values():
+        if bn.weight and node.op_type == "Conv" and len(node.input) > 1 and node.input[1] == bn.weight:
+            return bn.prefix
+        if not bn.weight and node.op_type == "Add" and node.output[0] == bn.output:
+            return bn.prefix
     return None
 
 

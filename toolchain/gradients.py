@@ -72,11 +72,11 @@ def frozen_copy(b: GraphBuilder, weight: str, transpose: bool = False) -> str:
 
 
 def bn_folded_weight(b: GraphBuilder, weight: str) -> tuple[str, str] | None:
-    """(W, scale) when a conv weight is a frozen W·scale folded from a BN whose statistics stay replaceable
-    (toolchain/bn.py names it `bnfold/…/weight`), else None. Its dX then scales dY per output channel and reads
-    a copy of W: the folded product would be a constant shared with the forward conv (see frozen_copy)."""
+    """(W, scale) when a conv weight is a frozen W·scale folded from a BN whose statistics stay replaceable (the
+    fold's record lists it: toolchain/bn.py `folded_weights`), else None. Its dX then scales dY per output channel
+    and reads a copy of W: the folded product would be a constant shared with the forward conv (see frozen_copy)."""
     node = b.producers.get(weight)
-    if node is None or node.op_type != "Mul" or not (weight.startswith("bnfold/") and weight.endswith("/weight")):
+    if node is None or node.op_type != "Mul" or weight not in b.folded_weights:
         return None
     raw, scale = node.input
     return (raw, scale) if raw in b.constants and raw not in b.statistics else None

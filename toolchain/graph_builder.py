@@ -25,6 +25,7 @@ class GraphBuilder:
         self.constants: dict[str, np.ndarray] = {}  # values of the source graph's constants, by tensor name
         self.statistics: set[str] = set()  # BN running statistics: constants a device may replace
         self.producers: dict[str, onnx.NodeProto] = {}  # the source graph's node producing each tensor
+        self.folded_weights: set[str] = set()  # conv weights the BN fold computes as W·scale (toolchain/bn.py)
 
     def name(self, hint: str) -> str:
         while True:

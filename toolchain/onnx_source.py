@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeadapt.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from edgeadapt.runtime.errors import ConfigError
 from edgeadapt.runtime.manifest import InputSpec
-from edgeadapt.toolchain.bn import fold_batchnorm
+from edgeadapt.toolchain.bn import fold_batchnorm, fold_constants_of
 from edgeadapt.toolchain.stages import INPUT_NAME, OUTPUT_NAME, Source
 
 
@@ -119,8 +119,9 @@ def prepare(path: Path, head_params: list[str], feature_output: str | None, num_
 
 
 def _describe(model: onnx.ModelProto, head: list[str], statistics: list[str], path: Path) -> OnnxSource:
+    helpers = fold_constants_of(model)
     floats = [i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and
-              not i.name.startswith("bnfold/") and i.name not in statistics]
+              i.name not in helpers and i.name not in statistics]
     missing = [h for h in head if h not in floats]
     if not head or missing:
         raise ConfigError(f"--head-params {', '.join(missing) or '(none)'} not among the model's weights; give the "

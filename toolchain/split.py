@@ -13,7 +13,7 @@ from onnx.utils import Extractor
 
 from edgeadapt.runtime.errors import InternalError
 from edgeadapt.runtime.manifest import SUFFIX_PREFIX, SplitSpec
-from edgeadapt.toolchain.bn import statistics_as_input
+from edgeadapt.toolchain.bn import copy_fold_record, statistics_as_input
 from edgeadapt.toolchain.stages import INPUT_NAME as INPUT
 from edgeadapt.toolchain.stages import OUTPUT_NAME as OUTPUT
 
@@ -78,7 +78,7 @@ def split_suffix(model: onnx.ModelProto, trainable: list[str], shapes: dict | No
     if boundary is None:
         return None
     shape = _measured_shape(model, boundary, shapes)
-    suffix = _extract(inferred, [boundary], [OUTPUT], shape)
+    suffix = copy_fold_record(model, _extract(inferred, [boundary], [OUTPUT], shape))
     if not set(trainable) <= {init.name for init in suffix.graph.initializer}:
         return None
     return inferred, boundary, shape, suffix

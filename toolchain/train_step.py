@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgeadapt.runtime.manifest import ParamGroup, StateLayout
-from edgeadapt.toolchain.bn import statistics_as_input
+from edgeadapt.toolchain.bn import folded_weights, statistics_as_input
 from edgeadapt.toolchain.fold import fold_constants
 from edgeadapt.toolchain.gradients import backward, prune
 from edgeadapt.toolchain.graph_builder import GraphBuilder, inferred_shapes
@@ -134,6 +134,7 @@ def _backward(model: onnx.ModelProto, trainable: list[str], loss: str, output: s
     b.constants = {k: v for k, v in _constants(model).items() if k not in set(trainable)}
     b.statistics = {p.name for p in statistics}
     b.producers = {out: node for node in base.graph.node for out in node.output}
+    b.folded_weights = folded_weights(model)
     _unpack_params(b, layout)
     head = list(b.nodes)
     b.nodes.clear()
