@@ -15,15 +15,7 @@ from torch import nn
 from edgeadapt.models.registry import BackboneSpec, get_entry
 from edgeadapt.models.weights import resolve_weights
 from edgeadapt.runtime.errors import ConfigError, WeightsError
-
-
-@dataclass(frozen=True)
-class HeadRequest:
-    """Exactly one of: a number of classes, label names, or keeping the pretrained classifier."""
-
-    num_classes: int | None = None
-    labels: tuple[str, ...] = ()
-    keep_head: bool = False
+from edgeadapt.toolchain.options import HeadRequest  # noqa: F401 (build's callers name it here too)
 
 
 @dataclass

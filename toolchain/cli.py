@@ -9,10 +9,11 @@ from typing import Optional
 import typer
 
 from edgeadapt.runtime.errors import ConfigError, EdgeAdaptError
-from edgeadapt.toolchain.plan import DEFAULT_WEIGHT_DECAY
-from edgeadapt.toolchain.presets import HEAD as DEFAULT_PRESET
+from edgeadapt.runtime.manifest import LOSSES, OPTIMIZERS
+from edgeadapt.toolchain.options import ExportOptions, HeadRequest
 from edgeadapt.toolchain.presets import help_text
 
+EXPORT = ExportOptions(out=Path())  # the one owner of `export`'s defaults: the options below read them
 PRESET_HELP = "What trains (the rest is frozen): " + help_text()
 
 
@@ -51,7 +52,7 @@ def export(
     classes: Optional[int] = typer.Option(None, "--classes", help="New head with N classes."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="New head with the labels in FILE (one a line)."),
     keep_head: bool = typer.Option(False, "--keep-head", help="Keep the pretrained classifier (e.g. ImageNet)."),
-    trainable: str = typer.Option(DEFAULT_PRESET, "--trainable", "-t", help=PRESET_HELP),
+    trainable: str = typer.Option(EXPORT.trainable, "--trainable", "-t", help=PRESET_HELP),
     profile: Optional[str] = typer.Option(None, "--profile",
                                           help="With --trainable auto or sparse: device profile to fit."),
     budget_mb: Optional[float] = typer.Option(None, "--budget-mb",
@@ -70,24 +71,25 @@ def export(
     input_size: Optional[str] = typer.Option(None, "--input-size", help="H,W (or one number) for images."),
     mean: Optional[str] = typer.Option(None, "--mean", help="With --model: per-channel mean."),
     std: Optional[str] = typer.Option(None, "--std", help="With --model: per-channel std."),
-    loss: str = typer.Option("cross_entropy", "--loss", help="cross_entropy | bce_with_logits | mse | l1."),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | sgd."),
+    loss: str = typer.Option(EXPORT.loss, "--loss", help=" | ".join(LOSSES) + "."),
+    optimizer: str = typer.Option(EXPORT.optimizer, "--optimizer", help=" | ".join(OPTIMIZERS) + "."),
     lr: Optional[float] = typer.Option(None, "--lr", help="The head's default learning rate (adamw 1e-3, sgd 1e-2)."),
     backbone_lr_ratio: Optional[float] = typer.Option(
         None, "--backbone-lr-ratio", help="Backbone tensors learn at this times --lr (default 0.1 for pretrained "
         "weights, 1 for random ones)."),
-    weight_decay: float = typer.Option(DEFAULT_WEIGHT_DECAY, "--weight-decay",
+    weight_decay: float = typer.Option(EXPORT.weight_decay, "--weight-decay",
                                        help="AdamW weight decay (biases and norm parameters: none)."),
-    decay_norms: bool = typer.Option(False, "--decay-norms",
+    decay_norms: bool = typer.Option(EXPORT.decay_norms, "--decay-norms",
                                      help="Decay biases and norm parameters too (as ONNX Runtime training does)."),
-    bn: str = typer.Option("fold", "--bn", help="BatchNorm policy: fold (default) | affine | ort."),
-    ort_format: bool = typer.Option(False, "--ort-format", help="Also write .ort models for minimal builds."),
-    validate: bool = typer.Option(True, "--validate/--no-validate", help="Check against torch (default on)."),
+    bn: str = typer.Option(EXPORT.bn, "--bn", help="BatchNorm policy: fold | affine | ort."),
+    ort_format: bool = typer.Option(EXPORT.ort_format, "--ort-format",
+                                    help="Also write .ort models for minimal builds (with the plugin)."),
+    validate: bool = typer.Option(EXPORT.validate, "--validate/--no-validate", help="Check against torch."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the bundle with this ed25519 private key."),
-    split: bool = typer.Option(True, "--split/--no-split",
+    split: bool = typer.Option(EXPORT.split, "--split/--no-split",
                                help="head/last:K: also write prefix.onnx + suffix_* (adds the prefix's weights)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(EXPORT.seed, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads",
                                           help="Threads for torch and validation (default: half the cores, <= 4)."),
     list_params: bool = typer.Option(False, "--list-params", help="Print parameter names and shapes, then stop."),
@@ -96,8 +98,7 @@ def export(
     """Export a backbone + head as a bundle: portable training step, forward graph, state, manifest."""
     _need_host()
     from edgeadapt.models.registry import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec
-    from edgeadapt.toolchain.build import HeadRequest
-    from edgeadapt.toolchain.export import ExportOptions, export_bundle, list_parameters
+    from edgeadapt.toolchain.export import export_bundle, list_parameters
 
     size = _numbers(input_size, what="--input-size")
     user_spec = None
