@@ -201,15 +201,6 @@ def test_bench_and_train_open_sessions_the_same_way(fresh_bundle, digits, monkey
     assert from_bench == [2] and calls == [2]
 
 
-def _profile(tmp_path, budget_mb: float) -> str:
-    path = tmp_path / f"budget-{budget_mb}.toml"
-    path.write_text(f'name = "budget-{budget_mb}"\ndescription = "test"\ncores = 2\nthreads = 2\n'
-                    f'memory_budget_mb = {budget_mb}\ntraining_backend = "cpu"\n'
-                    'inference_backends = ["onnxruntime-cpu"]\nprefix_backend = "onnxruntime-cpu"\nnotes = ""\n'
-                    'sources = []\n')
-    return str(path)
-
-
 @pytest.mark.parametrize("preset, split", [("head", True), ("last:2", True), ("full", False)])
 def test_one_price_for_auto_sparse_inspect_and_train(bundle_factory, tmp_path, preset, split):
     """The same trainable set priced four ways — `--trainable auto`'s and `sparse`'s search before the export,
@@ -237,11 +228,11 @@ def test_one_price_for_auto_sparse_inspect_and_train(bundle_factory, tmp_path, p
     by_auto = _planner(source, opts, preset)(batch)
     by_sparse = pricing(source.graph, lists.trainable, opts, batch, total).peak(trainable)
 
-    refused = run_cli("train", bundle, "unused.npz", "--profile", _profile(tmp_path, round(inspected - 1, 1)),
+    refused = run_cli("train", bundle, "unused.npz", "--profile", _profile(tmp_path, "under", round(inspected - 1, 1)),
                       "--batch-size", batch)
     by_train = float(re.search(r"needs ~([\d.]+) MB", refused.stderr).group(1))
     between = (by_auto + _planner(source, opts, preset)(2 * batch)) / 2  # over batch 32's price, under 64's
-    fits = run_cli("train", bundle, "unused.npz", "--profile", _profile(tmp_path, between), "--auto-batch")
+    fits = run_cli("train", bundle, "unused.npz", "--profile", _profile(tmp_path, "between", between), "--auto-batch")
     assert f"batch {batch}," in fits.stdout, fits.stdout + fits.stderr
     assert by_auto == pytest.approx(by_sparse, abs=1e-9)
     assert by_auto == pytest.approx(inspected, abs=0.051)

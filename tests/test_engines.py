@@ -107,19 +107,24 @@ def fp32_noise(bundle: Bundle, backbone: str, preset: str) -> dict[str, float]:
 
 @pytest.mark.parametrize("backbone,preset", list(_cases()))
 def test_one_sgd_step_matches_torch_float64(bundle_factory, backbone, preset):
-    """One SGD step at lr 1: the update is the gradient times the group's rate, tensor by tensor, for every backbone
-    and preset: within 1e-4 of torch in float64, or within three times PyTorch's own fp32 rounding where that is
-    larger (OpenVINO folds the BN statistics, a graph input since AdaBN, into the weights with its own arithmetic:
-    weights an ulp apart, which a random-init MobileNetV3 amplifies to ~2e-4)."""
+    """One SGD step (lr 1, or 10 where a pretrained backbone learns at 0.1×, so every tensor moves by about its
+    gradient): the update is the gradient times the group's rate, tensor by tensor, for every backbone and preset:
+    within 1e-4 of torch in float64 (OpenVINO: 5e-4), or within three times PyTorch's own fp32 rounding where that
+    is larger. OpenVINO folds the BN statistics, a graph input since AdaBN, into the weights with its own
+    arithmetic: weights an ulp apart, which a random-init MobileNetV3 amplifies to ~4e-4 against float64."""
     bundle = _export(bundle_factory, backbone, preset, "sgd")
     start = bundle.load_state().params.astype(np.float64)
-    reference_loss, reference = torch_reference(bundle, backbone, preset, "sgd", 1.0, steps=1)
+    lr = 10.0 if backbone in PRETRAINED and preset != "scratch" else 1.0  # the backbone's 0.1× rate moves by g
+    reference_loss, reference = torch_reference(bundle, backbone, preset, "sgd", lr, steps=1)
     noise = fp32_noise(bundle, backbone, preset)
     for engine in ENGINES:
-        loss, params = trajectory(bundle, engine, 1.0, steps=1)
+        loss, params = trajectory(bundle, engine, lr, steps=1)
         assert abs(loss[0] - reference_loss[0]) <= 1e-4 * abs(reference_loss[0])
         errors = per_tensor_error(bundle, start - params, start - reference)
-        over = {n: e for n, e in errors.items() if e > max(1e-4, 3 * noise[n])}
+        floor = 5e-4 if engine == "openvino" else 1e-4  # OpenVINO folds the statistics with its own arithmetic
+        # parameters live in fp32: a γ near 1 stores its new value to ~6e-8, a share of a small update
+        stored = per_tensor_error(bundle, start - reference.astype(np.float32), start - reference)
+        over = {n: e for n, e in errors.items() if e > max(floor, 3 * noise[n], 4 * stored[n])}
         assert not over, (engine, over, {n: noise[n] for n in over})
 
 

@@ -151,7 +151,9 @@ def validate(source, plan, bundle, threads: int | None = None) -> ValidationRepo
     return ValidationReport(eval_diff, loss_diff, worst, worst_name, ort_worst, split_diff, ort_failure)
 
 
-DIRECTIONS, DIRECTION_STEP, DIRECTION_TOLERANCE = 3, 1e-3, 2e-2
+# Central differences in fp32 through a real network: a large step crosses ReLU kinks, a small one drowns in
+# rounding; each direction is taken at two steps and the closer one counts. A wrong gradient rule is off by far more.
+DIRECTIONS, DIRECTION_STEPS, DIRECTION_TOLERANCE = 3, (1e-3, 2.5e-4), 5e-2
 
 
 def _check_directional(source, trainable: list[str], loss: str, x: np.ndarray, y: np.ndarray,
@@ -165,14 +167,18 @@ def _check_directional(source, trainable: list[str], loss: str, x: np.ndarray, y
                      for n, v in values.items()}
         analytic = sum(float(np.vdot(grads[n].astype(np.float64), direction[n])) for n in trainable)
         scale = sum(float(np.abs(grads[n]).ravel() @ np.abs(direction[n]).ravel()) for n in trainable)
-        step = {sign: {n: values[n] + sign * DIRECTION_STEP * direction[n] for n in trainable} for sign in (1, -1)}
-        numeric = (loss_at(step[1]) - loss_at(step[-1])) / (2 * DIRECTION_STEP)
-        error = abs(numeric - analytic) / max(abs(analytic), 1e-3 * scale, 1e-6)
+        error = min(abs(_central_difference(loss_at, values, direction, h) - analytic) for h in DIRECTION_STEPS) / \
+            max(abs(analytic), 1e-3 * scale, 1e-6)
         if error > DIRECTION_TOLERANCE:
             raise ExportError(f"the portable step's gradient differs from the source graph's finite differences by "
                               f"{error:.2e} (allowed {DIRECTION_TOLERANCE}); try --bn affine, or report a bug.")
         worst = max(worst, error)
     return worst
+
+
+def _central_difference(loss_at, values: dict, direction: dict, h: float) -> float:
+    shifted = {sign: {n: values[n] + sign * h * direction[n] for n in values} for sign in (1, -1)}
+    return (loss_at(shifted[1]) - loss_at(shifted[-1])) / (2 * h)
 
 
 def _loss_of_parameters(graph, trainable: list[str], x: np.ndarray, y: np.ndarray, loss: str,
