@@ -239,6 +239,7 @@ def test_onnx_source_with_external_data_gives_a_bundle_that_holds_all_its_data(m
     assert "weights.bin" not in result.manifest.files and (result.out / "forward.onnx").stat().st_size > 1e6
 
 
+@pytest.mark.slow  # CLI subprocesses
 @pytest.mark.ort_training
 def test_a_model_ort_training_cannot_differentiate_exports_with_a_note_and_trains(tmp_path, digit_image_npz):
     """HardSwish on the trainable path: ONNX Runtime training's generator fails, the plugin's artifacts are left out
