@@ -13,7 +13,7 @@ from edgeadapt.runtime.errors import ExportError
 from edgeadapt.runtime.manifest import PortableSpec
 from edgeadapt.runtime.state import digest
 from edgeadapt.toolchain.bn import statistics_graph, statistics_layout
-from edgeadapt.toolchain.split import SUFFIX, build_split
+from edgeadapt.toolchain.split import build_split
 from edgeadapt.toolchain.stages import OUTPUT_NAME, Artifacts, initial_values, write_initial_state
 from edgeadapt.toolchain.train_step import build_forward, build_train_step
 
@@ -36,8 +36,7 @@ def write_artifacts(source, plan, out_dir: Path):
                                       out_dir, plan.ort_format, OUTPUT_NAME, prefix)
             except ExportError as exc:
                 ort_missing = str(exc)
-                ort_training.remove(out_dir)
-                ort_training.remove(out_dir, SUFFIX)
+                ort_training.remove_all(out_dir)
         return portable
 
     portable = make_graphs(source.graph, lists.trainable, lists.frozen + lists.buffers)

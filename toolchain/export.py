@@ -191,14 +191,16 @@ def export_bundle(opts: ExportOptions, on_stage: Callable[[str], None] | None = 
     check_output_dir(out, opts.force)
     stage = on_stage or (lambda _: None)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(export_threads(opts.threads))
+    threads = export_threads(opts.threads)
+    torch.set_num_threads(threads)
     try:
-        return _export(opts, out, stage, started)
+        return _export(opts, out, stage, started, threads)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _export(opts: ExportOptions, out: Path, stage: Callable[[str], None], started: float) -> ExportResult:
+def _export(opts: ExportOptions, out: Path, stage: Callable[[str], None], started: float,
+            threads: int) -> ExportResult:
     stage(f"building {opts.backbone or opts.model or Path(opts.onnx).name} and its eval graph"
           + (" (scoring the calibration samples)" if preset_of(opts.trainable).scored else ""))
     source = make_source(opts)
@@ -213,8 +215,7 @@ def _export(opts: ExportOptions, out: Path, stage: Callable[[str], None], starte
         write_manifest(staging, manifest, None)
         if opts.validate:
             stage("validating against " + ("torch (float64)" if source.torch_module is not None else "the source"))
-        report = validate(source, plan, Bundle(staging, manifest), export_threads(opts.threads)) \
-            if opts.validate else None
+        report = validate(source, plan, Bundle(staging, manifest), threads) if opts.validate else None
         if report is not None and report.ort_training_failure:
             artifacts = _without_ort_training(artifacts, staging, report.ort_training_failure)
             manifest = make_manifest(source, plan, artifacts, staging)
@@ -226,10 +227,8 @@ def _export(opts: ExportOptions, out: Path, stage: Callable[[str], None], starte
 def _without_ort_training(artifacts: Artifacts, staging: Path, failure: str) -> Artifacts:
     """The optional plugin's graphs failed validation: the bundle goes without them."""
     from edgeadapt.toolchain import ort_training
-    from edgeadapt.toolchain.split import SUFFIX
 
-    ort_training.remove(staging)
-    ort_training.remove(staging, SUFFIX)
+    ort_training.remove_all(staging)
     return replace(artifacts, ort_training_missing=f"its graphs failed validation ({failure})")
 
 
@@ -291,6 +290,7 @@ def _notes(source: Source, plan: TrainingPlan, artifacts: Artifacts) -> list[str
 def make_manifest(source: Source, plan: TrainingPlan, artifacts: Artifacts, staging: Path) -> Manifest:
     sizes = {init.name: int(np.prod(init.dims)) for init in source.graph.graph.initializer}
     lists, spec = plan.lists, plan.training
+    sealed = _sealed_files(staging)  # reads every graph: once per manifest
     return Manifest(
         schema_version=SCHEMA_VERSION, edgeadapt_version=__version__, backbone=source.backbone,
         weights=source.weights, preset=plan.preset, bn_policy=plan.bn_policy, input=source.input,
@@ -300,8 +300,8 @@ def make_manifest(source: Source, plan: TrainingPlan, artifacts: Artifacts, stag
         trainable_params=sum(sizes[n] for n in lists.trainable), frozen_params=sum(sizes[n] for n in lists.frozen),
         opset=artifacts.portable.opset, ir_version=artifacts.portable.ir_version,
         onnxruntime_version=_onnxruntime_version(),
-        files={f.name: sha256_file(f) for f in _sealed_files(staging)},
-        sizes={f.name: f.stat().st_size for f in _sealed_files(staging)},
+        files={f.name: sha256_file(f) for f in sealed},
+        sizes={f.name: f.stat().st_size for f in sealed},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=_notes(source, plan, artifacts),
         portable=artifacts.portable, split=artifacts.split, memory=artifacts.memory,
         sparse=source.sparse.spec if source.sparse else None)

@@ -38,6 +38,14 @@ def unavailable() -> str:
     return ""
 
 
+def remove_all(out_dir: Path) -> None:
+    """Drop the plugin's artifacts of the whole graph and of a split's suffix."""
+    from edgeadapt.toolchain.split import SUFFIX
+
+    remove(out_dir)
+    remove(out_dir, SUFFIX)
+
+
 def remove(out_dir: Path, prefix: str = "") -> None:
     """Drop whatever a failed generation left behind."""
     for name in FILES:

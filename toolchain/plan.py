@@ -9,8 +9,12 @@ Biases and normalisation parameters (tensors of rank ≤ 1) get no weight decay,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edgeadapt.runtime.manifest import DEFAULT_BATCH, DEFAULT_EPOCHS, ParamGroup
+
+if TYPE_CHECKING:  # the plan module stays light: the CLI reads its defaults without onnx
+    from edgeadapt.toolchain.stages import Lists
 
 DEFAULT_WEIGHT_DECAY = 0.01  # AdamW's decoupled decay of the decayed groups
 BASE_LR = {"adamw": 1e-3, "sgd": 1e-2}  # the head's rate, and every tensor's for random weights
@@ -74,7 +78,7 @@ class TrainingPlan:
     artifacts, validation and the manifest take the source and this plan, never the export's options."""
 
     preset: str  # the resolved preset (what `auto` chose, not "auto")
-    lists: object  # stages.Lists: trainable, frozen parameters, frozen buffers
+    lists: "Lists"  # trainable, frozen parameters, frozen buffers
     training: TrainingSpec
     bn_policy: str
     split: bool  # also write the prefix and suffix graphs when the frozen part is a prefix
