@@ -40,7 +40,13 @@ def init_weights(module: nn.Module) -> None:
                 m.reset_running_stats()
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0, 0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0, 0.02)
 
 
 class Backbone(nn.Module):
@@ -67,6 +73,8 @@ def calibrate_batchnorm(module: nn.Module, input_size: tuple[int, ...], batches:
 
     generator = torch.Generator().manual_seed(seed)
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:  # nothing to calibrate (transformers normalise per sample)
+        return
     saved = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()

@@ -25,6 +25,25 @@ class WeightSource:
 
 
 @dataclass(frozen=True)
+class TokenInput:
+    """A text model's input: token ids of a WordPiece vocabulary (an asset of the spec, or `builtin:tiny`); the
+    input size is the token count."""
+
+    vocab: str = "vocab"
+    lowercase: bool = True
+
+
+@dataclass(frozen=True)
+class AudioInput:
+    """A speech model's input: Whisper's log-mel features of a fixed-length clip; the input size is (mel bins,
+    frames of `hop_length` samples)."""
+
+    sample_rate: int
+    hop_length: int = 160
+    n_fft: int = 400
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     """What the toolchain needs to know about a backbone, as data."""
 
@@ -36,10 +55,15 @@ class BackboneSpec:
     head: str  # module name of the classifier (e.g. "classifier")
     blocks: tuple[str, ...]  # module-name prefixes of the blocks, input to output (for `last:K`)
     channels: str = "RGB"
-    layout: str = "NCHW"
+    layout: str = "NCHW"  # "NC" feature rows, "NT" token ids, "NCT" audio features
     num_pretrained_classes: int = 1000
     weights: dict[str, WeightSource] = field(default_factory=dict)
     description: str = ""
+    tokens: TokenInput | None = None
+    audio: AudioInput | None = None
+    assets: dict[str, WeightSource] = field(default_factory=dict)  # files the bundle ships (a vocabulary)
+    state_loader: Callable | None = None  # weight file -> state dict (default: torch.load of a state dict)
+    lora_targets: dict[str, str] = field(default_factory=dict)  # `lora:R@q,v`: short name -> module globs
 
 
 @dataclass(frozen=True)
@@ -62,7 +86,7 @@ def register_backbone(spec: BackboneSpec) -> Callable:
 
 
 def _load_zoo() -> None:
-    from edgeadapt.models import efficientnet, mobilenet_v2, mobilenet_v3, resnet, tiny  # noqa: F401
+    from edgeadapt.models import efficientnet, mobilenet_v2, mobilenet_v3, resnet, speech, text, tiny  # noqa: F401
 
 
 def backbone_names() -> list[str]:

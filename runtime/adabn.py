@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeadapt.runtime.bundle import Bundle
-from edgeadapt.runtime.data import Dataset, load_unlabeled, preprocess
+from edgeadapt.runtime.data import Dataset, as_model_input, load_unlabeled, preprocess
 from edgeadapt.runtime.errors import ConfigError, DataError
 from edgeadapt.runtime.lock import bundle_lock
 from edgeadapt.runtime.manifest import DEFAULT_BATCH
@@ -91,7 +91,7 @@ def batch_statistics(bundle: Bundle, data: Dataset, params: np.ndarray, batch_si
         if len(samples) < 2:
             break
         x = samples if data.features else preprocess(samples, bundle.manifest, data.is_image)
-        (values,) = session.run(None, {"input": np.ascontiguousarray(x, np.float32), "params": params})
+        (values,) = session.run(None, {"input": as_model_input(x), "params": params})
         total = values.astype(np.float64) if total is None else total + values
         count += 1
     estimate = (total / count).astype(np.float32)

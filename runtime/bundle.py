@@ -201,6 +201,26 @@ class Bundle:
                               "corrupted; re-export the bundle or copy it again.")
         return data
 
+    def tokenizer(self):
+        """The WordPiece tokenizer of a text bundle, over its verified vocabulary (runtime/text.py)."""
+        from edgeadapt.runtime.text import WordPiece
+
+        spec = self.manifest.input.tokens
+        if spec is None:
+            raise BundleError(f"{self.path} is not a text bundle: it has no tokens section.")
+        try:
+            text = self.read(spec.vocab_file).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BundleError(f"{self.path / spec.vocab_file} is not UTF-8 text; re-export the bundle.") from None
+        return WordPiece.from_text(text, spec)
+
+    def examples(self, batch: int, seed: int = 0):
+        """Example model inputs of this bundle's kind (runtime/samples.py)."""
+        from edgeadapt.runtime.samples import example_batch
+
+        encode = self.tokenizer().encode_batch if self.manifest.input.tokens else None
+        return example_batch(self.manifest.input, batch, seed, encode)
+
     def read_graph(self, name: str) -> bytes:
         """An exported graph's verified bytes, refused if it references anything outside itself or (portable
         graphs) uses operators outside the standard domain or inputs the runtime does not feed."""

@@ -324,6 +324,11 @@ def preprocess(samples: np.ndarray, manifest: Manifest, is_image: bool,
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
+def as_model_input(x: np.ndarray) -> np.ndarray:
+    """A batch as the graphs take it: token ids stay int64, everything else is contiguous float32."""
+    return np.ascontiguousarray(x, np.int64 if np.issubdtype(np.asarray(x).dtype, np.integer) else np.float32)
+
+
 def batch_inputs(data: Dataset, index, manifest: Manifest, rng: np.random.Generator | None = None) -> np.ndarray:
     """The model inputs for `data.samples[index]`."""
     if data.features:

@@ -35,9 +35,8 @@ class DeployResult:
 
 
 def check_batch(bundle: Bundle, batch: int = 4, seed: int = 0) -> np.ndarray:
-    """Standard-normal samples in the model's input shape (i.e. preprocessed inputs)."""
-    shape = [batch, *bundle.manifest.input.shape[1:]]
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    """Example model inputs (preprocessed; real token ids for text): runtime/samples.py."""
+    return bundle.examples(batch, seed)
 
 
 def inference_model(bundle: Bundle, state: TrainState | None = None) -> bytes:

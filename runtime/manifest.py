@@ -39,18 +39,57 @@ def default_batch(m: "Manifest") -> int:
 
 
 @dataclass(frozen=True)
+class TokenSpec:
+    """Text input: WordPiece token ids of the bundle's vocabulary ([CLS] text [SEP], truncated, right-padded)."""
+
+    vocab_file: str  # one token per line, its line number its id (in the bundle, listed and hashed)
+    vocab_size: int
+    max_length: int
+    pad_id: int
+    cls_id: int
+    sep_id: int
+    unk_id: int
+    lowercase: bool = True  # BERT's normaliser: lowercase and strip accents
+    max_chars_per_word: int = 100  # longer words become [UNK]
+
+
+@dataclass(frozen=True)
+class AudioSpec:
+    """Speech input: Whisper's log-mel features of a clip padded or cut to `samples` at `sample_rate`."""
+
+    sample_rate: int
+    samples: int
+    n_mels: int = 80
+    n_fft: int = 400
+    hop_length: int = 160
+
+    @property
+    def frames(self) -> int:
+        return self.samples // self.hop_length
+
+
+INPUT_KINDS = {"NCHW": "image", "NC": "features", "NT": "tokens", "NCT": "audio"}
+
+
+@dataclass(frozen=True)
 class InputSpec:
     """The model input and how raw samples become it."""
 
     name: str
     shape: list[int]  # -1 for the batch dimension
-    dtype: str
-    layout: str  # "NCHW" for images, "NC" for feature rows
+    dtype: str  # "float32"; "int64" for token ids
+    layout: str  # "NCHW" images, "NC" feature rows, "NT" token ids (0.4), "NCT" audio features (0.4)
     channels: str  # "RGB", "L" or "" for non-images
     mean: list[float]
     std: list[float]
     resize: list[int] = field(default_factory=list)  # [H, W] for images
     crop: float = 0.875  # images: shorter side resized to H / crop, then an H×W centre crop (1.0: no crop)
+    tokens: TokenSpec | None = None  # layout NT
+    audio: AudioSpec | None = None  # layout NCT
+
+    @property
+    def kind(self) -> str:
+        return INPUT_KINDS[self.layout]
 
 
 @dataclass(frozen=True)
@@ -225,6 +264,7 @@ def referenced_files(m: "Manifest") -> list[str]:
     portable = m.portable
     names = [portable.train_step, portable.forward, portable.state_file]
     names += [portable.statistics_graph] if portable.statistics_graph else []
+    names += [m.input.tokens.vocab_file] if m.input.tokens else []
     if m.split is not None:
         names += [m.split.prefix_model, m.split.suffix_prefix + portable.train_step,
                   m.split.suffix_prefix + portable.forward]
@@ -244,7 +284,8 @@ def _checked(m: "Manifest", source: str) -> "Manifest":
          f"input shape {spec.shape} is not [-1, positive dims…]"),
         (len(spec.shape) >= 2 and math.prod(max(d, 1) for d in spec.shape[1:]) > MAX_SAMPLE_ELEMENTS,
          f"input shape {spec.shape} is over {MAX_SAMPLE_ELEMENTS:,} values per sample"),
-        (spec.layout not in ("NCHW", "NC"), f"layout '{spec.layout}' is unknown"),
+        (spec.layout not in INPUT_KINDS, f"layout '{spec.layout}' is unknown"),
+        *_input_kind_problems(spec),
         (spec.layout == "NCHW" and (spec.channels not in ("RGB", "L") or len(spec.resize) != 2 or
                                     any(d < 1 for d in spec.resize) or len(spec.shape) != 4),
          "image input needs channels RGB or L, a 2-number resize and an NCHW shape"),
@@ -266,6 +307,27 @@ def _checked(m: "Manifest", source: str) -> "Manifest":
         if failed:
             raise BundleError(f"{source}: {what}; re-export the bundle.")
     return m
+
+
+def _input_kind_problems(spec: InputSpec) -> list[tuple[bool, str]]:
+    """Token and audio inputs: the section their layout needs, and a shape that matches it."""
+    tokens, audio = spec.tokens, spec.audio
+    return [
+        (spec.dtype != ("int64" if spec.layout == "NT" else "float32"), f"input dtype {spec.dtype} does not fit "
+         f"layout {spec.layout}"),
+        ((spec.layout == "NT") != (tokens is not None), "token ids need layout NT and a tokens section"),
+        (tokens is not None and (list(spec.shape) != [-1, tokens.max_length] or
+                                 not 0 < tokens.max_length <= 8192 or not 0 < tokens.vocab_size <= 10_000_000 or
+                                 not all(0 <= i < tokens.vocab_size for i in (tokens.pad_id, tokens.cls_id,
+                                                                               tokens.sep_id, tokens.unk_id))),
+         "the tokens section does not fit the input shape or its vocabulary"),
+        ((spec.layout == "NCT") != (audio is not None), "audio features need layout NCT and an audio section"),
+        (audio is not None and (list(spec.shape) != [-1, audio.n_mels, audio.frames] or
+                                not 8000 <= audio.sample_rate <= 192_000 or
+                                not 0 < audio.samples <= 3600 * audio.sample_rate or
+                                not 0 < audio.hop_length <= audio.n_fft <= 8192 or not 0 < audio.n_mels <= 512),
+         "the audio section does not fit the input shape"),
+    ]
 
 
 def _hyperparameter_problems(given: dict[str, float]) -> list[tuple[bool, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgeadapt.runtime.data import as_model_input
 from edgeadapt.runtime.errors import BackendError, ConfigError
 from edgeadapt.runtime.ort import available_providers, onnxruntime_module, session_options
 from edgeadapt.runtime.ov import openvino_device, with_constant_input
@@ -57,4 +58,4 @@ class PrefixRunner:
         return lambda x: np.asarray(compiled({0: x, **self._extra})[output])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(self._run(np.ascontiguousarray(x, dtype=np.float32)), dtype=np.float32)
+        return np.ascontiguousarray(self._run(as_model_input(x)), dtype=np.float32)

@@ -35,6 +35,14 @@ def pytest_runtest_setup(item):
         pytest.skip(f"needs the [ort-training] plugin: {missing}")
 
 
+def torch_input(x: np.ndarray, dtype=None):
+    """A batch for a torch model: float inputs in `dtype` (when given), token ids as they are."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(x))
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
 @pytest.fixture(scope="session")
 def bundle_factory(tmp_path_factory):
     """export(backbone, preset, **options) -> bundle path; each distinct export runs once per session."""
@@ -159,8 +167,9 @@ class TorchSteps:
         self.params = [named[n] for n in trainable]
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
-        self.inputs, self.labels = torch.from_numpy(x).to(self.params[0].dtype), torch.from_numpy(y).long()
+        self.inputs, self.labels = torch_input(x, self.params[0].dtype), torch.from_numpy(y).long()
         self.t = 0
+        self.zero_gradients: set[str] = set()
 
     def step(self, params: np.ndarray | None = None) -> tuple[float, np.ndarray]:
         torch = self.torch
@@ -169,6 +178,9 @@ class TorchSteps:
         self.t += 1
         loss = torch.nn.functional.cross_entropy(self.model(self.inputs), self.labels)
         grads = torch.autograd.grad(loss, self.params)
+        largest = max(float(g.norm()) for g in grads)
+        # zero in exact arithmetic (attention's key bias: softmax ignores a per-row shift); fp32 leaves rounding
+        self.zero_gradients = {n for n, g in zip(self.trainable, grads) if float(g.norm()) <= 1e-12 * largest}
         beta1, beta2 = ADAM_BETAS
         with torch.no_grad():
             for i, (name, p, g) in enumerate(zip(self.trainable, self.params, grads)):

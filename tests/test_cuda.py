@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif("CUDAExecutionProvider" not in available_provide
 @pytest.mark.parametrize("preset", ["head", "full"])
 def test_portable_step_on_cuda_matches_cpu(bundle_factory, preset):
     bundle = Bundle.open(bundle_factory("tiny_cnn", preset))
-    x, y = fixed_batch(bundle.manifest)
+    x, y = fixed_batch(bundle)
     runs = {}
     for device in ("cpu", "cuda"):
         engine = open_engine(bundle, bundle.graphs(), "onnxruntime", device)

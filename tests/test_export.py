@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_engines import PRETRAINED, fixed_batch
 
-from conftest import expected_groups
+from conftest import expected_groups, torch_input
 from edgeadapt.models.registry import backbone_names, get_entry
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.engines import open_engine
@@ -43,9 +43,9 @@ def _engine(bundle_path, name="onnxruntime"):
                                       for b in backbone_names()])
 def test_every_backbone_exports_and_matches_torch(bundle_factory, backbone):
     bundle, engine = _engine(_bundle(bundle_factory, backbone, "full", optimizer="sgd"))
-    x, y = fixed_batch(bundle.manifest)
+    x, y = fixed_batch(bundle)
     model = _torch_model(backbone, "full").double()
-    logits = model(torch.from_numpy(x).double())
+    logits = model(torch_input(x, torch.float64))
     loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y).long())
     loss.backward()
     assert np.abs(engine.eval_step(x, y)[1] - logits.detach().numpy()).max() < 1e-4
@@ -109,7 +109,7 @@ def test_portable_step_uses_standard_onnx_only(bundle_factory, backbone, preset)
 @pytest.mark.parametrize("backbone", ["tiny_cnn", "tiny_mlp"])
 def test_training_lowers_the_loss_and_eval_sees_it(bundle_factory, backbone, preset):
     bundle, engine = _engine(_bundle(bundle_factory, backbone, preset))
-    x, y = fixed_batch(bundle.manifest)
+    x, y = fixed_batch(bundle)
     losses = [engine.train_step(x, y, 1e-2)[0] for _ in range(20)]
     assert losses[-1] < losses[0]
     eval_loss, _ = engine.eval_step(x, y)
@@ -139,7 +139,7 @@ def test_custom_model_factory(tmp_path):
     _, engine = _engine(result.out)
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
-        expected = model(torch.from_numpy(x)).numpy()
+        expected = model(torch_input(x)).numpy()
     assert np.abs(engine.eval_step(x, np.zeros(4, np.int64))[1] - expected).max() < 1e-4
 
 
@@ -215,7 +215,7 @@ def test_bn_on_a_conv_with_two_consumers_is_not_folded_into_it(tmp_path, policy)
     bundle, engine = _engine(result.out)
     x = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
     with torch.no_grad():
-        expected = model(torch.from_numpy(x)).numpy()
+        expected = model(torch_input(x)).numpy()
     assert np.abs(engine.eval_step(x, np.zeros(4, np.int64))[1] - expected).max() < 1e-4
 
 

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, torch_input
 from edgeadapt.toolchain.demo import TEXTURES, write_texture_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.plain_host]
@@ -71,7 +71,7 @@ def test_mobilenet_v2_exports_trains_and_deploys(tmp_path, textures, preset):
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     logits = session.run(None, {session.get_inputs()[0].name: x})[0]
     with torch.no_grad():
-        reference = _trained_torch_model(bundle, start)(torch.from_numpy(x)).numpy()
+        reference = _trained_torch_model(bundle, start)(torch_input(x)).numpy()
     assert np.abs(logits - reference).max() < 1e-3 * max(1.0, np.abs(reference).max())
     truth = np.array([TEXTURES.index(f.parent.name) for f in files])
     assert np.mean(logits.argmax(1) == truth) >= 0.75  # four textures, ImageNet features: well above chance

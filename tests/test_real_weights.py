@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_without_torch
+from conftest import run_without_torch, torch_input
 from edgeadapt.toolchain.build import HeadRequest
 
 pytestmark = pytest.mark.slow
@@ -75,7 +75,7 @@ def test_pretrained_gradients_match_torch_tightly(mobilenet):
     gradient = start - engine.state().params
     torch.manual_seed(0)  # the export's seed: the same new head
     model = build_zoo_model("mobilenet_v2", HeadRequest(num_classes=10), "imagenet").module.double().eval()
-    torch.nn.functional.cross_entropy(model(torch.from_numpy(x).double()), torch.from_numpy(y)).backward()
+    torch.nn.functional.cross_entropy(model(torch_input(x, torch.float64)), torch.from_numpy(y)).backward()
     grads = dict(model.named_parameters())
     for p in bundle.manifest.portable.layout:
         reference = grads[p.name].grad.numpy().ravel() * (1.0 if p.name.startswith("classifier.") else 0.1)
@@ -109,7 +109,7 @@ def test_keep_head_recognises_photos_like_torch(mobilenet, tmp_path):
     for file, prediction, expected in zip(files, predictions, ("Egyptian cat", "espresso")):
         x = preprocess(decode_image(file, "RGB", (224, 224), manifest.input.crop)[None], manifest, True)
         with torch.no_grad():
-            probs = torch.softmax(model(torch.from_numpy(x)), 1)[0].numpy()
+            probs = torch.softmax(model(torch_input(x)), 1)[0].numpy()
         assert prediction.top[0]["label"] == expected
         assert prediction.top[0]["index"] == int(probs.argmax())
         assert prediction.top[0]["score"] == pytest.approx(float(probs.max()), abs=1e-4)

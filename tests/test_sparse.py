@@ -13,7 +13,7 @@ import torch
 from onnx import numpy_helper
 from test_engines import fixed_batch
 
-from conftest import run_cli
+from conftest import run_cli, torch_input
 from edgeadapt.devices.planner import planned_peak
 from edgeadapt.models.registry import BackboneSpec, backbone_names
 from edgeadapt.runtime.bundle import Bundle
@@ -116,7 +116,7 @@ def test_a_sparse_step_is_torchs_gradient_on_the_chosen_channels(ladder):
     engine.train_step(x, y, 1e-3)
     update = engine.state().optimizer["adam_m"].astype(np.float64) / (1 - ADAM_BETAS[0])
     module = build(ExportOptions(out=None, backbone="tiny_cnn", head=HeadRequest(labels=LABELS))).module.double()
-    torch.nn.functional.cross_entropy(module.eval()(torch.from_numpy(x).double()), torch.from_numpy(y)).backward()
+    torch.nn.functional.cross_entropy(module.eval()(torch_input(x, torch.float64)), torch.from_numpy(y)).backward()
     grads = {n: p.grad.numpy() for n, p in module.named_parameters()}
     channels = {}
     for layer in m.sparse.layers:
@@ -208,7 +208,7 @@ def test_model_factory_and_cli(tmp_path, calibration):
     engine = open_engine(bundle, bundle.graphs(), "onnxruntime", training=False)
     engine.load(bundle.load_state())
     with torch.no_grad():
-        np.testing.assert_allclose(engine.logits(x), module.eval()(torch.from_numpy(x)).numpy(), atol=1e-4)
+        np.testing.assert_allclose(engine.logits(x), module.eval()(torch_input(x)).numpy(), atol=1e-4)
     shown = run_cli("inspect", result.out)
     assert shown.returncode == 0 and "budget at batch 32" in shown.stdout and "/param" in shown.stdout
 

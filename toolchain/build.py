@@ -75,7 +75,7 @@ def load_weights(module: nn.Module, spec: BackboneSpec, weights: str | None) -> 
         return "random"
     if weights in spec.weights:
         path = resolve_weights(spec.weights[weights])
-    elif weights == "imagenet":
+    elif weights in ("imagenet", "pretrained"):
         raise WeightsError(f"{spec.name} has no downloadable ImageNet weights; pass --weights PATH to a "
                            "torchvision-compatible state dict, or omit --weights for random init.")
     else:
@@ -89,9 +89,13 @@ def load_weights(module: nn.Module, spec: BackboneSpec, weights: str | None) -> 
 
 def _load_state_dict(module: nn.Module, spec: BackboneSpec, path: Path) -> None:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise WeightsError(f"cannot read weight file {path} ({type(exc).__name__}); pass a torch state dict.") from None
+        state = spec.state_loader(path) if spec.state_loader else torch.load(path, map_location="cpu",
+                                                                              weights_only=True)
+    except WeightsError:
+        raise
+    except Exception as exc:  # torch and the readers raise many types for a bad file
+        raise WeightsError(f"cannot read weight file {path} ({type(exc).__name__}); pass "
+                           f"{'the official file' if spec.state_loader else 'a torch state dict'}.") from None
     if not isinstance(state, dict):
         raise WeightsError(f"weight file {path} holds a {type(state).__name__}, not a state dict; "
                            "save model.state_dict().")

@@ -60,8 +60,8 @@ def export(
     calibration: Optional[Path] = typer.Option(None, "--calibration",
                                                help="With --trainable sparse (or auto): labelled samples to score "
                                                     "layers and channels on (yours, or a proxy set)."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="imagenet (the default where the zoo has it), "
-                                          "random, or a path to a state dict."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="imagenet or pretrained (the zoo model's "
+                                          "default where it has them), random, or a path to a weight file."),
     model: Optional[str] = typer.Option(None, "--model", help="Your model: package.module:factory."),
     head: str = typer.Option("classifier", "--head", help="With --model: the classifier's module name."),
     onnx_model: Optional[Path] = typer.Option(None, "--onnx", help="An existing ONNX model instead of a backbone."),
@@ -170,7 +170,7 @@ def zoo():
     table = Table("backbone", "input", "features", "head", "weights", "description")
     for name in backbone_names():
         spec = get_entry(name).spec
-        weights = ", ".join(f"{w} (default)" if w == "imagenet" else w for w in spec.weights) or "random only"
+        weights = ", ".join(f"{w} (default)" if i == 0 else w for i, w in enumerate(spec.weights)) or "random only"
         table.add_row(name, "x".join(map(str, spec.input_size)), str(spec.feature_dim), spec.head, weights,
                       spec.description)
     console().print(table)

@@ -18,7 +18,6 @@ import torch
 from edgeadapt import __version__
 from edgeadapt.devices.profiles import get_profile
 from edgeadapt.models.layers import calibrate_batchnorm, init_weights
-from edgeadapt.models.registry import BackboneSpec
 from edgeadapt.runtime.atomic import check_output_dir, staged_dir
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.errors import ConfigError, ExportError, UnknownNameError
@@ -27,7 +26,6 @@ from edgeadapt.runtime.manifest import (
     MANIFEST_NAME,
     OPTIMIZERS,
     SCHEMA_VERSION,
-    InputSpec,
     Manifest,
     sha256_file,
 )
@@ -35,6 +33,7 @@ from edgeadapt.toolchain.artifacts import write_artifacts
 from edgeadapt.toolchain.auto import HEADROOM, choose
 from edgeadapt.toolchain.bn import BN_POLICIES
 from edgeadapt.toolchain.build import BuiltModel, build_user_model, build_zoo_model
+from edgeadapt.toolchain.inputs import examples, input_spec
 from edgeadapt.toolchain.onnx_source import onnx_source
 from edgeadapt.toolchain.options import ExportOptions, HeadRequest  # noqa: F401 (the export API's names)
 from edgeadapt.toolchain.plan import DEFAULT_BATCH, TrainingPlan, make_plan
@@ -86,22 +85,27 @@ def build(opts: ExportOptions) -> BuiltModel:
     if built.weights == "random":
         # Frozen BN statistics of 0/1 normalise nothing: activations of a fresh network vanish layer by layer.
         calibrate_batchnorm(built.module, built.spec.input_size, seed=opts.seed)
-        built.notes.append("random init; BN statistics calibrated on standard-normal inputs at export, then frozen")
+        built.notes.append("random init" + ("; BN statistics calibrated on standard-normal inputs at export, then "
+                                            "frozen" if _has_batchnorm(built.module) else ""))
     return built
+
+
+def _has_batchnorm(module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 
 RANDOM_WARNING = "random weights: {name} has no pretrained weights in the zoo"
 
 
 def zoo_weights(opts: ExportOptions) -> str | None:
-    """What a zoo backbone loads: nothing for `scratch`, else the named weights, else its ImageNet weights."""
+    """What a zoo backbone loads: nothing for `scratch`, else the named weights, else its first (pretrained) ones."""
     if preset_of(opts.trainable).random_init:
         return None
     if opts.weights is not None:
         return opts.weights
     from edgeadapt.models.registry import get_entry
 
-    return "imagenet" if "imagenet" in get_entry(opts.backbone).spec.weights else None
+    return next(iter(get_entry(opts.backbone).spec.weights), None)
 
 
 def _full_input_size(given: tuple[int, ...], default: tuple[int, ...]) -> tuple[int, ...]:
@@ -119,8 +123,9 @@ def torch_source(opts: ExportOptions) -> Source:
     """Stage 1 for torch models: the eval graph exported with the BN policy applied."""
     built = build(opts)
     sparse = preset_of(opts.trainable).scored
+    spec, assets = input_spec(built.spec)
     with tempfile.TemporaryDirectory() as tmp:
-        graph = export_eval_onnx(built.module, built.spec.input_size, None if sparse else opts.bn,
+        graph = export_eval_onnx(built.module, examples(spec, assets, 2, opts.seed), None if sparse else opts.bn,
                                  Path(tmp) / "eval.onnx")
     in_graph = {init.name for init in graph.graph.initializer}
     params = [name for name, _ in built.module.named_parameters() if name in in_graph]
@@ -136,10 +141,10 @@ def torch_source(opts: ExportOptions) -> Source:
     def reference(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return built.module.eval()(torch.from_numpy(x)).numpy()
-    return Source(graph, params, [n for n in in_graph if n not in set(params)], built.labels, _input_spec(built.spec),
+    return Source(graph, params, [n for n in in_graph if n not in set(params)], built.labels, spec,
                   opts.backbone or opts.model, built.weights, head, built.head_is_new, reference, built.module,
                   built.spec.blocks, built.spec.head, list(built.notes),
-                  parts=choice.graph.parts if choice else {}, sparse=choice)
+                  parts=choice.graph.parts if choice else {}, sparse=choice, assets=assets)
 
 
 def _choose_sparse(opts: ExportOptions, built: BuiltModel, raw, params: list[str], head: list[str]):
@@ -147,7 +152,7 @@ def _choose_sparse(opts: ExportOptions, built: BuiltModel, raw, params: list[str
     from edgeadapt.toolchain.sparse import calibration_arrays, choose_sparse
 
     budget = sparse_budget(opts)
-    x, y = calibration_arrays(opts.calibration, _input_spec(built.spec), built.labels, opts.loss, opts.seed)
+    x, y = calibration_arrays(opts.calibration, input_spec(built.spec)[0], built.labels, opts.loss, opts.seed)
     return choose_sparse(raw, built.module, params, head, built.head_is_new, built.spec.blocks, x, y, opts, budget,
                          opts.auto_batch or DEFAULT_BATCH)
 
@@ -210,6 +215,8 @@ def _export(opts: ExportOptions, out: Path, stage: Callable[[str], None], starte
     plan = make_plan(opts, source, resolve_lists(source, opts.trainable))  # the later stages see only the plan
     with staged_dir(out) as staging:
         stage("writing the training step, forward graph and state")
+        for name, content in source.assets.items():
+            (staging / name).write_bytes(content)
         artifacts = write_artifacts(source, plan, staging)
         manifest = make_manifest(source, plan, artifacts, staging)
         write_manifest(staging, manifest, None)
@@ -259,14 +266,6 @@ def write_manifest(staging: Path, manifest: Manifest, sign_key: Path | None) -> 
         from edgeadapt.runtime.signing import sign_bundle  # optional: cryptography only when signing
 
         sign_bundle(staging, sign_key)
-
-
-def _input_spec(spec: BackboneSpec) -> InputSpec:
-    is_image = len(spec.input_size) == 3
-    channels = ("L" if spec.input_size[0] == 1 else spec.channels or "RGB") if is_image else ""
-    return InputSpec(name="input", shape=[-1, *spec.input_size], dtype="float32", layout="NCHW" if is_image else "NC",
-                     channels=channels, mean=list(spec.mean), std=list(spec.std),
-                     resize=list(spec.input_size[1:]) if is_image else [])
 
 
 def _notes(source: Source, plan: TrainingPlan, artifacts: Artifacts) -> list[str]:

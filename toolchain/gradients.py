@@ -42,7 +42,12 @@ def attrs(node: onnx.NodeProto) -> dict:
 
 def unbroadcast(b: GraphBuilder, grad: str, out: str, target: str) -> str:
     """Sum `grad` (shaped like `out`) over the axes along which `target` was broadcast."""
-    out_shape, in_shape = b.shape(out), b.shape(target)
+    return unbroadcast_shaped(b, grad, b.shape(out), target)
+
+
+def unbroadcast_shaped(b: GraphBuilder, grad: str, out_shape: list, target: str) -> str:
+    """`unbroadcast` for a gradient of shape `out_shape`."""
+    in_shape = b.shape(target)
     lead = len(out_shape) - len(in_shape)
     axes = list(range(lead))
     for i, dim in enumerate(in_shape):
@@ -206,6 +211,63 @@ def _hard_swish(b, node, dy):
     return [b.op("Mul", [dy[0], slope])]
 
 
+@rule("Erf")
+def _erf(b, node, dy):
+    x = node.input[0]
+    slope = b.op("Mul", [b.op("Exp", [b.op("Neg", [b.op("Mul", [x, x])])]), b.const(2 / np.sqrt(np.pi))])
+    return [b.op("Mul", [dy[0], slope])]
+
+
+@rule("Gelu")
+def _gelu(b, node, dy):
+    """Exact GELU (opset 20): Φ(x) + x·φ(x)."""
+    if attrs(node).get("approximate", b"none") not in (b"none", "none"):
+        raise ExportError(f"Gelu {node.name} uses the tanh approximation, which has no gradient here.")
+    x = node.input[0]
+    cdf = b.op("Mul", [b.op("Add", [b.op("Erf", [b.op("Mul", [x, b.const(1 / np.sqrt(2))])]), b.const(1.0)]),
+                       b.const(0.5)])
+    pdf = b.op("Mul", [b.op("Exp", [b.op("Mul", [b.op("Mul", [x, x]), b.const(-0.5)])]),
+                       b.const(1 / np.sqrt(2 * np.pi))])
+    return [b.op("Mul", [dy[0], b.op("Add", [cdf, b.op("Mul", [x, pdf])])])]
+
+
+@rule("Softmax")
+def _softmax(b, node, dy):
+    """dX = Y ⊙ (dY − Σ_axis dY ⊙ Y)."""
+    y = node.output[0]
+    axis = attrs(node).get("axis", -1)
+    dot = b.op("ReduceSum", [b.op("Mul", [dy[0], y]), b.const([axis], np.int64)], keepdims=1)
+    return [b.op("Mul", [y, b.op("Sub", [dy[0], dot])])]
+
+
+def _mean_over(b: GraphBuilder, x: str, axes: list[int], count: int) -> str:
+    """ReduceMean via ReduceSum (whose axes are an input at every opset ≥ 13)."""
+    return _scale(b, b.op("ReduceSum", [x, b.const(axes, np.int64)], keepdims=1), 1.0 / count)
+
+
+@rule("LayerNormalization")
+def _layer_norm(b, node, dy):
+    """Recomputes x̂ = (x − μ)/σ from the input (engines need not return the optional Mean/InvStdDev outputs);
+    dX = (g − mean(g) − x̂·mean(g·x̂)) / σ with g = dY·scale; dScale = Σ dY·x̂, dBias = Σ dY over the leading axes."""
+    a = attrs(node)
+    x, scale = node.input[0], node.input[1]
+    shape = b.static(x)
+    axis = a.get("axis", -1) % len(shape)
+    axes = list(range(axis, len(shape)))
+    count = int(np.prod(shape[axis:]))
+    centred = b.op("Sub", [x, _mean_over(b, x, axes, count)])
+    variance = _mean_over(b, b.op("Mul", [centred, centred]), axes, count)
+    inverse = b.op("Reciprocal", [b.op("Sqrt", [b.op("Add", [variance, b.const(float(a.get("epsilon", 1e-5)))])])])
+    normed = b.op("Mul", [centred, inverse])
+    g = b.op("Mul", [dy[0], scale])
+    inner = b.op("Sub", [b.op("Sub", [g, _mean_over(b, g, axes, count)]),
+                         b.op("Mul", [normed, _mean_over(b, b.op("Mul", [g, normed]), axes, count)])])
+    grads = [b.op("Mul", [inner, inverse]), unbroadcast(b, b.op("Mul", [dy[0], normed]), node.output[0], scale)]
+    if len(node.input) > 2 and node.input[2]:
+        grads.append(unbroadcast(b, dy[0], node.output[0], node.input[2]))
+    return grads
+
+
 @rule("Where")
 def _where(b, node, dy):
     cond, a, c = node.input
@@ -239,6 +301,35 @@ def _transpose(b, node, dy):
     return [b.op("Transpose", [dy[0]], perm=list(np.argsort(perm)))]
 
 
+@rule("Expand")
+def _expand(b, node, dy):
+    return [unbroadcast(b, dy[0], node.output[0], node.input[0]), None]
+
+
+@rule("Slice")
+def _slice(b, node, dy):
+    """Constant starts/ends/axes with step 1: the gradient is dY padded back to the input's shape with zeros."""
+    x = node.input[0]
+    shape = b.static(x)
+    bounds = list(node.input[1:]) + [""] * (5 - len(node.input))
+    starts, ends, axes, steps = [b.constants.get(name) if name else None for name in bounds]
+    if starts is None or ends is None or (len(node.input) > 3 and node.input[3] and axes is None) or \
+            (len(node.input) > 4 and node.input[4] and steps is None):
+        raise ExportError(f"Slice {node.name} lies on the trainable path with computed bounds, which have no gradient "
+                          "here; freeze the layers before it.")
+    axes = [int(a) % len(shape) for a in axes] if axes is not None else list(range(len(starts)))
+    if steps is not None and any(int(s) != 1 for s in steps):
+        raise ExportError(f"Slice {node.name} has a step other than 1 on the trainable path, which has no gradient "
+                          "here.")
+    pads = [0] * (2 * len(shape))
+    for axis, start, end in zip(axes, starts, ends):
+        if shape[axis] < 0:
+            raise ExportError(f"Slice {node.name} cuts the batch axis on the trainable path; slice fixed axes only.")
+        first, stop, _ = slice(int(start), int(end)).indices(shape[axis])
+        pads[axis], pads[len(shape) + axis] = first, shape[axis] - max(stop, first)
+    return [b.op("Pad", [dy[0], b.const(pads, np.int64)])] + [None] * (len(node.input) - 1)
+
+
 @rule("Concat")
 def _concat(b, node, dy):
     axis = attrs(node)["axis"]
@@ -250,14 +341,27 @@ def _concat(b, node, dy):
 
 @rule("Gather")
 def _gather(b, node, dy):
-    """Only a constant permutation of one axis (channel reordering, see channels.py): its inverse is the gradient."""
-    order = b.constants.get(node.input[1])
+    """A constant permutation of one axis (channel reordering, see channels.py) has its inverse as gradient; rows
+    picked along axis 0 (an embedding table read at token ids) get dY scatter-added back into a zero table."""
+    data, indices = node.input
+    order = b.constants.get(indices)
     axis = attrs(node).get("axis", 0)
-    if order is None or order.ndim != 1 or not np.array_equal(np.sort(order), np.arange(len(order))):
-        raise ExportError(f"Gather {node.name} lies on the trainable path with indices that are not a constant "
-                          "permutation, which has no gradient here; freeze the layers before it.")
-    inverse = b.const(np.argsort(order), np.int64)
-    return [b.op("Gather", [dy[0], inverse], axis=axis), None]
+    if order is not None and order.ndim == 1 and np.array_equal(np.sort(order), np.arange(len(order))):
+        return [b.op("Gather", [dy[0], b.const(np.argsort(order), np.int64)], axis=axis), None]
+    shape = b.static(data)
+    if axis % len(shape) != 0 or -1 in shape:
+        raise ExportError(f"Gather {node.name} lies on the trainable path along axis {axis}, which has no gradient "
+                          "here (rows of a table only); freeze the layers before it.")
+    row = int(np.prod(shape[1:]))
+    flat = b.op("Reshape", [indices, b.const([-1, 1], np.int64)])
+    flat = b.op("Add", [flat, b.op("Mul", [b.op("Cast", [b.op("Less", [flat, b.const(0, np.int64)])],
+                                                        to=onnx.TensorProto.INT64), b.const(shape[0], np.int64)])])
+    updates = b.op("Reshape", [dy[0], b.const([-1, row], np.int64)])
+    rows = b.op("Expand", [flat, b.op("Shape", [updates])])
+    table = b.op("ConstantOfShape", [b.const([shape[0], row], np.int64)],
+                 value=helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0]))
+    summed = b.op("ScatterElements", [table, rows, updates], axis=0, reduction="add")
+    return [b.op("Reshape", [summed, b.const(shape, np.int64)]), None]
 
 
 @rule("Pad")
@@ -343,12 +447,30 @@ def _gemm(b, node, dy):
     return grads
 
 
+def _swap_last(b: GraphBuilder, x: str, rank: int) -> str:
+    return b.op("Transpose", [x], perm=[*range(rank - 2), rank - 1, rank - 2])
+
+
+def _matmul_batched(b: GraphBuilder, node, dy: str) -> list[str]:
+    """A @ B with both operands of rank ≥ 2 (attention's Q·Kᵀ and P·V): dA = dY·Bᵀ, dB = Aᵀ·dY, each summed over
+    the batch axes along which its operand was broadcast."""
+    a, c = node.input
+    ys = b.shape(node.output[0])
+    a_shape, c_shape = b.shape(a), b.shape(c)
+    if min(len(a_shape), len(c_shape)) < 2:
+        raise ExportError(f"MatMul {node.name}: a 1-D operand on the trainable path has no gradient here.")
+    da = b.op("MatMul", [dy, _swap_last(b, c, len(c_shape))])
+    dc = b.op("MatMul", [_swap_last(b, a, len(a_shape)), dy])
+    return [unbroadcast_shaped(b, da, [*ys[:-2], *a_shape[-2:]], a),
+            unbroadcast_shaped(b, dc, [*ys[:-2], *c_shape[-2:]], c)]
+
+
 @rule("MatMul")
 def _matmul(b, node, dy):
     x, w = node.input
     xs, ws = b.static(x), b.static(w)
     if len(ws) != 2:
-        raise ExportError(f"MatMul {node.name}: only a 2-D right operand (a weight) can be differentiated.")
+        return _matmul_batched(b, node, dy[0])
     wt = frozen_copy(b, w, transpose=True)
     dx = b.op("MatMul", [dy[0], wt])
     rows_x = b.op("Reshape", [x, b.const([-1, xs[-1]], np.int64)])

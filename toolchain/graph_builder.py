@@ -103,5 +103,8 @@ def _example_feed(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
     feed = {}
     for value in model.graph.input:
         dims = [d.dim_value if d.HasField("dim_value") else batch for d in value.type.tensor_type.shape.dim]
-        feed[value.name] = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+        if value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            feed[value.name] = np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+        else:  # token ids: id 0 is valid in every vocabulary
+            feed[value.name] = np.zeros(dims, onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
     return feed

@@ -6,6 +6,7 @@ its manifest says why. The portable step never depends on it."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import sys
@@ -69,6 +70,7 @@ def generate(model: onnx.ModelProto, trainable: list[str], frozen: list[str], lo
     from onnxruntime.training import artifacts
 
     onnxruntime.set_default_logger_severity(3)
+    model = with_layer_norm_statistics(model)
     try:
         with native_stderr_captured():
             artifacts.generate_artifacts(
@@ -81,6 +83,18 @@ def generate(model: onnx.ModelProto, trainable: list[str], frozen: list[str], lo
         raise _explain(exc, model, trainable) from None
     if ort_format:
         merge_operator_configs(out_dir)
+
+
+def with_layer_norm_statistics(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ORT's LayerNormalization gradient reads the node's optional Mean and InvStdDev outputs: name them."""
+    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization" and len(n.output) < 3]
+    if not norms:
+        return model
+    model = copy.deepcopy(model)
+    for node in (n for n in model.graph.node if n.op_type == "LayerNormalization"):
+        while len(node.output) < 3:
+            node.output.append(f"{node.output[0]}/ort_statistic_{len(node.output)}")
+    return model
 
 
 @contextlib.contextmanager

@@ -40,6 +40,13 @@ class Source:
     notes: list[str] = field(default_factory=list)
     parts: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # channel splits: part -> (name, channels)
     sparse: object | None = None  # `--trainable sparse`: the SparseChoice (toolchain/sparse.py)
+    assets: dict[str, bytes] = field(default_factory=dict)  # files the bundle ships besides graphs (vocab.txt)
+
+    def examples(self, batch: int, seed: int = 0) -> np.ndarray:
+        """Example inputs of this source's kind (real token ids for text)."""
+        from edgeadapt.toolchain.inputs import examples
+
+        return examples(self.input, self.assets, batch, seed)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
@@ -14,13 +15,14 @@ from edgeadapt.toolchain.stages import INPUT_NAME, OUTPUT_NAME
 OPSET = 17
 
 
-def export_eval_onnx(module: torch.nn.Module, input_size: tuple[int, ...], bn_policy: str | None,
+def export_eval_onnx(module: torch.nn.Module, example: np.ndarray, bn_policy: str | None,
                      path: Path) -> onnx.ModelProto:
     """Export with every parameter its own initializer. (Without keep_initializers_as_inputs the exporter merges
     initializers of equal value in eval mode — e.g. all fresh BN scales of one width — so they would share one
     gradient in training.) The initializers are then taken back out of the graph inputs. `bn_policy` None keeps the
-    BN nodes (for rewrites that must see them, like the channel splits of `--trainable sparse`)."""
-    example = torch.randn(2, *input_size)
+    BN nodes (for rewrites that must see them, like the channel splits of `--trainable sparse`). `example`: two
+    inputs of the model's kind and dtype (token ids for text)."""
+    example = torch.from_numpy(example)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from edgeadapt.runtime.data import as_model_input
 from edgeadapt.runtime.errors import BackendError
 from edgeadapt.runtime.losses import mean_loss
 from edgeadapt.runtime.ort import available_providers, onnxruntime_module, session_options
@@ -80,7 +81,7 @@ class OnnxRuntimeEngine:
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         binding = self._step.io_binding()
-        binding.bind_cpu_input(self._step.get_inputs()[0].name, np.ascontiguousarray(x, np.float32))
+        binding.bind_cpu_input(self._step.get_inputs()[0].name, as_model_input(x))
         binding.bind_cpu_input("labels", np.ascontiguousarray(y))
         binding.bind_cpu_input("lr", np.asarray(lr, np.float32))
         binding.bind_cpu_input("step", np.asarray(self._t + 1, np.int64))
@@ -101,7 +102,7 @@ class OnnxRuntimeEngine:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         binding = self._forward.io_binding()
-        binding.bind_cpu_input(self._forward.get_inputs()[0].name, np.ascontiguousarray(x, np.float32))
+        binding.bind_cpu_input(self._forward.get_inputs()[0].name, as_model_input(x))
         binding.bind_ortvalue_input("params", self._values["params"])
         self._bind_statistics(binding, self._forward)
         binding.bind_output(self.manifest.output_name, "cpu")

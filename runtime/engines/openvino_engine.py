@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from edgeadapt.runtime.data import as_model_input
 from edgeadapt.runtime.errors import BackendError
 from edgeadapt.runtime.losses import mean_loss
 from edgeadapt.runtime.ov import openvino_module, with_constant_input
@@ -76,7 +77,7 @@ class OpenVinoEngine:
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
         request, wanted = self._request("step", len(x))
-        feed = {0: np.ascontiguousarray(x, np.float32), "labels": np.ascontiguousarray(y),
+        feed = {0: as_model_input(x), "labels": np.ascontiguousarray(y),
                 "lr": np.asarray(lr, np.float32), "step": np.asarray(self._t + 1, np.int64), **self._values}
         result = request.infer({k: v for k, v in feed.items() if k == 0 or k in wanted})
         outputs = {k.get_any_name(): v for k, v in result.items()}
@@ -88,7 +89,7 @@ class OpenVinoEngine:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         request, _ = self._request("forward", len(x))
-        result = request.infer({0: np.ascontiguousarray(x, np.float32), "params": self._values["params"]})
+        result = request.infer({0: as_model_input(x), "params": self._values["params"]})
         return np.array(next(v for k, v in result.items() if self.manifest.output_name in k.get_names()))
 
     def eval_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
