@@ -49,7 +49,7 @@ def held_out_accuracy(bundle: Path, data_file: Path, prefix_file: str) -> tuple[
     from edgeadapt.runtime.prefix import PrefixRunner
 
     b = Bundle.open(bundle)
-    data = load_dataset(data_file, b.manifest)
+    data = load_dataset(data_file, b)
     prefix = b.read_device_graph(prefix_file) if prefix_file != b.manifest.split.prefix_model else \
         b.read_graph(prefix_file)
     runner = PrefixRunner(prefix, threads=2,

@@ -35,7 +35,7 @@ def load_data(path: str | Path, bundle: Bundle) -> Dataset:
     if str(path).endswith(PREPARED):
         with np.load(path) as archive:
             return Dataset(archive["samples"], archive["targets"], bool(archive["is_image"]))
-    return load_dataset(path, bundle.manifest)
+    return load_dataset(path, bundle)
 
 
 def fingerprint(bundle: Bundle) -> dict[str, str]:

@@ -122,7 +122,7 @@ def simulate(bundle: Bundle | str | Path, data: Dataset | str | Path,
 
     started = time.monotonic()
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-    dataset = data if isinstance(data, Dataset) else load_dataset(data, bundle.manifest)
+    dataset = data if isinstance(data, Dataset) else load_dataset(data, bundle)
     settings = ServerSettings(bundle="", rounds=options.rounds, local_epochs=options.local_epochs,
                               personalize_epochs=options.personalize_epochs, strategy=options.strategy,
                               proximal_mu=options.proximal_mu, clip=options.clip, dp_noise=options.dp_noise,

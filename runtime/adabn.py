@@ -39,7 +39,7 @@ def adapt_bn(bundle: Bundle | str | Path, data: Dataset | str | Path, scope: str
              threads: int | None = None) -> AdaBNResult:
     """Re-estimate the bundle's BN statistics from `data` (labels unused), under the trainer's lock."""
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-    dataset = data if isinstance(data, Dataset) else load_unlabeled(data, bundle.manifest)
+    dataset = data if isinstance(data, Dataset) else load_unlabeled(data, bundle)
     with bundle_lock(bundle.lock_path):
         return adapt_bn_locked(bundle, dataset, scope, batch_size, threads)
 

@@ -37,12 +37,23 @@ class Dataset:
         return Dataset(self.samples[index], self.targets[index], self.is_image, self.skipped, names, self.features)
 
 
-def load_dataset(path: str | Path, manifest: Manifest, max_bad_fraction: float = 0.1) -> Dataset:
-    """Load a folder of class subfolders, an .npz with x and y, or a CSV (features…, label)."""
+def _manifest(source) -> Manifest:
+    """Loaders take a Bundle (text needs its tokenizer) or, for other inputs, a bare Manifest."""
+    return getattr(source, "manifest", source)
+
+
+def load_dataset(path: str | Path, source, max_bad_fraction: float = 0.1) -> Dataset:
+    """Load a folder of class subfolders, an .npz with x and y, or a CSV (features…, label); text and audio
+    bundles read their formats (runtime/text_audio.py). `source`: the Bundle, or its Manifest for non-text data."""
     path = Path(path)
+    manifest = _manifest(source)
     if not path.exists():
-        raise DataError(f"data {path} does not exist; give a folder of class subfolders, an .npz or a .csv file.")
-    if path.is_dir():
+        raise DataError(f"data {path} does not exist; give {FORMATS[manifest.input.kind]}.")
+    if manifest.input.kind == "tokens":
+        data = load_text_dataset(path, source, max_bad_fraction)
+    elif manifest.input.kind == "audio":
+        data = load_audio_dataset(path, manifest, max_bad_fraction)
+    elif path.is_dir():
         data = load_image_folder(path, manifest, max_bad_fraction)
     elif path.suffix == ".npz":
         data = load_npz(path, manifest)
@@ -53,6 +64,48 @@ def load_dataset(path: str | Path, manifest: Manifest, max_bad_fraction: float =
     if len(data) == 0:
         raise DataError(f"data {path} holds no usable sample; add samples (see `edgeadapt train --help`).")
     return data
+
+
+FORMATS = {"image": "a folder of class subfolders of images, an .npz or a .csv file",
+           "features": "an .npz or a .csv file of feature rows",
+           "tokens": "a CSV or JSONL of text,label, a folder of class subfolders of .txt files, or an .npz of ids",
+           "audio": "a folder of class subfolders of .wav files, or an .npz of log-mel features"}
+
+
+def load_text_dataset(path: Path, bundle, max_bad_fraction: float = 0.1) -> Dataset:
+    from edgeadapt.runtime import text_audio
+
+    spec = bundle.manifest.input.tokens
+    if path.suffix == ".npz":
+        arrays = read_npz(path, ("x", "y"))
+        ids = text_audio.check_token_ids(arrays["x"], spec, str(path))
+        return Dataset(ids, _targets(arrays["y"], bundle.manifest, str(path)), False, [],
+                       [f"{path}[{i}]" for i in range(len(ids))])
+    if path.is_dir():
+        texts, labels, names, skipped = text_audio.text_folder(path)
+        text_audio.check_bad_fraction(skipped, len(texts) + len(skipped), "text files", path, max_bad_fraction)
+    elif path.suffix.lower() in text_audio.TABLE_SUFFIXES:
+        (texts, labels, names), skipped = text_audio.read_table(path), []
+    else:
+        raise DataError(f"data {path} is not {FORMATS['tokens']}; give one of those.")
+    ids = bundle.tokenizer().encode_batch(texts)
+    return Dataset(ids, encode_labels(labels, bundle.manifest, str(path)), False, skipped, names)
+
+
+def load_audio_dataset(path: Path, manifest: Manifest, max_bad_fraction: float = 0.1) -> Dataset:
+    from edgeadapt.runtime import text_audio
+    from edgeadapt.runtime.audio import AUDIO_SUFFIXES
+
+    if path.suffix == ".npz":
+        return load_npz(path, manifest)
+    if not path.is_dir():
+        raise DataError(f"data {path} is not {FORMATS['audio']}; give one of those.")
+    files = text_audio.class_files(path, AUDIO_SUFFIXES)
+    features, kept, skipped = text_audio.audio_files([f for f, _ in files], manifest.input.audio)
+    text_audio.check_bad_fraction(skipped, len(files), "audio files", path, max_bad_fraction)
+    samples = np.stack(features) if features else np.zeros((0, *manifest.input.shape[1:]), np.float32)
+    targets = encode_labels([files[i][1] for i in kept], manifest, str(path)) if kept else np.zeros(0, np.int64)
+    return Dataset(samples, targets, False, skipped, [str(files[i][0]) for i in kept])
 
 
 # ---- labels -------------------------------------------------------------------------------------------------
@@ -145,10 +198,13 @@ def load_image_folder(root: Path, manifest: Manifest, max_bad_fraction: float = 
     return Dataset(samples, targets[kept], True, skipped, [str(files[i][0]) for i in kept])
 
 
-def load_unlabeled(path: str | Path, manifest: Manifest, max_bad_fraction: float = 0.1) -> Dataset:
+def load_unlabeled(path: str | Path, source, max_bad_fraction: float = 0.1) -> Dataset:
     """Samples without labels (AdaBN): every image under a folder (class subfolders or not), an .npz's `x`, or a
     labelled .csv; targets are zeros."""
     path = Path(path)
+    manifest = _manifest(source)
+    if manifest.input.kind in ("tokens", "audio"):
+        return load_dataset(path, source, max_bad_fraction)
     if path.is_dir():
         files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
                        and not any(part.startswith(".") for part in f.relative_to(path).parts))
@@ -310,8 +366,11 @@ def _is_number(text: str) -> bool:
 
 def preprocess(samples: np.ndarray, manifest: Manifest, is_image: bool,
                rng: np.random.Generator | None = None) -> np.ndarray:
-    """uint8 NHWC images → normalised float32 NCHW (with flips/shifts when `rng` is given); rows → (x−mean)/std."""
+    """uint8 NHWC images → normalised float32 NCHW (with flips/shifts when `rng` is given); rows → (x−mean)/std;
+    token ids as they are."""
     spec = manifest.input
+    if spec.kind == "tokens":
+        return np.ascontiguousarray(samples, np.int64)
     mean = np.asarray(spec.mean, np.float32)
     std = np.asarray(spec.std, np.float32)
     if not is_image:

@@ -31,7 +31,7 @@ def evaluation_engine(bundle: Bundle, engine: str = "auto", device: str = "cpu",
 def evaluate(bundle: Bundle | str | Path, data: Dataset | str | Path, batch_size: int = 64,
              threads: int | None = None, engine: str = "auto", device: str = "cpu") -> Metrics:
     bundle = _open(bundle)
-    dataset = data if isinstance(data, Dataset) else load_dataset(data, bundle.manifest)
+    dataset = data if isinstance(data, Dataset) else load_dataset(data, bundle)
     metrics = evaluate_arrays(evaluation_engine(bundle, engine, device, threads), dataset, bundle.manifest, batch_size)
     return dataclasses.replace(metrics, skipped=list(dataset.skipped))
 
@@ -48,6 +48,8 @@ def load_inputs(paths: list[str | Path], bundle: Bundle) -> tuple[list[str], np.
     .npz/.csv files whose rows are samples; returns (names, raw samples, is_image, unreadable images as error
     predictions). Data files must be readable as a whole."""
     spec = bundle.manifest.input
+    if spec.kind in ("tokens", "audio"):
+        return _text_or_audio_inputs(paths, bundle)
     names, samples, is_image, failed = [], [], spec.layout == "NCHW", []
     for path in _expanded(map(Path, paths)):
         if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -59,7 +61,7 @@ def load_inputs(paths: list[str | Path], bundle: Bundle) -> tuple[list[str], np.
                 continue
             names.append(str(path))
         else:
-            data = load_dataset(path, bundle.manifest)
+            data = load_dataset(path, bundle)
             samples.append(data.samples)
             names += data.names
             is_image = data.is_image
@@ -69,6 +71,47 @@ def load_inputs(paths: list[str | Path], bundle: Bundle) -> tuple[list[str], np.
         raise DataError(f"none of the {len(failed)} inputs can be read (first: {failed[0].input}: {failed[0].error});"
                         " give valid PNG or JPEG files.")
     return names, np.concatenate(samples), is_image, failed
+
+
+def _text_or_audio_inputs(paths: list[str | Path], bundle: Bundle):
+    """.txt files (one sample each), CSV/JSONL tables (labels optional) and folders of .txt files for text; .wav
+    files and folders of them for speech; .npz of model inputs for both."""
+    from edgeadapt.runtime import text_audio
+    from edgeadapt.runtime.audio import AUDIO_SUFFIXES, load_clip
+
+    spec = bundle.manifest.input
+    is_text = spec.kind == "tokens"
+    suffixes = text_audio.TEXT_SUFFIXES if is_text else AUDIO_SUFFIXES
+    names, samples, failed, texts = [], [], [], []
+    if not paths:
+        raise DataError(f"no input given; pass {'.txt, .csv or .jsonl' if is_text else '.wav'} files or folders.")
+    for path in map(Path, paths):
+        if path.suffix == ".npz" or (is_text and path.suffix.lower() in text_audio.TABLE_SUFFIXES):
+            if path.suffix == ".npz":
+                data = load_dataset(path, bundle)
+                samples.append(data.samples)
+                names += data.names
+            else:
+                found, _, rows = text_audio.read_table(path, labelled=False)
+                texts += found
+                names += rows
+            continue
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes) \
+            if path.is_dir() else [path]
+        for file in files:
+            try:
+                item = text_audio.read_text_file(file) if is_text else load_clip(file, spec.audio)[None]
+            except (DataError, OSError) as exc:
+                failed.append(Prediction(str(file), [], str(exc)))
+                continue
+            texts.append(item) if is_text else samples.append(item)
+            names.append(str(file))
+    if texts:
+        samples.append(bundle.tokenizer().encode_batch(texts))
+    if not samples:
+        raise DataError(f"none of the {len(failed)} inputs can be read (first: {failed[0].input}: {failed[0].error})"
+                        if failed else "the inputs hold no sample.")
+    return names, np.concatenate(samples), False, failed
 
 
 def _expanded(paths) -> list[Path]:

@@ -38,7 +38,7 @@ def quantize_prefix(bundle: Bundle, data: Path, samples: int = 128, seed: int = 
     split = bundle.manifest.split
     if split is None:
         raise ConfigError(f"{bundle.path} is not a split bundle; export it with a `head` or `last:K` preset.")
-    dataset = load_dataset(data, bundle.manifest)
+    dataset = load_dataset(data, bundle)
     pick = np.random.default_rng(seed).permutation(len(dataset))[:samples]
     inputs = preprocess(dataset.samples[pick], bundle.manifest, dataset.is_image)
 

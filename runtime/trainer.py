@@ -150,7 +150,7 @@ class Trainer:
 
     def fit(self, data: Dataset | str | Path) -> TrainSummary:
         started = time.monotonic()
-        dataset = data if isinstance(data, Dataset) else load_dataset(data, self.manifest,
+        dataset = data if isinstance(data, Dataset) else load_dataset(data, self.bundle,
                                                                         self.config.max_bad_fraction)
         if self.manifest.loss == "cross_entropy" and len(np.unique(dataset.targets)) < 2:
             raise DataError("the data holds a single class; a classifier needs examples of at least 2 classes.")

@@ -37,6 +37,8 @@ def resolve_labels(head: HeadRequest, pretrained_classes: int) -> tuple[list[str
     chosen = [head.num_classes is not None, bool(head.labels), head.keep_head]
     if sum(chosen) != 1:
         raise ConfigError("give exactly one of --classes N, --labels FILE or --keep-head.")
+    if head.keep_head and not pretrained_classes:
+        raise ConfigError("this backbone has no pretrained classifier to keep; give --classes N or --labels FILE.")
     if head.keep_head:
         names = imagenet_labels() if pretrained_classes == 1000 else [f"class_{i}" for i in range(pretrained_classes)]
         return names, False
@@ -100,6 +102,8 @@ def _load_state_dict(module: nn.Module, spec: BackboneSpec, path: Path) -> None:
         raise WeightsError(f"weight file {path} holds a {type(state).__name__}, not a state dict; "
                            "save model.state_dict().")
     missing, unexpected = module.load_state_dict(state, strict=False)
+    if not spec.num_pretrained_classes:  # an encoder's weights: the classifier is new whatever it is
+        missing = [n for n in missing if not (n == spec.head or n.startswith(spec.head + "."))]
     if missing or unexpected:
         raise WeightsError(f"weight file {path} does not fit {spec.name}: missing {missing[:3]}, unexpected "
                            f"{unexpected[:3]}; pass weights saved from the same architecture.")
@@ -108,7 +112,7 @@ def _load_state_dict(module: nn.Module, spec: BackboneSpec, path: Path) -> None:
 def build_zoo_model(name: str, head: HeadRequest, weights: str | None) -> BuiltModel:
     entry = get_entry(name)
     labels, head_is_new = resolve_labels(head, entry.spec.num_pretrained_classes)
-    module = entry.factory(entry.spec.num_pretrained_classes)
+    module = entry.factory(entry.spec.num_pretrained_classes or len(labels))
     loaded = load_weights(module, entry.spec, weights)
     if head_is_new:
         replace_head(module, entry.spec.head, len(labels))

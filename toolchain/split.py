@@ -1,14 +1,19 @@
 """Split bundles: when the frozen part of the network is a prefix (presets `head`, `last:K`), emit it as a plain
 inference model (`prefix.onnx`, for an NPU, a GPU or a feature cache) and the trainable rest as training graphs
 (`suffix_*`) that take the boundary tensor as input. The suffix trains exactly the whole graph's trainable
-parameters, so both share one state file."""
+parameters, so both share one state file.
+
+Where data crosses the cut in several tensors (a transformer's hidden states and its attention mask), the prefix
+packs them, flattened per sample, into one float tensor and the suffix unpacks it: every runtime still sees one
+boundary of shape [batch, features]."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import shape_inference
+from onnx import TensorProto, helper, numpy_helper, shape_inference
 from onnx.utils import Extractor
 
 from edgeadapt.runtime.errors import InternalError
@@ -32,8 +37,11 @@ def _from_input(model: onnx.ModelProto) -> set[str]:
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def find_boundary(model: onnx.ModelProto, trainable: list[str]) -> str | None:
-    """The one tensor where data enters the trainable part, if the frozen part is a prefix with weights of its own
+PACKED = "boundary_packed"
+
+
+def find_boundary(model: onnx.ModelProto, trainable: list[str]) -> list[str] | None:
+    """The tensors where data enters the trainable part, if the frozen part is a prefix with weights of its own
     (a prefix of padding or reshapes alone is not worth a model); else None."""
     dependent, consumers = set(trainable), []
     for node in model.graph.node:
@@ -43,9 +51,9 @@ def find_boundary(model: onnx.ModelProto, trainable: list[str]) -> str | None:
     data = _from_input(model)
     frontier = {name for node in consumers for name in node.input if name in data and name not in dependent}
     frozen_layers = [n for n in model.graph.node if n.op_type in WEIGHTED and not set(n.output) & dependent]
-    if len(frontier) != 1 or frontier == {INPUT} or not frozen_layers:
+    if not frontier or INPUT in frontier or not frozen_layers:
         return None
-    return frontier.pop()
+    return sorted(frontier)
 
 
 def _measured_shape(model: onnx.ModelProto, name: str, shapes: dict | None = None) -> list[int]:
@@ -57,16 +65,59 @@ def _measured_shape(model: onnx.ModelProto, name: str, shapes: dict | None = Non
 
 
 def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str],
-             input_shape: list[int] | None = None) -> onnx.ModelProto:
+             input_shapes: list[list[int]] | None = None) -> onnx.ModelProto:
     part = Extractor(model).extract_model(inputs, outputs)
-    dims = part.graph.input[0].type.tensor_type.shape.dim
-    for dim, size in zip(dims, input_shape or []):
-        if size > 0:
-            dim.dim_value = size
-    dims[0].dim_param = "batch"
-    part.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    for value, shape in zip(part.graph.input, input_shapes or [[] for _ in inputs]):
+        dims = value.type.tensor_type.shape.dim
+        for dim, size in zip(dims, shape):
+            if size > 0:
+                dim.dim_value = size
+        dims[0].dim_param = "batch"
+    for value in part.graph.output:
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
     del part.graph.value_info[:]
     return part
+
+
+def _element_types(model: onnx.ModelProto, names: list[str]) -> list[int]:
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    return [types.get(n, TensorProto.FLOAT) for n in names]
+
+
+def _pack(prefix: onnx.ModelProto, names: list[str], types: list[int]) -> onnx.ModelProto:
+    """The prefix's outputs `names` as one float tensor [batch, Σ features]."""
+    flat = []
+    for name, kind in zip(names, types):
+        value = name if kind == TensorProto.FLOAT else f"{name}/as_float"
+        if kind != TensorProto.FLOAT:
+            prefix.graph.node.append(helper.make_node("Cast", [name], [value], to=TensorProto.FLOAT))
+        prefix.graph.node.append(helper.make_node("Flatten", [value], [f"{name}/flat"], axis=1))
+        flat.append(f"{name}/flat")
+    prefix.graph.node.append(helper.make_node("Concat", flat, [PACKED], axis=1))
+    del prefix.graph.output[:]
+    prefix.graph.output.append(helper.make_tensor_value_info(PACKED, TensorProto.FLOAT, ["batch", None]))
+    return prefix
+
+
+def _unpack(suffix: onnx.ModelProto, names: list[str], shapes: list[list[int]], types: list[int]) -> onnx.ModelProto:
+    """The suffix reads the packed boundary and restores each tensor's shape and type before its own nodes."""
+    sizes = [int(np.prod(s[1:])) for s in shapes]
+    parts = [f"{n}/flat" for n in names]
+    nodes = [helper.make_node("Split", [PACKED, f"{PACKED}/sizes"], parts, axis=1)]
+    for name, part, shape, kind in zip(names, parts, shapes, types):
+        target = name if kind == TensorProto.FLOAT else f"{name}/as_float"
+        nodes.append(helper.make_node("Reshape", [part, f"{name}/shape"], [target]))
+        suffix.graph.initializer.append(numpy_helper.from_array(np.array([-1, *shape[1:]], np.int64), f"{name}/shape"))
+        if kind != TensorProto.FLOAT:
+            nodes.append(helper.make_node("Cast", [target], [name], to=kind))
+    suffix.graph.initializer.append(numpy_helper.from_array(np.array(sizes, np.int64), f"{PACKED}/sizes"))
+    existing = list(suffix.graph.node)
+    del suffix.graph.node[:]
+    suffix.graph.node.extend(nodes + existing)
+    del suffix.graph.input[:]
+    suffix.graph.input.append(helper.make_tensor_value_info(PACKED, TensorProto.FLOAT, ["batch", sum(sizes)]))
+    return suffix
 
 
 def split_suffix(model: onnx.ModelProto, trainable: list[str], shapes: dict | None = None,
@@ -74,14 +125,26 @@ def split_suffix(model: onnx.ModelProto, trainable: list[str], shapes: dict | No
     """(shape-inferred model, boundary, its shape, suffix graph) when the frozen part is a prefix holding none of
     `trainable`, else None. `shapes` and `inferred`, when given, are the model's measured and inferred shapes."""
     inferred = inferred or shape_inference.infer_shapes(model)
-    boundary = find_boundary(inferred, trainable)
-    if boundary is None:
+    crossing = find_boundary(inferred, trainable)
+    if crossing is None:
         return None
-    shape = _measured_shape(model, boundary, shapes)
-    suffix = copy_fold_record(model, _extract(inferred, [boundary], [OUTPUT], shape))
-    if not set(trainable) <= {init.name for init in suffix.graph.initializer}:
+    measured = {name: _measured_shape(model, name, shapes) for name in crossing}
+    # shape arithmetic (no batch axis: a Reshape's target) is recomputed in the suffix from the tensors that cross
+    crossing = [name for name in crossing if measured[name] and measured[name][0] == -1]
+    if not crossing:
         return None
-    return inferred, boundary, shape, suffix
+    measured = [measured[name] for name in crossing]
+    try:
+        suffix = copy_fold_record(model, _extract(inferred, crossing, [OUTPUT], measured))
+    except Exception:  # onnx's Extractor: the suffix needs more than the tensors that cross
+        return None
+    if {i.name for i in suffix.graph.input} != set(crossing) or \
+            not set(trainable) <= {init.name for init in suffix.graph.initializer}:
+        return None
+    if len(crossing) == 1:
+        return inferred, crossing[0], measured[0], suffix
+    suffix = _unpack(suffix, crossing, measured, _element_types(inferred, crossing))
+    return inferred, crossing, [-1, sum(int(np.prod(s[1:])) for s in measured)], suffix
 
 
 def build_split(model: onnx.ModelProto, lists, out_dir: Path, make_graphs, whole,
@@ -91,9 +154,13 @@ def build_split(model: onnx.ModelProto, lists, out_dir: Path, make_graphs, whole
     found = split_suffix(model, lists.trainable)
     if found is None:
         return None
-    inferred, boundary, shape, suffix = found
+    inferred, crossing, shape, suffix = found
     names = {init.name for init in suffix.graph.initializer}
-    prefix = _extract(inferred, [INPUT], [boundary])
+    if isinstance(crossing, list):
+        prefix, boundary = _pack(_extract(inferred, [INPUT], crossing), crossing,
+                                 _element_types(inferred, crossing)), PACKED
+    else:
+        prefix, boundary = _extract(inferred, [INPUT], [crossing]), crossing
     read = {init.name for init in prefix.graph.initializer}
     onnx.save(statistics_as_input(prefix, statistics or []), str(out_dir / "prefix.onnx"))
     frozen = [n for n in lists.frozen + lists.buffers if n in names]
