@@ -259,6 +259,8 @@ class Bundle:
             roles[prefix + portable.forward] = ({data_input, "params"} | stats, True)
         if m.split is not None:
             roles[m.split.prefix_model] = ({m.input.name} | stats, False)
+        if m.lora is not None:
+            roles[m.lora.merged_forward] = ({m.input.name, "params"} | stats, True)
         return roles
 
     def state_bytes(self) -> bytes:

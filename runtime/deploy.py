@@ -13,13 +13,13 @@ import numpy as np
 
 from edgeadapt.runtime.atomic import atomic_write, fsync_dir
 from edgeadapt.runtime.bundle import Bundle
-from edgeadapt.runtime.errors import ConfigError, EdgeAdaptError, InternalError
+from edgeadapt.runtime.errors import BundleError, ConfigError, EdgeAdaptError, InternalError
 from edgeadapt.runtime.inference import evaluation_engine
 from edgeadapt.runtime.metrics import dummy_targets
-from edgeadapt.runtime.onnx_wire import bake_input
+from edgeadapt.runtime.onnx_wire import bake_input, float_initializers
 from edgeadapt.runtime.ort import onnxruntime_module
 from edgeadapt.runtime.ov import openvino_device, openvino_module
-from edgeadapt.runtime.state import STATISTICS_INPUT, TrainState
+from edgeadapt.runtime.state import STATISTICS_INPUT, TrainState, flatten, named_parameters
 
 FORMATS = ("onnx", "openvino")
 SUFFIXES = {"onnx": ".onnx", "openvino": ".xml"}
@@ -41,12 +41,35 @@ def check_batch(bundle: Bundle, batch: int = 4, seed: int = 0) -> np.ndarray:
 
 def inference_model(bundle: Bundle, state: TrainState | None = None) -> bytes:
     """The whole forward graph with the trained parameters (`state`, default: the bundle's) baked in: a plain
-    inference model."""
+    inference model (for LoRA bundles the merged model's graph, with W + (α/R)·B·A as plain weights)."""
     state = state or bundle.load_state()
-    forward = bake_input(bundle.read_graph(bundle.graphs(split=False).forward), "params", state.params)
+    if bundle.manifest.lora is not None:
+        forward = bake_input(bundle.read_graph(bundle.manifest.lora.merged_forward), "params",
+                             merged_parameters(bundle, state))
+    else:
+        forward = bake_input(bundle.read_graph(bundle.graphs(split=False).forward), "params", state.params)
     if state.statistics is not None:  # the BN statistics, re-estimated or not, become constants too
         forward = bake_input(forward, STATISTICS_INPUT, state.statistics)
     return forward
+
+
+def merged_parameters(bundle: Bundle, state: TrainState) -> np.ndarray:
+    """The merged model's params: the trained tensors, and each LoRA target's W + (α/R)·B·A, with W read from the
+    forward graph's constants."""
+    lora, portable = bundle.manifest.lora, bundle.manifest.portable
+    values = named_parameters(state.params, portable.layout)
+    try:
+        base = float_initializers(bundle.read_graph(portable.forward), {t.weight for t in lora.targets})
+    except ValueError as exc:
+        raise BundleError(f"{bundle.path / portable.forward}: {exc}; re-export the bundle.") from None
+    for target in lora.targets:
+        if target.weight not in base:
+            raise BundleError(f"{bundle.path / portable.forward} has no frozen weight {target.weight} for its LoRA "
+                              "adapters; re-export the bundle.")
+        delta = values[target.b].astype(np.float64) @ values[target.a].astype(np.float64)
+        values[target.weight] = (base[target.weight] + lora.scale * delta.reshape(target.shape)).astype(np.float32)
+    return flatten(values, lora.merged_layout, lambda p: BundleError(
+        f"the LoRA merge lacks {p.name}; re-export the bundle."))
 
 
 def inference_prefix(bundle: Bundle) -> bytes:

@@ -178,6 +178,34 @@ class PortableSpec:
 
 
 @dataclass(frozen=True)
+class LoraTarget:
+    """One adapted layer: its frozen weight W (a constant of the forward graph) and the trainable A and B."""
+
+    weight: str
+    a: str
+    b: str
+    shape: list[int]  # W's shape; B·A is reshaped to it
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """`--trainable lora:R`: the adapted layers compute with W + (alpha/rank)·B·A. `merged_forward` is the
+    forward graph of the merged model, whose `params` follow `merged_layout` (the trained tensors without the
+    adapters, and each target's merged W): deploy bakes plain weights into it."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    targets: list[LoraTarget]
+    merged_forward: str = "merged_forward.onnx"
+    merged_layout: list[StateLayout] = field(default_factory=list)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema_version: int
     edgeadapt_version: str
@@ -210,6 +238,7 @@ class Manifest:
     sizes: dict[str, int] = field(default_factory=dict)  # bytes of each exported file (0.3.1; bounds `unpack`)
     # 0.4: every trainable tensor in exactly one group (empty in older bundles: one lr, `weight_decay` for all)
     param_groups: list[ParamGroup] = field(default_factory=list)
+    lora: LoraSpec | None = None  # 0.4: `--trainable lora:R`
 
     @property
     def num_outputs(self) -> int:
@@ -265,6 +294,7 @@ def referenced_files(m: "Manifest") -> list[str]:
     names = [portable.train_step, portable.forward, portable.state_file]
     names += [portable.statistics_graph] if portable.statistics_graph else []
     names += [m.input.tokens.vocab_file] if m.input.tokens else []
+    names += [m.lora.merged_forward] if m.lora else []
     if m.split is not None:
         names += [m.split.prefix_model, m.split.suffix_prefix + portable.train_step,
                   m.split.suffix_prefix + portable.forward]

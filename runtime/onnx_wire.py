@@ -100,6 +100,40 @@ def bake_input(model: bytes, name: str, value: np.ndarray) -> bytes:
     return bytes(out)
 
 
+def float_initializers(model: bytes, names: set[str]) -> dict[str, np.ndarray]:
+    """The float32 initializers `names` of a model (raw_data or packed float_data), as arrays."""
+    found = {}
+    for number, wire, raw in fields(model):
+        if number != 7 or wire != _LENGTH:
+            continue
+        for g_number, g_wire, g_raw in fields(payload(raw)):
+            if g_number == 5 and g_wire == _LENGTH and _name(payload(g_raw), 8) in names:
+                name, array = _float_tensor_value(payload(g_raw))
+                found[name] = array
+    return found
+
+
+def _float_tensor_value(tensor: bytes) -> tuple[str, np.ndarray]:
+    dims, kind, name, data = [], _FLOAT, "", b""
+    for number, wire, raw in fields(tensor):
+        if number == 1 and wire == _VARINT:
+            dims.append(_read_varint(raw, 1)[0])
+        elif number == 1 and wire == _LENGTH:  # packed dims
+            content, pos = payload(raw), 0
+            while pos < len(content):
+                value, pos = _read_varint(content, pos)
+                dims.append(value)
+        elif number == 2 and wire == _VARINT:
+            kind = _read_varint(raw, 1)[0]
+        elif number == 8 and wire == _LENGTH:
+            name = payload(raw).decode()
+        elif number in (4, 9) and wire == _LENGTH:
+            data = payload(raw)
+    if kind != _FLOAT:
+        raise ValueError(f"initializer {name} is not float32")
+    return name, np.frombuffer(data, "<f4").reshape(dims).copy()
+
+
 # ---- what a graph reads and runs (checked before any engine sees it) -------------------------------------------
 # ModelProto: opset_import 8 (OperatorSetIdProto.domain 1), graph 7, functions 25 (FunctionProto.node 7);
 # GraphProto: node 1, initializer 5, input 11, output 12, sparse_initializer 15; NodeProto: domain 7, attribute 5;

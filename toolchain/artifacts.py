@@ -15,7 +15,7 @@ from edgeadapt.runtime.state import digest
 from edgeadapt.toolchain.bn import statistics_graph, statistics_layout
 from edgeadapt.toolchain.split import build_split
 from edgeadapt.toolchain.stages import OUTPUT_NAME, Artifacts, initial_values, write_initial_state
-from edgeadapt.toolchain.train_step import build_forward, build_train_step
+from edgeadapt.toolchain.train_step import build_forward, build_train_step, state_layout
 
 
 def write_artifacts(source, plan, out_dir: Path):
@@ -46,7 +46,24 @@ def write_artifacts(source, plan, out_dir: Path):
     if statistics:
         portable = write_statistics_graph(source.graph, portable, out_dir)
     write_initial_state(out_dir, source.graph, portable)
-    return Artifacts(portable, split, memory, ort_missing)
+    lora = write_merged_forward(source, lists.trainable, out_dir) if source.lora else None
+    return Artifacts(portable, split, memory, ort_missing, lora)
+
+
+def write_merged_forward(source, trainable: list[str], out_dir: Path):
+    """LoRA: the merged model's forward graph, its params the trained tensors without the adapters plus each
+    target's merged weight (in model order); the manifest's LoraSpec with that layout."""
+    from edgeadapt.toolchain.lora import is_adapter
+
+    targets = {t.weight for t in source.lora.targets}
+    kept = set(trainable) | targets
+    names = [init.name for init in source.merged_graph.graph.initializer if init.name in kept and
+             not is_adapter(init.name)]
+    layout = state_layout(source.merged_graph, names)
+    statistics = statistics_layout(source.merged_graph)
+    onnx.save(build_forward(source.merged_graph, layout, statistics=statistics),
+              str(out_dir / source.lora.merged_forward))
+    return replace(source.lora, merged_layout=layout)
 
 
 def write_statistics_graph(graph: onnx.ModelProto, portable: PortableSpec, out_dir: Path) -> PortableSpec:

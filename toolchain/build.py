@@ -26,6 +26,7 @@ class BuiltModel:
     head_is_new: bool
     weights: str  # "imagenet", a path, or "random"
     notes: list[str] = field(default_factory=list)
+    lora: object | None = None  # the manifest's LoraSpec once adapters are added (toolchain/lora.py)
 
 
 def imagenet_labels() -> list[str]:

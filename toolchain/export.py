@@ -82,12 +82,23 @@ def build(opts: ExportOptions) -> BuiltModel:
             not opts.model:
         built.notes.append(RANDOM_WARNING.format(name=opts.backbone) +
                            " (pass --weights PATH; features of a random backbone transfer little)")
+    if preset_of(opts.trainable).adapters:
+        built.lora = _add_lora(built, opts.trainable)
     if built.weights == "random":
         # Frozen BN statistics of 0/1 normalise nothing: activations of a fresh network vanish layer by layer.
         calibrate_batchnorm(built.module, built.spec.input_size, seed=opts.seed)
         built.notes.append("random init" + ("; BN statistics calibrated on standard-normal inputs at export, then "
                                             "frozen" if _has_batchnorm(built.module) else ""))
     return built
+
+
+def _add_lora(built: BuiltModel, preset: str):
+    """Adapters on the layers `preset` names (seeded with the export's seed, after the weights are loaded)."""
+    from edgeadapt.toolchain import lora
+
+    request = lora.parse(preset)
+    names = lora.target_modules(built.module, request, built.spec.lora_targets, built.spec.head)
+    return lora.add_adapters(built.module, request, names)
 
 
 def _has_batchnorm(module) -> bool:
@@ -138,13 +149,24 @@ def torch_source(opts: ExportOptions) -> Source:
         graph, params = choice.graph.graph, choice.graph.params
         in_graph = {init.name for init in graph.graph.initializer}
 
+    merged = _merged_graph(built, examples(spec, assets, 2, opts.seed), opts.bn) if built.lora else None
+
     def reference(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return built.module.eval()(torch.from_numpy(x)).numpy()
     return Source(graph, params, [n for n in in_graph if n not in set(params)], built.labels, spec,
                   opts.backbone or opts.model, built.weights, head, built.head_is_new, reference, built.module,
                   built.spec.blocks, built.spec.head, list(built.notes),
-                  parts=choice.graph.parts if choice else {}, sparse=choice, assets=assets)
+                  parts=choice.graph.parts if choice else {}, sparse=choice, assets=assets, lora=built.lora,
+                  merged_graph=merged)
+
+
+def _merged_graph(built: BuiltModel, example: np.ndarray, bn: str):
+    """The eval graph of the model with its adapters merged (the graph `deploy` bakes plain weights into)."""
+    from edgeadapt.toolchain.lora import merged_module
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return export_eval_onnx(merged_module(built.module), example, bn, Path(tmp) / "merged.onnx")
 
 
 def _choose_sparse(opts: ExportOptions, built: BuiltModel, raw, params: list[str], head: list[str]):
@@ -303,7 +325,7 @@ def make_manifest(source: Source, plan: TrainingPlan, artifacts: Artifacts, stag
         sizes={f.name: f.stat().st_size for f in sealed},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), notes=_notes(source, plan, artifacts),
         portable=artifacts.portable, split=artifacts.split, memory=artifacts.memory,
-        sparse=source.sparse.spec if source.sparse else None)
+        sparse=source.sparse.spec if source.sparse else None, lora=artifacts.lora)
 
 
 def _sealed_files(staging: Path) -> list[Path]:

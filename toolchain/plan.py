@@ -4,6 +4,7 @@ Defaults follow what the weights are, not what the preset is called. Every train
 backbone learns at `BACKBONE_LR_RATIO` times the head's rate (discriminative fine-tuning: the new head moves fast,
 the pretrained features slowly); randomly initialised weights have nothing to keep and learn at the full rate.
 Biases and normalisation parameters (tensors of rank ≤ 1) get no weight decay, as in PyTorch's usual AdamW recipe.
+LoRA's adapters are new tensors, like the head: they learn at the full rate, in a group of their own.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ if TYPE_CHECKING:  # the plan module stays light: the CLI reads its defaults wit
 DEFAULT_WEIGHT_DECAY = 0.01  # AdamW's decoupled decay of the decayed groups
 BASE_LR = {"adamw": 1e-3, "sgd": 1e-2}  # the head's rate, and every tensor's for random weights
 BACKBONE_LR_RATIO = 0.1  # pretrained backbone tensors: this times the base rate
-HEAD_GROUP, BACKBONE_GROUP = "task_head", "backbone"  # parameter group names (each also has a `_no_decay` group)
+# parameter group names (each also has a `_no_decay` group)
+HEAD_GROUP, BACKBONE_GROUP, ADAPTER_GROUP = "task_head", "backbone", "adapters"
 
 
 @dataclass(frozen=True)
@@ -47,26 +49,30 @@ def backbone_lr_ratio(requested: float | None, weights: str) -> float:
 
 
 def parameter_groups(trainable: list[str], head: list[str], ranks: dict[str, int], weight_decay: float,
-                     backbone_ratio: float, decay_norms: bool = False) -> list[ParamGroup]:
-    """head / backbone × decayed / not decayed (rank ≤ 1 tensors, unless `decay_norms`); empty groups left out."""
-    head_names = set(head)
+                     backbone_ratio: float, decay_norms: bool = False,
+                     adapters: list[str] = ()) -> list[ParamGroup]:
+    """head / backbone / adapters × decayed / not decayed (rank ≤ 1 tensors, unless `decay_norms`); empty groups
+    left out."""
+    head_names, adapter_names = set(head), set(adapters)
     groups: dict[tuple[str, bool], list[str]] = {}
     for name in trainable:
         decayed = decay_norms or ranks.get(name, 0) > 1
-        groups.setdefault((HEAD_GROUP if name in head_names else BACKBONE_GROUP, decayed), []).append(name)
-    ordered = sorted(groups.items(), key=lambda item: (item[0][0] != BACKBONE_GROUP, not item[0][1]))
+        part = HEAD_GROUP if name in head_names else ADAPTER_GROUP if name in adapter_names else BACKBONE_GROUP
+        groups.setdefault((part, decayed), []).append(name)
+    order = (BACKBONE_GROUP, ADAPTER_GROUP, HEAD_GROUP)
+    ordered = sorted(groups.items(), key=lambda item: (order.index(item[0][0]), not item[0][1]))
     return [ParamGroup(name=part if decayed else f"{part}_no_decay",
-                       lr_scale=1.0 if part == HEAD_GROUP else backbone_ratio,
+                       lr_scale=backbone_ratio if part == BACKBONE_GROUP else 1.0,
                        weight_decay=weight_decay if decayed else 0.0, tensors=tensors)
             for (part, decayed), tensors in ordered]
 
 
 def training_spec(opts, weights: str, trainable: list[str], head: list[str], ranks: dict[str, int],
-                  batch_size: int | None = None) -> TrainingSpec:
+                  batch_size: int | None = None, adapters: list[str] = ()) -> TrainingSpec:
     """The spec of an export with options `opts` (ExportOptions) over these tensors."""
     decay = opts.weight_decay if opts.optimizer == "adamw" else 0.0
     ratio = backbone_lr_ratio(opts.backbone_lr_ratio, weights)
-    groups = parameter_groups(trainable, head, ranks, decay, ratio, opts.decay_norms)
+    groups = parameter_groups(trainable, head, ranks, decay, ratio, opts.decay_norms, adapters)
     return TrainingSpec(loss=opts.loss, optimizer=opts.optimizer, lr=opts.lr or BASE_LR[opts.optimizer],
                         weight_decay=decay, batch_size=batch_size or DEFAULT_BATCH, epochs=DEFAULT_EPOCHS,
                         backbone_lr_ratio=ratio, groups=groups)
@@ -94,6 +100,7 @@ class TrainingPlan:
 def make_plan(opts, source, lists) -> TrainingPlan:
     """The plan of an export with options `opts` (ExportOptions) over `source` (stages.Source)."""
     ranks = {init.name: len(init.dims) for init in source.graph.graph.initializer}
-    spec = training_spec(opts, source.weights, lists.trainable, source.head, ranks, opts.auto_batch)
+    adapters = [name for t in source.lora.targets for name in (t.a, t.b)] if source.lora else []
+    spec = training_spec(opts, source.weights, lists.trainable, source.head, ranks, opts.auto_batch, adapters)
     return TrainingPlan(opts.trainable, lists, spec, opts.bn, opts.split, opts.ort_format, tuple(opts.auto_notes),
                         opts.profile)

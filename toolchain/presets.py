@@ -24,6 +24,7 @@ class Preset:
     scored: bool = False  # chosen by scoring calibration samples against a memory budget (rewrites the graph)
     searched: bool = False  # a search over the other presets for a device profile
     needs_module: bool = False  # needs a torch module (block boundaries, initialisers, scores)
+    adapters: bool = False  # adds new low-rank adapter tensors to the model (toolchain/lora.py) and trains those
 
 
 HEAD = "head"
@@ -32,6 +33,8 @@ REGISTRY = {p.name: p for p in (
     Preset("last:K", "the last K blocks and the head", needs_module=True),
     Preset("bias", "every bias (BatchNorm shifts included) and the head, as in TinyTL"),
     Preset("full", "fine-tuning of every weight from the pretrained start"),
+    Preset("lora:R", "LoRA: rank-R adapters on the attention query and value projections (lora:R@q,k,v,o,ffn, or "
+           "module globs, to choose) and the head; the rest frozen", needs_module=True, adapters=True),
     Preset("scratch", "learning from scratch: random init, everything trainable", random_init=True,
            needs_module=True),
     Preset("sparse", "with --calibration and --budget-mb or --profile: the layers and channels that contribute most "
@@ -48,6 +51,8 @@ def preset_of(spec: str) -> Preset:
     """The registered preset `spec` names (`last:3` is `last:K`); patterns get PLAIN."""
     if spec.startswith("last:"):
         return REGISTRY["last:K"]
+    if spec.startswith("lora:"):
+        return REGISTRY["lora:R"]
     return REGISTRY.get(spec, PLAIN)
 
 
@@ -68,6 +73,10 @@ def resolve_trainable(preset: str, names: list[str], head: str, blocks: tuple[st
         return list(names)
     if preset == "bias":
         return [n for n in names if n.endswith(".bias") or _under(n, head)]
+    if preset_of(preset).adapters:
+        from edgeadapt.toolchain.lora import is_adapter
+
+        return [n for n in names if is_adapter(n) or _under(n, head)]
     if preset.startswith("last:"):
         prefixes = _last_blocks(preset, blocks)
         return [n for n in names if _under(n, head) or any(_under(n, p) for p in prefixes)]
@@ -96,7 +105,8 @@ def _match_patterns(spec: str, names: list[str]) -> list[str]:
 
 def _no_match(pattern: str, names: list[str]) -> str:
     """A preset name mistyped is the likelier mistake than a pattern matching nothing: say which was meant."""
-    preset = difflib.get_close_matches(pattern, [p for p in PRESETS if p != "last:K"] + ["last:2"], n=1, cutoff=0.6)
+    preset = difflib.get_close_matches(pattern, [p for p in PRESETS if p not in ("last:K", "lora:R")] +
+                                       ["last:2", "lora:8"], n=1, cutoff=0.6)
     if preset:
         return (f"--trainable '{pattern}' is neither a preset nor a pattern that matches a parameter; did you mean "
                 f"'{preset[0]}'? (presets: {', '.join(PRESETS)})")

@@ -41,6 +41,8 @@ class Source:
     parts: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # channel splits: part -> (name, channels)
     sparse: object | None = None  # `--trainable sparse`: the SparseChoice (toolchain/sparse.py)
     assets: dict[str, bytes] = field(default_factory=dict)  # files the bundle ships besides graphs (vocab.txt)
+    lora: object | None = None  # `lora:R`: the manifest's LoraSpec (without its merged layout)
+    merged_graph: onnx.ModelProto | None = None  # `lora:R`: the eval graph with the adapters merged
 
     def examples(self, batch: int, seed: int = 0) -> np.ndarray:
         """Example inputs of this source's kind (real token ids for text)."""
@@ -68,6 +70,7 @@ class Artifacts:
     split: SplitSpec | None
     memory: dict[str, float]
     ort_training_missing: str  # why ONNX Runtime training's artifacts were left out ("": written)
+    lora: object | None = None  # `lora:R`: the manifest's LoraSpec, merged layout included
 
 
 def initial_values(graph: onnx.ModelProto, layout: list) -> np.ndarray:
