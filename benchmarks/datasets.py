@@ -39,3 +39,82 @@ def fashion_subsets(train: int, held_out: int, seed: int = 0, per_class: bool = 
     test = np.random.default_rng(seed + 1).permutation(rest)[:held_out]
     names = np.array(FASHION_LABELS)
     return (images[picked], names[labels[picked]]), (images[test], names[labels[test]])
+
+
+# ---- text: WordNet noun glosses by lexicographer category (Debian's wordnet-base) ------------------------------
+
+WORDNET_NOUNS = Path("/usr/share/wordnet/data.noun")
+# lexicographer file numbers of 8 noun categories (lexnames(5WN)): an intent-like 8-way text task
+WORDNET_CATEGORIES = {4: "act", 5: "animal", 13: "food", 15: "location", 18: "person", 20: "plant", 22: "process",
+                      27: "substance"}
+
+
+def wordnet_glosses(categories: dict[int, str] = WORDNET_CATEGORIES) -> dict[str, list[str]]:
+    """Each category's noun glosses (the definition before any example), longer than 10 characters, in file
+    order. `apt-get install wordnet-base`."""
+    if not WORDNET_NOUNS.is_file():
+        raise SystemExit("WordNet is missing: apt-get install wordnet-base")
+    out: dict[str, list[str]] = {name: [] for name in categories.values()}
+    for line in WORDNET_NOUNS.read_text(encoding="latin-1").splitlines():
+        if line.startswith(" ") or "|" not in line:
+            continue
+        category = int(line.split(" ", 3)[1])
+        gloss = line.split("|", 1)[1].split(";")[0].strip()
+        if category in categories and len(gloss) > 10:
+            out[categories[category]].append(gloss)
+    return out
+
+
+def all_wordnet_texts() -> list[str]:
+    """Every gloss of every part of speech, examples included (the tokenizer's comparison corpus)."""
+    texts = []
+    for part in ("noun", "verb", "adj", "adv"):
+        for line in Path(f"/usr/share/wordnet/data.{part}").read_text(encoding="latin-1").splitlines():
+            if not line.startswith(" ") and "|" in line:
+                texts.append(line.split("|", 1)[1].strip())
+    return texts
+
+
+def write_text_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows(rows)
+    return path
+
+
+# ---- speech: spoken keywords synthesised by espeak-ng, voices split between training and held-out ----------------
+
+KEYWORDS = ("yes", "no", "up", "down", "left", "right", "stop", "go")
+TRAIN_VOICES = tuple(f"{accent}+{variant}" for accent in ("en-gb", "en-us", "en-gb-scotland")
+                     for variant in ("m1", "m2", "m3", "f1", "f2", "f3"))
+HELD_OUT_VOICES = tuple(f"{accent}+{variant}" for accent in ("en-gb-x-rp", "en-029", "en-gb-x-gbclan")
+                        for variant in ("m4", "m5", "f4", "f5"))
+SPEEDS, PITCHES = (130, 160, 190), (30, 50, 70)
+
+
+def speak(word: str, voice: str, speed: int, pitch: int, path: Path) -> Path:
+    """One WAV file of `word` spoken by espeak-ng (22,050 Hz, 16-bit). `apt-get install espeak-ng`."""
+    import subprocess
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(path), word],
+                   check=True, capture_output=True)
+    return path
+
+
+def spoken_keywords(root: Path, voices: tuple[str, ...], per_class: int | None = None, seed: int = 0,
+                    words: tuple[str, ...] = KEYWORDS) -> Path:
+    """A folder of class subfolders of .wav: every word by every voice at each speed and pitch (or `per_class`
+    of those combinations, seeded)."""
+    rng = np.random.default_rng(seed)
+    combos = [(v, s, p) for v in voices for s in SPEEDS for p in PITCHES]
+    for word in words:
+        picked = combos if per_class is None else [combos[i] for i in
+                                                   rng.permutation(len(combos))[:per_class]]
+        for voice, speed, pitch in picked:
+            speak(word, voice, speed, pitch, root / word / f"{voice.replace('+', '_')}-{speed}-{pitch}.wav")
+    return root

@@ -38,7 +38,7 @@ class Dataset:
 
 
 def _manifest(source) -> Manifest:
-    """Loaders take a Bundle (text needs its tokenizer) or, for other inputs, a bare Manifest."""
+    """Loaders take a Bundle (text needs its `tokenizer()`) or, for other inputs, a bare Manifest."""
     return getattr(source, "manifest", source)
 
 
@@ -75,11 +75,12 @@ FORMATS = {"image": "a folder of class subfolders of images, an .npz or a .csv f
 def load_text_dataset(path: Path, bundle, max_bad_fraction: float = 0.1) -> Dataset:
     from edgeadapt.runtime import text_audio
 
-    spec = bundle.manifest.input.tokens
+    manifest = _manifest(bundle)
+    spec = manifest.input.tokens
     if path.suffix == ".npz":
         arrays = read_npz(path, ("x", "y"))
         ids = text_audio.check_token_ids(arrays["x"], spec, str(path))
-        return Dataset(ids, _targets(arrays["y"], bundle.manifest, str(path)), False, [],
+        return Dataset(ids, _targets(arrays["y"], manifest, str(path)), False, [],
                        [f"{path}[{i}]" for i in range(len(ids))])
     if path.is_dir():
         texts, labels, names, skipped = text_audio.text_folder(path)
@@ -89,7 +90,7 @@ def load_text_dataset(path: Path, bundle, max_bad_fraction: float = 0.1) -> Data
     else:
         raise DataError(f"data {path} is not {FORMATS['tokens']}; give one of those.")
     ids = bundle.tokenizer().encode_batch(texts)
-    return Dataset(ids, encode_labels(labels, bundle.manifest, str(path)), False, skipped, names)
+    return Dataset(ids, encode_labels(labels, manifest, str(path)), False, skipped, names)
 
 
 def load_audio_dataset(path: Path, manifest: Manifest, max_bad_fraction: float = 0.1) -> Dataset:

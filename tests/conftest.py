@@ -35,6 +35,40 @@ def pytest_runtest_setup(item):
         pytest.skip(f"needs the [ort-training] plugin: {missing}")
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the offline datasets' readers
+
+
+def wordnet_csv(path: Path, labels: tuple[str, ...], per_class: int, offset: int = 0) -> Path:
+    """Real text: WordNet noun glosses, one lexicographer category per label (`offset` picks later glosses)."""
+    from datasets import wordnet_glosses, write_text_csv
+
+    categories = {number: label for number, label in zip(range(4, 29), labels)}
+    glosses = wordnet_glosses(categories)
+    return write_text_csv(path, [(glosses[label][offset + i], label) for label in labels for i in range(per_class)])
+
+
+def spoken_folder(root: Path, words: tuple[str, ...], voices: tuple[str, ...] = ("en-gb+m1", "en-us+f2"),
+                  labels: tuple[str, ...] | None = None) -> Path:
+    """Real speech: each word said by each voice at two speeds (espeak-ng), in class folders named by `labels`."""
+    from datasets import speak
+
+    for word, label in zip(words, labels or words):
+        for voice in voices:
+            for speed in (140, 180):
+                speak(word, voice, speed, 50, root / label / f"{voice.replace('+', '_')}-{speed}.wav")
+    return root
+
+
+def calibration_for(kind: str, root: Path, labels: tuple[str, ...], images: Path) -> Path:
+    """Labelled samples of an input kind: `images` (an .npz) for images and rows, else real text or speech."""
+    if kind == "tokens":
+        return wordnet_csv(root / "texts.csv", labels, 8)
+    if kind == "audio":
+        words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven")
+        return spoken_folder(root / "speech", words[:len(labels)], labels=labels)
+    return images
+
+
 def torch_input(x: np.ndarray, dtype=None):
     """A batch for a torch model: float inputs in `dtype` (when given), token ids as they are."""
     import torch

@@ -232,8 +232,15 @@ def test_cli_refuses_sparse_without_calibration(tmp_path):
     assert done.returncode != 0 and "--calibration" in done.stderr and "Traceback" not in done.stderr
 
 
+def _scored_backbones() -> list[str]:
+    """Image and feature-row backbones: what `sparse` scores (text and speech models take lora:R instead)."""
+    from edgeadapt.models.registry import get_entry
+
+    return [b for b in backbone_names() if get_entry(b).spec.layout in ("NCHW", "NC")]
+
+
 @pytest.mark.parametrize("backbone", [pytest.param(b, marks=() if b.startswith("tiny") else pytest.mark.slow)
-                                      for b in backbone_names()])
+                                      for b in _scored_backbones()])
 def test_every_backbone_exports_sparse_within_budget(tmp_path, backbone, calibration, digits):
     """Each zoo backbone at a budget between its head and its full fine-tuning: the export validates against torch
     (split convs included), the plan fits, and weights beyond the head and biases train."""
@@ -253,6 +260,14 @@ def test_every_backbone_exports_sparse_within_budget(tmp_path, backbone, calibra
     step = onnx.load(str(result.out / m.portable.train_step))  # the graph's own flat state, not the manifest's
     assert next(i for i in step.graph.input if i.name == "params").type.tensor_type.shape.dim[0].dim_value == \
         m.trainable_params
+
+
+@pytest.mark.parametrize("backbone", ["tiny_bert", "tiny_whisper"])
+def test_sparse_on_text_and_speech_says_what_to_use_instead(tmp_path, calibration, backbone):
+    with pytest.raises(ConfigError, match="lora:R") as caught:
+        export_bundle(ExportOptions(out=tmp_path / "s", backbone=backbone, head=HeadRequest(labels=LABELS),
+                                    trainable="sparse", budget_mb=500, calibration=calibration))
+    assert "\n" not in str(caught.value) and not (tmp_path / "s").exists()
 
 
 def test_a_budget_that_affords_only_the_head_trains_the_head(tmp_path, calibration):

@@ -173,8 +173,12 @@ def _choose_sparse(opts: ExportOptions, built: BuiltModel, raw, params: list[str
     """`--trainable sparse`: score on the calibration data, pick what fits the budget, split the chosen convs."""
     from edgeadapt.toolchain.sparse import calibration_arrays, choose_sparse
 
+    if built.spec.layout not in ("NCHW", "NC"):
+        raise ConfigError("--trainable sparse scores the convolution and linear channels of image and feature-row "
+                          "models; for text and speech use lora:R (or last:K, bias, head).")
     budget = sparse_budget(opts)
-    x, y = calibration_arrays(opts.calibration, input_spec(built.spec)[0], built.labels, opts.loss, opts.seed)
+    spec, assets = input_spec(built.spec)
+    x, y = calibration_arrays(opts.calibration, spec, built.labels, opts.loss, opts.seed, assets)
     return choose_sparse(raw, built.module, params, head, built.head_is_new, built.spec.blocks, x, y, opts, budget,
                          opts.auto_batch or DEFAULT_BATCH)
 

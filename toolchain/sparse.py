@@ -342,6 +342,12 @@ class _DataView:
     input: object
     labels: list[str]
     loss: str
+    assets: dict = field(default_factory=dict)  # the bundle's files to be (a text model's vocabulary)
+
+    def tokenizer(self):
+        from edgeadapt.runtime.text import WordPiece
+
+        return WordPiece.from_text(self.assets[self.input.tokens.vocab_file].decode("utf-8"), self.input.tokens)
 
     @property
     def is_classification(self) -> bool:
@@ -352,14 +358,15 @@ class _DataView:
         return len(self.labels)
 
 
-def calibration_arrays(path, input_spec, labels: list[str], loss: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def calibration_arrays(path, input_spec, labels: list[str], loss: str, seed: int,
+                       assets: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Model inputs and targets of the calibration data (any format `edgeadapt train` reads)."""
     from edgeadapt.runtime.data import batch_inputs, load_dataset
 
     if path is None:
         raise ConfigError("--trainable sparse needs --calibration DATA (your samples, or a labelled proxy set in any "
                           "format `edgeadapt train` reads) to score what to train.")
-    view = _DataView(input_spec, list(labels), loss)
+    view = _DataView(input_spec, list(labels), loss, assets or {})
     data = load_dataset(path, view)
     index = np.sort(np.random.default_rng(seed).permutation(len(data))[:MAX_CALIBRATION])
     return batch_inputs(data, index, view), data.targets[index]
