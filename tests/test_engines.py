@@ -73,9 +73,20 @@ def _export(bundle_factory, backbone: str, preset: str, optimizer: str) -> Bundl
                                       head=HeadRequest(num_classes=5)))
 
 
+def _presets_of(name: str, presets) -> list[str]:
+    """The presets a backbone takes: rows skip block presets; transformers add last:1 and LoRA (issue #20)."""
+    from edgeadapt.models.registry import get_entry
+
+    if name == "tiny_mlp":
+        return [p for p in presets if p in ("head", "full", "bias")]
+    if get_entry(name).spec.lora_targets and presets == PRESETS:
+        return [*presets, "last:1", "lora:8"]
+    return list(presets)
+
+
 def _cases(presets=PRESETS):
     for name in backbone_names():
-        for preset in presets if name != "tiny_mlp" else [p for p in presets if p in ("head", "full", "bias")]:
+        for preset in _presets_of(name, presets):
             marks = () if name in TINY else (pytest.mark.slow,)
             yield pytest.param(name, preset, id=f"{name}-{preset}", marks=marks)
 

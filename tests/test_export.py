@@ -56,9 +56,12 @@ def test_every_backbone_exports_and_matches_torch(bundle_factory, backbone):
     gradient = (before - engine.state().params) / lr
     assert abs(step_loss - loss.item()) / loss.item() < 1e-4
     grads = dict(model.named_parameters())
+    # a floor of 1e-6 of the largest gradient: attention's key bias has a gradient that is zero in exact arithmetic
+    floor = 1e-6 * max(float(np.linalg.norm(p.grad.numpy())) for p in grads.values() if p.grad is not None)
     for p in bundle.manifest.portable.layout:
         reference = grads[p.name].grad.numpy().ravel() * groups[p.name][0]
-        error = np.linalg.norm(gradient[p.offset:p.offset + p.size] - reference) / max(np.linalg.norm(reference), 1e-9)
+        error = np.linalg.norm(gradient[p.offset:p.offset + p.size] - reference) / \
+            max(np.linalg.norm(reference), floor, 1e-9)
         assert error < 5e-2, (p.name, error)  # random-init ReLU nets: a kink can flip (see validate.py)
 
 

@@ -149,3 +149,29 @@ def test_fleet_without_flower_says_how_to_install(tmp_path):
     assert result.returncode == 2
     assert "pip install 'edgeadapt[fleet]'" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_lora_bundle_fleet_trains_with_only_the_adapters_and_head_travelling(fresh_bundle, tmp_path):
+    """A text LoRA bundle on Flower: one client, one round equals that client's own training here; only the
+    adapters and the head travel (bytes up = their size), the frozen encoder stays on the device."""
+    from conftest import wordnet_csv
+
+    labels = ("act", "animal", "food", "location")
+    from edgeadapt.toolchain.build import HeadRequest
+
+    path = fresh_bundle("tiny_bert", "lora:2", head=HeadRequest(labels=labels))
+    data = wordnet_csv(tmp_path / "texts.csv", labels, 20)
+    workdir = tmp_path / "work"
+    report = _simulate(path, data, workdir, "--clients", "1", "--rounds", "1", "--local-epochs", "2")
+    server = Bundle.open(workdir / "server")
+    names = [p.name for p in server.manifest.portable.layout]
+    assert names and all(n.endswith((".lora_A", ".lora_B")) or n.startswith("classifier.") for n in names)
+    replay = Bundle.open(shutil.copytree(path, tmp_path / "replay"))
+    expected = Member.open(replay, workdir / "clients" / "0" / "data.fleet.npz").train_on(
+        trainable_arrays(Bundle.open(path)), epochs=2, seed=1)
+    np.testing.assert_allclose(_flat(trainable_arrays(server)), _flat(expected), rtol=0, atol=1e-7)
+    adapters = sum(p.size * 4 for p in server.manifest.portable.layout)
+    framing = 1024 + 160 * len(names)  # Flower's message and per-array framing
+    assert adapters <= report["rounds"][0]["bytes_up"] <= adapters + framing
+    assert adapters < 0.2 * 4 * (server.manifest.trainable_params + server.manifest.frozen_params)
+    assert run_cli("deploy", workdir / "server", "--out", tmp_path / "model.onnx").returncode == 0
