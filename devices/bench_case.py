@@ -36,11 +36,13 @@ def peak_rss_mb() -> float:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _batch(manifest, batch: int, seed: int = 0):
+def _batch(bundle, batch: int, seed: int = 0):
+    """Example inputs of the bundle's kind (token ids of real sentences for text) and random labels."""
     from edgeadapt.runtime.metrics import dummy_targets
 
+    manifest = bundle.manifest
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal([batch, *manifest.input.shape[1:]]).astype(np.float32)
+    x = bundle.examples(batch, seed)
     y = dummy_targets(manifest, batch)
     if manifest.loss == "cross_entropy":
         y = rng.integers(0, manifest.num_outputs, batch).astype(np.int64)
@@ -60,7 +62,7 @@ def time_training(bundle, batch: int, threads: int, steps: int, warmup: int, eng
     opened.load(state)
     runner = PrefixRunner(bundle.read_graph(bundle.manifest.split.prefix_model), threads=threads,
                           statistics=state.statistics) if split else None
-    x, y = _batch(bundle.manifest, batch)
+    x, y = _batch(bundle, batch)
     chunk = min(PREFIX_BATCH, batch)  # as the trainer extracts features
     times = []
     for i in range(warmup + steps):
@@ -86,7 +88,7 @@ def inference_latencies(bundle, threads: int) -> dict[str, float]:
     """Batch-1 latency (ms, median) of the deployed model on every backend present here."""
     from edgeadapt.runtime.deploy import export_onnx, inference_prefix
 
-    x, _ = _batch(bundle.manifest, 1)
+    x, _ = _batch(bundle, 1)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model.onnx"

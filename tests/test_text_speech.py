@@ -523,3 +523,72 @@ def test_real_weights_learn_from_real_text_and_speech(tmp_path, backbone, preset
         assert result.returncode == 0, result.stderr[-2000:]
     accuracy = json.loads(run_cli("evaluate", bundle, paths["test"], "--json").stdout)["accuracy"]
     assert accuracy > 0.6, accuracy  # chance is 0.25
+
+
+def _hugging_face_bert_onnx(tmp_path: Path) -> tuple[Path, Path]:
+    """A BERT exported from transformers the usual way: three int64 inputs (ids, attention mask, token types)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from edgeadapt.models.vocab import tiny_vocabulary, tiny_vocabulary_text
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text(tiny_vocabulary_text())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tiny_vocabulary()), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=len(LABELS),
+                        attn_implementation="eager")
+    model = BertForSequenceClassification(config).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+    ids = torch.randint(5, 50, (2, 24))
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    path = tmp_path / "bert.onnx"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(path), input_names=names,
+                          output_names=["logits"], dynamic_axes={n: {0: "batch"} for n in names + ["logits"]},
+                          opset_version=17, dynamo=False)
+    return path, vocab
+
+
+def test_onnx_transformer_with_int64_inputs_exports_and_trains(tmp_path, text_data):
+    """`export --onnx` of a Hugging Face BERT: the mask and token types are derived from the ids in the graph, the
+    vocabulary ships in the bundle, full fine-tuning validates against the source file and trains."""
+    model, vocab = _hugging_face_bert_onnx(tmp_path)
+    head = ("--head-params", "m.classifier.weight,m.classifier.bias")
+    refused = run_cli("export", "--onnx", model, *head, "--keep-head", "--out", tmp_path / "x")
+    assert refused.returncode == 2 and "--vocab" in refused.stderr
+    bundle = tmp_path / "b"
+    for step in (("export", "--onnx", model, "--vocab", vocab, *head, "--labels", _labels_file(tmp_path, LABELS),
+                  "--trainable", "full", "--out", bundle),
+                 ("train", bundle, text_data["train"], "--epochs", "2")):
+        result = run_cli(*step)
+        assert result.returncode == 0, result.stderr[-2000:]
+    m = Bundle.open(bundle).manifest
+    assert m.input.kind == "tokens" and m.input.tokens.max_length == 24 and m.validation["grad_max_rel_diff"] < 5e-2
+
+
+@pytest.mark.slow
+def test_auto_on_a_transformer_plans_lora_where_full_does_not_fit(tmp_path):
+    """MiniLM at 32 tokens on a device with 1.4 GB: full fine-tuning plans over 80% of it, so `auto` takes the
+    next of the transformers' ranking (lora:8), built with its adapters; the reasons say why."""
+    from edgeadapt.devices.planner import planned_peak
+
+    profile = tmp_path / "phone.toml"
+    profile.write_text('name = "small-phone"\ndescription = "test"\ncores = 2\nthreads = 2\nmemory_budget_mb = 1400\n'
+                       'training_backend = "cpu"\ninference_backends = ["onnxruntime-cpu"]\n'
+                       'prefix_backend = "onnxruntime-cpu"\nnotes = ""\nsources = ["test"]\n')
+    result = export_bundle(ExportOptions(out=tmp_path / "auto", backbone="minilm_l6", head=HeadRequest(labels=LABELS),
+                                         trainable="auto", profile=str(profile), input_size=(32,), validate=False))
+    m = result.manifest
+    assert m.preset == "lora:8" and m.lora is not None
+    assert any("full needs" in n for n in m.notes), m.notes
+    assert planned_peak(m, int(m.hyperparameters["batch_size"]), split=m.split is not None) <= 0.8 * 1400

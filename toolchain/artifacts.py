@@ -43,6 +43,7 @@ def write_artifacts(source, plan, out_dir: Path):
     split = build_split(source.graph, lists, out_dir, make_graphs, portable, statistics) if plan.split else None
     if split is not None:  # the prefix's largest tensor is the network's (early layers are the widest)
         memory["prefix_largest_bytes_per_sample"] = memory["largest_bytes_per_sample"]
+        memory["prefix_constant_bytes"] = float((out_dir / split.prefix_model).stat().st_size)
     if statistics:
         portable = write_statistics_graph(source.graph, portable, out_dir)
     write_initial_state(out_dir, source.graph, portable)
@@ -88,4 +89,5 @@ def write_portable(graph: onnx.ModelProto, trainable: list[str], spec, out_dir: 
 def memory_record(graphs, prefix: str = "") -> dict[str, float]:
     """The planner's per-sample bytes of one training graph (devices/planner.py), keyed for the manifest."""
     return {f"{prefix}kept_bytes_per_sample": float(graphs.kept_bytes_per_sample),
-            f"{prefix}largest_bytes_per_sample": float(graphs.largest_bytes_per_sample)}
+            f"{prefix}largest_bytes_per_sample": float(graphs.largest_bytes_per_sample),
+            f"{prefix}constant_bytes": float(graphs.constant_bytes)}

@@ -20,7 +20,7 @@ import numpy as np
 
 from edgeadapt.devices.profiles import DeviceProfile
 from edgeadapt.runtime.errors import ConfigError
-from edgeadapt.toolchain.presets import AUTO_RANKING, HEAD, preset_of, resolve_lists
+from edgeadapt.toolchain.presets import HEAD, auto_ranking, preset_of, resolve_lists
 from edgeadapt.toolchain.pricing import pricing
 
 MIN_BATCH, MAX_BATCH = 8, 32
@@ -33,20 +33,23 @@ def _planner(source, opts, preset: str):
     sizes = {i.name: int(np.prod(i.dims)) for i in source.graph.graph.initializer}
     total = sum(sizes[n] for n in lists.trainable + lists.frozen)
     trainable = sum(sizes[n] for n in lists.trainable)
-    measured = pricing(source.graph, lists.trainable, opts, 1, total)  # the memory record: per sample
+    measured = pricing(source.graph, lists.trainable, opts, 1, total, kind=source.input.kind)  # per sample
     return lambda batch: replace(measured, batch=batch).peak(trainable)
 
 
-def choose(source, opts, profile: DeviceProfile, skip: tuple[str, ...] = ()) -> tuple[str, int, list[str]]:
-    """(preset, batch size, reasons) for `opts` under `profile`'s memory budget."""
+def choose(source, opts, profile: DeviceProfile, skip: tuple[str, ...] = (),
+           adapted=None) -> tuple[str, int, list[str]]:
+    """(preset, batch size, reasons) for `opts` under `profile`'s memory budget. `adapted(preset)`: the source
+    with a preset's new tensors (LoRA's adapters), to plan it."""
     budget, reasons = HEADROOM * profile.memory_budget_mb, []
-    for preset in (p for p in AUTO_RANKING if p not in skip):
+    for preset in (p for p in auto_ranking(source.input.kind) if p not in skip):
         scored = preset_of(preset).scored
         if scored and (opts.calibration is None or source.torch_module is None):
             reasons.append(f"{preset} needs --calibration and a torch model")
             continue
         # a scored selection fills whatever the budget leaves above the head: it fits where the head fits
-        peak_at = _planner(source, opts, HEAD if scored else preset)
+        planned_source = adapted(preset) if preset_of(preset).adapters and adapted else source
+        peak_at = _planner(planned_source, opts, HEAD if scored else preset)
         batch = MAX_BATCH
         while batch >= 1 and peak_at(batch) > budget:
             batch //= 2

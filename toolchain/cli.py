@@ -68,6 +68,8 @@ def export(
     head_params: Optional[str] = typer.Option(None, "--head-params", help="With --onnx: the head's initializers."),
     feature_output: Optional[str] = typer.Option(None, "--feature-output",
                                                  help="With --onnx: tensor to put a new linear head on."),
+    vocab: Optional[Path] = typer.Option(None, "--vocab", help="With --onnx of a text model (int64 token ids): its "
+                                         "WordPiece vocabulary, one token per line (shipped in the bundle)."),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="H,W (or one number) for images."),
     mean: Optional[str] = typer.Option(None, "--mean", help="With --model: per-channel mean."),
     std: Optional[str] = typer.Option(None, "--std", help="With --model: per-channel std."),
@@ -118,7 +120,7 @@ def export(
                             decay_norms=decay_norms, bn=bn, ort_format=ort_format, validate=validate,
                             force=force, seed=seed, user_spec=user_spec, onnx=onnx_model,
                             head_params=tuple(p.strip() for p in (head_params or "").split(",") if p.strip()),
-                            feature_output=feature_output, sign=sign, split=split, profile=profile,
+                            feature_output=feature_output, vocab=vocab, sign=sign, split=split, profile=profile,
                             budget_mb=budget_mb, calibration=calibration, threads=threads)
     if list_params:
         for name, shape in list_parameters(options):

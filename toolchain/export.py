@@ -265,23 +265,38 @@ def _without_ort_training(artifacts: Artifacts, staging: Path, failure: str) -> 
     return replace(artifacts, ort_training_missing=f"its graphs failed validation ({failure})")
 
 
-def _choose_auto(opts: ExportOptions, source: Source) -> ExportOptions:
+def _adapted_sources(opts: ExportOptions):
+    """preset -> the source built with that preset's new tensors (LoRA), built once each."""
+    built: dict[str, Source] = {}
+
+    def adapted(preset: str) -> Source:
+        if preset not in built:
+            built[preset] = make_source(replace(opts, trainable=preset))
+        return built[preset]
+    return adapted
+
+
+def _choose_auto(opts: ExportOptions, source: Source, adapted) -> ExportOptions:
     if not opts.profile:
         raise ConfigError("--trainable auto needs --profile (a device profile name or TOML file) to fit.")
-    preset, batch, reasons = choose(source, opts, get_profile(opts.profile))
+    preset, batch, reasons = choose(source, opts, get_profile(opts.profile), adapted=adapted)
     return replace(opts, trainable=preset, auto_notes=tuple(reasons), auto_batch=batch)
 
 
 def _auto_source(opts: ExportOptions, source: Source) -> tuple[ExportOptions, Source]:
     """`--trainable auto`: the chosen preset, and the source it needs (sparse rewrites the graph; if no selection
     fits after all, the next strategy in the ranking)."""
-    chosen = _choose_auto(opts, source)
+    adapted = _adapted_sources(opts)
+    chosen = _choose_auto(opts, source, adapted)
+    if preset_of(chosen.trainable).adapters:
+        return chosen, adapted(chosen.trainable)
     if not preset_of(chosen.trainable).scored:
         return chosen, source
     try:
         return chosen, make_source(chosen)
     except ConfigError as exc:
-        preset, batch, reasons = choose(source, opts, get_profile(opts.profile), skip=(chosen.trainable,))
+        preset, batch, reasons = choose(source, opts, get_profile(opts.profile), skip=(chosen.trainable,),
+                                        adapted=adapted)
         notes = (f"sparse: {exc}", *reasons)
         return replace(opts, trainable=preset, auto_notes=notes, auto_batch=batch), source
 

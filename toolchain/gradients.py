@@ -341,15 +341,22 @@ def _concat(b, node, dy):
 
 @rule("Gather")
 def _gather(b, node, dy):
-    """A constant permutation of one axis (channel reordering, see channels.py) has its inverse as gradient; rows
-    picked along axis 0 (an embedding table read at token ids) get dY scatter-added back into a zero table."""
+    """A constant permutation of one axis (channel reordering, see channels.py) has its inverse as gradient; one
+    constant index (a [CLS] token) pads dY back; rows picked along axis 0 (an embedding table read at token ids) get
+    dY scatter-added back into a zero table."""
     data, indices = node.input
     order = b.constants.get(indices)
     axis = attrs(node).get("axis", 0)
     if order is not None and order.ndim == 1 and np.array_equal(np.sort(order), np.arange(len(order))):
         return [b.op("Gather", [dy[0], b.const(np.argsort(order), np.int64)], axis=axis), None]
     shape = b.static(data)
-    if axis % len(shape) != 0 or -1 in shape:
+    axis %= len(shape)
+    if order is not None and order.ndim == 0 and shape[axis] > 0:  # one constant index (BERT's [CLS] pooling)
+        index = int(order) % shape[axis]
+        pads = [0] * (2 * len(shape))
+        pads[axis], pads[len(shape) + axis] = index, shape[axis] - index - 1
+        return [b.op("Pad", [b.op("Unsqueeze", [dy[0], b.const([axis], np.int64)]), b.const(pads, np.int64)]), None]
+    if axis != 0 or -1 in shape:
         raise ExportError(f"Gather {node.name} lies on the trainable path along axis {axis}, which has no gradient "
                           "here (rows of a table only); freeze the layers before it.")
     row = int(np.prod(shape[1:]))

@@ -56,6 +56,10 @@ class GraphBuilder:
             self._constants[key] = name
         return name
 
+    def constants_added(self) -> set[str]:
+        """Names of the constants this builder created."""
+        return {init.name for init in self.initializers}
+
     def shape(self, tensor: str) -> list[Dim]:
         shape = self.shapes.get(tensor)
         if shape is None:

@@ -31,15 +31,55 @@ class OnnxSource:
     num_outputs: int
 
 
-def load_onnx(path: Path) -> onnx.ModelProto:
+def load_onnx(path: Path, pad_id: int | None = None) -> onnx.ModelProto:
+    """The model with one data input. A text model's attention mask and token types (BERT's other int64 inputs)
+    are derived in the graph from the ids (`pad_id` marks padding), so the step keeps one data input."""
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # protobuf decode errors
         raise ConfigError(f"--onnx {path} is not a readable ONNX model ({type(exc).__name__}).") from None
     inputs = _real_inputs(model)
+    if len(inputs) > 1 and _derivable_text_inputs(inputs):
+        if pad_id is None:
+            raise ConfigError(f"--onnx {path} takes token ids with an attention mask: give its WordPiece vocabulary "
+                              "with --vocab vocab.txt (the mask is then derived from the ids' padding).")
+        _derive_text_inputs(model, inputs, pad_id)
+        inputs = _real_inputs(model)
     if len(inputs) != 1:
-        raise ConfigError(f"--onnx {path} has {len(inputs)} inputs; edgeadapt trains single-input models.")
+        raise ConfigError(f"--onnx {path} has {len(inputs)} inputs; edgeadapt trains single-input models (text "
+                          "models may add an attention mask and token type ids, derived from the ids).")
     return model
+
+
+def _ids_first(inputs: list) -> list:
+    return sorted(inputs, key=lambda i: any(w in i.name.lower() for w in ("mask", "type")))
+
+
+def _derivable_text_inputs(inputs: list) -> bool:
+    ids, *others = _ids_first(inputs)
+    int64 = all(i.type.tensor_type.elem_type == TensorProto.INT64 for i in inputs)
+    return int64 and "mask" not in ids.name.lower() and all(
+        ("mask" in o.name.lower() or "type" in o.name.lower()) and _shape(o) == _shape(ids) for o in others)
+
+
+def _derive_text_inputs(model: onnx.ModelProto, inputs: list, pad_id: int) -> None:
+    ids, *others = _ids_first(inputs)
+    nodes = [helper.make_node("Constant", [], ["derived/pad"], value=numpy_helper.from_array(np.array(pad_id,
+                                                                                                       np.int64)))]
+    for other in others:
+        if "mask" in other.name.lower():  # 1 on real tokens, 0 on padding
+            nodes += [helper.make_node("Equal", [ids.name, "derived/pad"], [f"{other.name}/is_pad"]),
+                      helper.make_node("Not", [f"{other.name}/is_pad"], [f"{other.name}/is_real"]),
+                      helper.make_node("Cast", [f"{other.name}/is_real"], [other.name], to=TensorProto.INT64)]
+        else:  # one segment
+            nodes += [helper.make_node("Sub", [ids.name, ids.name], [other.name])]
+    names = {o.name for o in others}
+    kept = [i for i in model.graph.input if i.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    existing = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes + existing)
 
 
 def _real_inputs(model: onnx.ModelProto) -> list:
@@ -101,8 +141,8 @@ def prune_unused(model: onnx.ModelProto, output: str) -> None:
 
 
 def prepare(path: Path, head_params: list[str], feature_output: str | None, num_outputs: int | None,
-            seed: int = 0) -> OnnxSource:
-    model = load_onnx(path)
+            seed: int = 0, pad_id: int | None = None) -> OnnxSource:
+    model = load_onnx(path, pad_id)
     statistics = fold_batchnorm(model)
     if feature_output:
         if num_outputs is None:
@@ -134,25 +174,63 @@ def _describe(model: onnx.ModelProto, head: list[str], statistics: list[str], pa
     return OnnxSource(model, floats, buffers, head, shape, outputs)
 
 
-def reference_logits(path: Path, x: np.ndarray, feature_output: str | None, head: dict[str, np.ndarray]):
-    """What the bundle must compute, from the original file: its output, or its features through the new head."""
+def reference_logits(path: Path, x: np.ndarray, feature_output: str | None, head: dict[str, np.ndarray],
+                     pad_id: int | None = None):
+    """What the bundle must compute, from the original file: its output, or its features through the new head. A
+    text model's mask and token types are fed as a tokenizer makes them."""
     from edgeadapt.runtime.ort import onnxruntime_module
 
     onnxruntime = onnxruntime_module()
 
-    model = load_onnx(path)
+    model = onnx.load(str(path))
+    inputs = _ids_first(_real_inputs(model))
     if feature_output:
         model.graph.output.append(helper.make_tensor_value_info(feature_output, TensorProto.FLOAT, None))
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     wanted = feature_output or model.graph.output[0].name
-    name = _real_inputs(model)[0].name  # one sample at a time: the file may fix its batch size at 1
-    out = np.concatenate([session.run([wanted], {name: x[i:i + 1]})[0] for i in range(len(x))])
+
+    def feed(row: np.ndarray) -> dict:  # one sample at a time: the file may fix its batch size at 1
+        values = {inputs[0].name: row}
+        for other in inputs[1:]:
+            values[other.name] = (row != pad_id).astype(np.int64) if "mask" in other.name.lower() else \
+                np.zeros_like(row)
+        return values
+    out = np.concatenate([session.run([wanted], feed(x[i:i + 1]))[0] for i in range(len(x))])
     if not feature_output:
         return out
     return out.reshape(len(x), -1) @ head["head.weight"].T + head["head.bias"]
 
 
 # ---- stage 1 for `--onnx`: the prepared graph as a Source; every later stage is the one zoo exports use ------
+
+def _token_input(opts, shape: tuple[int, ...]) -> tuple[InputSpec, dict[str, bytes]]:
+    from edgeadapt.runtime.text import token_spec
+    from edgeadapt.toolchain.inputs import VOCAB_FILE
+
+    if opts.vocab is None:
+        raise ConfigError(f"--onnx {opts.onnx} takes token ids (int64): give its WordPiece vocabulary with --vocab "
+                          "vocab.txt (one token per line).")
+    try:
+        text = Path(opts.vocab).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--vocab {opts.vocab} is not a readable UTF-8 file ({exc}).") from None
+    vocab = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+    if len(shape) != 1:
+        raise ConfigError(f"--onnx {opts.onnx} takes token ids of shape {shape}; give a model of [batch, tokens].")
+    tokens = token_spec([t.rstrip("\r") for t in vocab], VOCAB_FILE, shape[0])
+    return InputSpec("input", [-1, shape[0]], "int64", "NT", "", [0.0], [1.0], tokens=tokens), \
+        {VOCAB_FILE: text.encode("utf-8")}
+
+
+def _vocab_pad_id(opts) -> int | None:
+    if opts.vocab is None:
+        return None
+    try:
+        vocab = Path(opts.vocab).read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return vocab.index("[PAD]") if "[PAD]" in vocab else 0
+
 
 def _input_spec(opts, shape: tuple[int, ...]) -> InputSpec:
     spec = opts.user_spec
@@ -169,8 +247,9 @@ def onnx_source(opts) -> Source:
     from edgeadapt.toolchain.build import resolve_labels
 
     labels = None if opts.head.keep_head else resolve_labels(opts.head, 0)[0]
+    pad_id = _vocab_pad_id(opts)
     prepared = prepare(Path(opts.onnx), list(opts.head_params), opts.feature_output,
-                       len(labels) if labels and opts.feature_output else None, opts.seed)
+                       len(labels) if labels and opts.feature_output else None, opts.seed, pad_id)
     labels = labels or [f"class_{i}" for i in range(prepared.num_outputs)]
     if len(labels) != prepared.num_outputs:
         raise ConfigError(f"the model has {prepared.num_outputs} outputs but {len(labels)} labels were given; with "
@@ -179,7 +258,10 @@ def onnx_source(opts) -> Source:
             if init.name in prepared.head}
 
     def reference(x: np.ndarray) -> np.ndarray:
-        return reference_logits(Path(opts.onnx), x, opts.feature_output, head)
-    return Source(prepared.model, prepared.params, prepared.buffers, labels, _input_spec(opts, prepared.input_shape),
+        return reference_logits(Path(opts.onnx), x, opts.feature_output, head, pad_id)
+    is_text = _real_inputs(prepared.model)[0].type.tensor_type.elem_type == TensorProto.INT64
+    spec, assets = _token_input(opts, prepared.input_shape) if is_text else \
+        (_input_spec(opts, prepared.input_shape), {})
+    return Source(prepared.model, prepared.params, prepared.buffers, labels, spec,
                   f"onnx:{Path(opts.onnx).name}", "onnx", prepared.head, bool(opts.feature_output), reference,
-                  notes=[f"source: {Path(opts.onnx).name}"])
+                  notes=[f"source: {Path(opts.onnx).name}"], assets=assets)

@@ -45,6 +45,7 @@ class ExportOptions:
     onnx: Path | None = None  # an existing ONNX model
     head_params: tuple[str, ...] = ()  # with --onnx: the head's initializers
     feature_output: str | None = None  # with --onnx: the tensor to put a new head on
+    vocab: Path | None = None  # with --onnx of a text model: its WordPiece vocabulary
     sign: Path | None = None  # ed25519 private key: write manifest.sig
     split: bool = True  # also emit prefix.onnx + suffix_* artifacts when the frozen part is a prefix
     profile: str | None = None  # with trainable="auto": the device profile (name or TOML file) to fit

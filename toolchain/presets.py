@@ -42,8 +42,15 @@ REGISTRY = {p.name: p for p in (
     Preset("auto", "with --profile: the most accurate strategy of the study that fits its memory", searched=True),
 )}
 PRESETS = tuple(REGISTRY)
-# `auto`'s candidates, most accurate first (the study's ranking; toolchain/auto.py says why)
+# `auto`'s candidates, most accurate first (the studies' rankings; toolchain/auto.py says why): image and feature-row
+# models, and text and speech transformers (docs/study/text, docs/study/speech)
 AUTO_RANKING = ("full", "sparse", "last:2", HEAD)
+SEQUENCE_AUTO_RANKING = ("full", "lora:8", "last:2", "lora:4", HEAD)
+
+
+def auto_ranking(kind: str) -> tuple[str, ...]:
+    """`auto`'s candidates for an input kind (manifest.input.kind)."""
+    return SEQUENCE_AUTO_RANKING if kind in ("tokens", "audio") else AUTO_RANKING
 PLAIN = Preset("patterns", "globs or re:REGEX over parameter names, comma-separated")
 
 

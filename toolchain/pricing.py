@@ -21,9 +21,11 @@ class Pricing:
     total_params: int
     moments: int
     batch: int
+    kind: str = "image"  # the input kind: picks the planner's calibration
 
     def peak(self, trainable: int) -> float:
-        return price(trainable, self.total_params, self.moments, self.memory, self.batch, self.split).total_mb
+        return price(trainable, self.total_params, self.moments, self.memory, self.batch, self.split,
+                     self.kind).total_mb
 
     @property
     def mb_per_param(self) -> float:
@@ -55,13 +57,13 @@ class GraphShapes:
 
 
 def pricing(graph: onnx.ModelProto, trainable: list[str], opts, batch: int, total_params: int,
-            shapes: GraphShapes | None = None) -> Pricing:
+            shapes: GraphShapes | None = None, kind: str = "image") -> Pricing:
     """The planner's inputs for training `trainable` of `graph` (BN policy applied), split when the frozen part is a
     prefix — computed as the export computes them (artifacts.write_portable, split.build_split). With `shapes` (a
     search over many trainable sets), a split graph's prefix is priced by its largest tensor alone."""
     from edgeadapt.toolchain.artifacts import memory_record
     from edgeadapt.toolchain.split import SUFFIX, split_suffix
-    from edgeadapt.toolchain.train_step import build_train_step
+    from edgeadapt.toolchain.train_step import build_train_step, initializer_bytes
 
     def measured(model, prefix=""):
         graphs = build_train_step(model, trainable, opts.loss, opts.optimizer)
@@ -70,8 +72,9 @@ def pricing(graph: onnx.ModelProto, trainable: list[str], opts, batch: int, tota
         if opts.split else None
     if found is None:
         moments, memory = measured(graph)
-        return Pricing(memory, False, total_params, moments, batch)
+        return Pricing(memory, False, total_params, moments, batch, kind)
     moments, memory = measured(found[3], SUFFIX)
+    memory["prefix_constant_bytes"] = float(initializer_bytes(graph))  # the frozen prefix holds about all of them
     memory["prefix_largest_bytes_per_sample"] = shapes.largest_bytes_per_sample if shapes else \
         measured(graph)[1]["largest_bytes_per_sample"]
-    return Pricing(memory, True, total_params, moments, batch)
+    return Pricing(memory, True, total_params, moments, batch, kind)

@@ -38,6 +38,9 @@ class PortableGraphs:
     state_names: list[str]
     kept_bytes_per_sample: int  # forward activations the backward pass reads (the planner's main term)
     largest_bytes_per_sample: int  # the largest forward tensor
+    constant_bytes: int = 0  # what the step's and the forward graph's sessions hold whatever the batch: their
+    #                          initializers (frozen weights, the backward's private copies) and the per-element
+    #                          group vectors the engine folds at load
 
 
 def state_layout(model: onnx.ModelProto, trainable: list[str]) -> list[StateLayout]:
@@ -185,7 +188,23 @@ def build_train_step(model: onnx.ModelProto, trainable: list[str], loss: str, op
                *(_vector(f"{n}.new", total) for n in state_names)]
     step = _finish(bw.base, b, bw.head, inputs, outputs)
     kept, largest = _activation_bytes(step, bw.base, b, bw.shapes)
-    return PortableGraphs(step, build_forward(model, bw.layout, statistics), bw.layout, state_names, kept, largest)
+    forward = build_forward(model, bw.layout, statistics)
+    runs = _expanded_runs(b)
+    vectors = sum(1 for n in b.nodes if n.op_type == "Concat" and n.input and all(i in runs for i in n.input))
+    constants = initializer_bytes(step) + initializer_bytes(forward) + 4 * total * vectors
+    return PortableGraphs(step, forward, bw.layout, state_names, kept, largest, constants)
+
+
+def _expanded_runs(b: GraphBuilder) -> set[str]:
+    """Outputs of the Expand nodes that spread one constant over a run of tensors (`_per_element`)."""
+    added = b.constants_added()
+    return {n.output[0] for n in b.nodes if n.op_type == "Expand" and n.input[0] in added}
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of a graph's initializers (what a session holds as constants)."""
+    return sum(int(np.prod(init.dims)) * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+               for init in model.graph.initializer)
 
 
 def _activation_bytes(step: onnx.ModelProto, base: onnx.ModelProto, b: GraphBuilder, shapes: dict) -> tuple[int, int]:
