@@ -1,4 +1,6 @@
-"""Real data available offline for the benchmarks: Debian's `dataset-fashion-mnist` (IDX files)."""
+"""Real data available offline for the benchmarks, the tests and the README's examples: Debian's
+`dataset-fashion-mnist` (IDX files), `wordnet-base` (noun glosses by category, as text) and `espeak-ng` (spoken
+keywords, as speech). `python benchmarks/datasets.py wordnet|keywords --out … --test …` writes them as files."""
 
 from __future__ import annotations
 
@@ -118,3 +120,35 @@ def spoken_keywords(root: Path, voices: tuple[str, ...], per_class: int | None =
         for voice, speed, pitch in picked:
             speak(word, voice, speed, pitch, root / word / f"{voice.replace('+', '_')}-{speed}-{pitch}.wav")
     return root
+
+
+def main() -> None:
+    """Write the offline text or speech data in the formats `edgeadapt train` reads (used by the README's
+    examples): `wordnet` → CSV files of text,label; `keywords` → folders of class subfolders of .wav files."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("kind", choices=("wordnet", "keywords"))
+    parser.add_argument("--per-class", type=int, default=32, help="training samples per class")
+    parser.add_argument("--held-out", type=int, default=25, help="held-out samples per class")
+    parser.add_argument("--out", type=Path, required=True, help="the training CSV, or the training folder")
+    parser.add_argument("--test", type=Path, required=True, help="the held-out CSV, or the held-out folder")
+    args = parser.parse_args()
+    if args.kind == "wordnet":
+        glosses = wordnet_glosses()
+        rng = np.random.default_rng(0)
+        picked = {name: [texts[i] for i in rng.permutation(len(texts))] for name, texts in sorted(glosses.items())}
+        write_text_csv(args.out, [(t, n) for n, texts in picked.items() for t in texts[:args.per_class]])
+        write_text_csv(args.test, [(t, n) for n, texts in picked.items()
+                                   for t in texts[args.per_class:args.per_class + args.held_out]])
+        labels = sorted(glosses)
+    else:
+        spoken_keywords(args.out, TRAIN_VOICES, args.per_class)
+        spoken_keywords(args.test, HELD_OUT_VOICES, args.held_out, seed=1)
+        labels = sorted(KEYWORDS)
+    (args.out.parent / "labels.txt").write_text("\n".join(labels) + "\n")
+    print(f"wrote {args.out}, {args.test} and {args.out.parent / 'labels.txt'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ held-out set, each run in a fresh process with torch blocked (peak RSS from VmHW
     python benchmarks/study_text_speech.py --task text --out docs/study/text
     python benchmarks/study_text_speech.py --task speech --out docs/study/speech --shots 16,48
     python benchmarks/study_text_speech.py --task text --quick        # tiny random model: checks the pipeline
+    python benchmarks/study_text_speech.py --task text --strategies lora:8/lr=3e-3 --out docs/study/text-lr
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import epochs_for  # noqa: E402
+from study import epochs_for, parse_strategy, split_strategies  # noqa: E402
 
 STRATEGIES = ("head", "last:1", "last:2", "bias", "lora:4", "lora:8", "full")
 RUN = """
@@ -90,7 +91,7 @@ def main() -> None:
     out = args.out or Path("study") / args.task
     out.mkdir(parents=True, exist_ok=True)
     runs = run_all(args.task, tiny if args.quick else backbone, input_size, shots, seeds,
-                   10 if args.quick else args.held_out, args.strategies.split(","), out / "runs.partial.json")
+                   10 if args.quick else args.held_out, split_strategies(args.strategies), out / "runs.partial.json")
     (out / "runs.json").write_text(json.dumps(runs, indent=1))
     table = report(runs, shots, args.task, tiny if args.quick else backbone, STRATEGIES)
     (out / "results.md").write_text(table)
@@ -107,10 +108,11 @@ def run_all(task: str, backbone: str, input_size, shots, seeds, held_out: int, s
         root = Path(tmp)
         test, sets, classes = (text_sets if task == "text" else speech_sets)(root / "data", shots, seeds, held_out)
         for strategy in strategies:
-            template = root / strategy.replace(":", "")
-            export_bundle(ExportOptions(out=template, backbone=backbone, trainable=strategy,
+            preset, options = parse_strategy(strategy)  # `lora:8/lr=3e-3`: export options (benchmarks/study.py)
+            template = root / "".join(c if c.isalnum() else "_" for c in strategy)
+            export_bundle(ExportOptions(out=template, backbone=backbone, trainable=preset,
                                         head=HeadRequest(labels=tuple(classes)), input_size=input_size,
-                                        validate=False))
+                                        validate=False, **options))
             for (k, seed), train in sorted(sets.items()):
                 work = root / "work"
                 shutil.rmtree(work, ignore_errors=True)
@@ -139,7 +141,8 @@ def report(runs, shots, task: str, backbone: str, order) -> str:
     seeds = len({r["seed"] for r in runs})
     data = "WordNet noun glosses, 8 categories" if task == "text" else \
         "8 espeak-ng keywords, held-out voices disjoint from the training voices"
-    present = [s for s in order if any(r["strategy"] == s for r in runs)]
+    seen = list(dict.fromkeys(r["strategy"] for r in runs))
+    present = [s for s in order if s in seen] + [s for s in seen if s not in order]
     lines = [f"{backbone}, {data}; held-out accuracy, mean ± std over {seeds} seeds; train time and peak RSS of the "
              f"training process at the largest k.", "",
              "| strategy | " + " | ".join(f"k={k}" for k in shots) + " | train time | peak RSS |",

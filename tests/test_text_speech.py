@@ -592,3 +592,30 @@ def test_auto_on_a_transformer_plans_lora_where_full_does_not_fit(tmp_path):
     assert m.preset == "lora:8" and m.lora is not None
     assert any("full needs" in n for n in m.notes), m.notes
     assert planned_peak(m, int(m.hyperparameters["batch_size"]), split=m.split is not None) <= 0.8 * 1400
+
+
+def test_gelu_op_of_opset_20_matches_torch_float64(tmp_path):
+    """ONNX's own Gelu (opset 20; torch exports GELU as Erf at opset 17) between two trainable MatMuls."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeadapt.toolchain.train_step import build_gradient_graph
+
+    rng = np.random.default_rng(2)
+    w1, w2 = rng.standard_normal((12, 12)).astype(np.float32), rng.standard_normal((12, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "w1"], ["h"]), helper.make_node("Gelu", ["h"], ["g"]),
+         helper.make_node("MatMul", ["g", "w2"], ["logits"])], "gelu",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 12])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
+    step, layout = build_gradient_graph(model, ["w1", "w2"], "cross_entropy")
+    x, y = rng.standard_normal((6, 12)).astype(np.float32), rng.integers(0, 3, 6)
+    weights = [torch.from_numpy(w).double().requires_grad_() for w in (w1, w2)]
+    logits = torch.nn.functional.gelu(torch.from_numpy(x).double() @ weights[0]) @ weights[1]
+    torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)).backward()
+    expected = np.concatenate([w.grad.numpy().ravel() for w in weights])
+    for engine in ENGINES:
+        got = _run_gradients(engine, step, tmp_path, {"input": x, "labels": y,
+                                                      "params": np.concatenate([w1.ravel(), w2.ravel()])})
+        assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected), engine
