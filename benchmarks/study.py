@@ -216,13 +216,19 @@ def report(runs, shots, data: str, size: int) -> str:
              f"held-out accuracy, mean ± std over {seeds} seeds.", "",
              "| strategy | " + " | ".join(f"k={k}" for k in shots) + " | train time (k=" + str(shots[-1]) +
              ") | peak RSS |", "|---|" + "---|" * (len(shots) + 2)]
-    for strategy in ordered_strategies(runs):
+    return "\n".join(lines + table_rows(runs, ordered_strategies(runs), shots)) + "\n"
+
+
+def table_rows(runs, strategies, shots) -> list[str]:
+    """Per strategy: accuracy mean ± std at each k, then train time and peak RSS at the largest k."""
+    rows = []
+    for strategy in strategies:
         accuracy = [_cell(runs, strategy, k, "accuracy") for k in shots]
         seconds, memory = _cell(runs, strategy, shots[-1], "train_s"), _cell(runs, strategy, shots[-1],
                                                                               "peak_rss_mb")
-        lines.append(f"| {strategy} | " + " | ".join(f"{m:.1%} ± {s:.1%}" for m, s in accuracy) +
-                     f" | {seconds[0]:.1f} s | {memory[0]:.0f} MB |")
-    return "\n".join(lines) + "\n"
+        rows.append(f"| {strategy} | " + " | ".join(f"{m:.1%} ± {s:.1%}" for m, s in accuracy) +
+                    f" | {seconds[0]:.1f} s | {memory[0]:.0f} MB |")
+    return rows
 
 
 def plot(runs, shots, out: Path) -> None:

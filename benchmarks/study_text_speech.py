@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import epochs_for, parse_strategy, split_strategies  # noqa: E402
+from study import _cell, epochs_for, parse_strategy, split_strategies, table_rows  # noqa: E402
 
 STRATEGIES = ("head", "last:1", "last:2", "bias", "lora:4", "lora:8", "full")
 RUN = """
@@ -132,11 +132,6 @@ def run_all(task: str, backbone: str, input_size, shots, seeds, held_out: int, s
     return runs
 
 
-def _cell(runs, strategy, k, key):
-    values = [r[key] for r in runs if r["strategy"] == strategy and r["shots"] == k]
-    return float(np.mean(values)), float(np.std(values))
-
-
 def report(runs, shots, task: str, backbone: str, order) -> str:
     seeds = len({r["seed"] for r in runs})
     data = "WordNet noun glosses, 8 categories" if task == "text" else \
@@ -147,13 +142,7 @@ def report(runs, shots, task: str, backbone: str, order) -> str:
              f"training process at the largest k.", "",
              "| strategy | " + " | ".join(f"k={k}" for k in shots) + " | train time | peak RSS |",
              "|---|" + "---|" * (len(shots) + 2)]
-    for strategy in present:
-        accuracy = [_cell(runs, strategy, k, "accuracy") for k in shots]
-        seconds, memory = _cell(runs, strategy, shots[-1], "train_s"), _cell(runs, strategy, shots[-1],
-                                                                              "peak_rss_mb")
-        lines.append(f"| {strategy} | " + " | ".join(f"{m:.1%} ± {s:.1%}" for m, s in accuracy) +
-                     f" | {seconds[0]:.1f} s | {memory[0]:.0f} MB |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + table_rows(runs, present, shots)) + "\n"
 
 
 def plot(runs, shots, out: Path, task: str) -> None:
