@@ -619,3 +619,20 @@ def test_gelu_op_of_opset_20_matches_torch_float64(tmp_path):
         got = _run_gradients(engine, step, tmp_path, {"input": x, "labels": y,
                                                       "params": np.concatenate([w1.ravel(), w2.ravel()])})
         assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected), engine
+
+
+def test_lora_on_convolutions_by_module_globs_validates_trains_and_merges(tmp_path, digit_image_npz):
+    """LoRA is not only for transformers: targets named by module globs (here two convolutions of tiny_cnn) get
+    adapters; the export validates against torch, training moves them, deploy's merged model equals the bundle."""
+    from edgeadapt.runtime.deploy import deploy
+    from edgeadapt.runtime.trainer import TrainConfig, Trainer
+
+    out = tmp_path / "cnn-lora"
+    result = export_bundle(ExportOptions(out=out, backbone="tiny_cnn", head=HeadRequest(num_classes=10),
+                                         trainable="lora:2@features.2.0,features.3.0", input_size=(32,)))
+    m = result.manifest
+    assert [t.weight for t in m.lora.targets] == ["features.2.0.weight", "features.3.0.weight"]
+    assert result.validation.grad_max_rel_diff < 5e-2
+    Trainer(out, TrainConfig(epochs=2, lr=1e-2)).fit(digit_image_npz)
+    deployed = deploy(out, "onnx", tmp_path / "app/")
+    assert deployed.max_abs_diff < 1e-5 and deployed.same_predictions
