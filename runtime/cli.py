@@ -91,7 +91,8 @@ def _rows(key: str, value) -> list[tuple[str, str]]:
 
 def train(
     bundle: Path = typer.Argument(..., help="Bundle folder (updated in place)."),
-    data: Path = typer.Argument(..., help="Folder of class subfolders of images, .npz (x, y) or .csv."),
+    data: Path = typer.Argument(..., help="Folder of class subfolders of images (text: .txt, speech: .wav), .npz "
+                                          "(x, y) or .csv (text: text,label; or .jsonl)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help=f"Default: the bundle's ({DEFAULT_EPOCHS})."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Default: the bundle's ({DEFAULT_BATCH}, or "
                                              "the one --trainable auto chose)."),
@@ -248,7 +249,9 @@ def _bundle(path: Path, trusted_key: Path | None = None):
     return Bundle.open(path, trusted_key=trusted_key)
 
 
-def predict(bundle: Path = typer.Argument(...), inputs: List[Path] = typer.Argument(..., help="Images, .npz, .csv."),
+def predict(bundle: Path = typer.Argument(...),
+            inputs: List[Path] = typer.Argument(..., help="Images, .npz, .csv; text bundles: .txt, .csv, .jsonl; "
+                                                "speech: .wav (files or folders)."),
             top_k: int = typer.Option(5, "--top-k"),
             engine: str = typer.Option("auto", "--engine", help=ENGINE_HELP),
             device: str = typer.Option("cpu", "--device", help="cpu, cuda, gpu, npu, …"),
@@ -321,7 +324,10 @@ DATA_FORMATS = ("DATA is one of: a folder of class subfolders of images (photos/
                 "subfolder names are the labels; PNG, JPEG, BMP, GIF, WebP, TIFF); an .npz with x (uint8 images "
                 "N×H×W[×C], or float rows N×features) and y (N label names or numbers); or a UTF-8 .csv with one "
                 "sample a row: the features, then the label (regression: the targets), an optional header. Images "
-                "are resized and normalised as the bundle's manifest says.")
+                "are resized and normalised as the bundle's manifest says. Text bundles: a CSV with text and label "
+                "columns (a header names them), JSONL lines {\"text\": ..., \"label\": ...}, or class subfolders "
+                "of .txt files (one sample each), tokenized with the bundle's vocabulary. Speech bundles: class "
+                "subfolders of .wav files (PCM, any rate: resampled, padded or cut to the clip length).")
 
 
 def register(app: typer.Typer) -> None:

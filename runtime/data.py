@@ -1,5 +1,7 @@
 """Local data for training on the device: image folders, `.npz` (x, y) and CSV rows, preprocessed as the manifest
-says. Images are decoded once and kept as uint8; normalisation (and light augmentation) happens per batch."""
+says; text and audio for token and speech bundles (runtime/text_audio.py). Images are decoded once and kept as
+uint8, normalisation (and light augmentation) happens per batch; texts become token ids and clips log-mel features
+once, at load."""
 
 from __future__ import annotations
 
