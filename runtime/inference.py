@@ -45,8 +45,8 @@ class Prediction:
 
 def load_inputs(paths: list[str | Path], bundle: Bundle) -> tuple[list[str], np.ndarray, bool, list[Prediction]]:
     """Image files, folders of them (labelled in class subfolders or not: every image below, in name order), or
-    .npz/.csv files whose rows are samples (text and speech bundles: `_text_or_audio_inputs`); returns (names, raw samples, is_image, unreadable images as error
-    predictions). Data files must be readable as a whole."""
+    .npz/.csv files whose rows are samples (text and speech bundles: `_text_or_audio_inputs`); returns (names, raw
+    samples, is_image, unreadable images as error predictions). Data files must be readable as a whole."""
     spec = bundle.manifest.input
     if spec.kind in ("tokens", "audio"):
         return _text_or_audio_inputs(paths, bundle)
