@@ -90,7 +90,7 @@ def write_text_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 # ---- speech: spoken keywords synthesised by espeak-ng, voices split between training and held-out ----------------
 
-KEYWORDS = ("yes", "no", "up", "down", "left", "right", "stop", "go")
+KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")  # Speech Commands' ten
 TRAIN_VOICES = tuple(f"{accent}+{variant}" for accent in ("en-gb", "en-us", "en-gb-scotland")
                      for variant in ("m1", "m2", "m3", "f1", "f2", "f3"))
 HELD_OUT_VOICES = tuple(f"{accent}+{variant}" for accent in ("en-gb-x-rp", "en-029", "en-gb-x-gbclan")
@@ -108,17 +108,38 @@ def speak(word: str, voice: str, speed: int, pitch: int, path: Path) -> Path:
     return path
 
 
+def in_noise(path: Path, rng: np.random.Generator, snr_db: tuple[float, float] = (0.0, 15.0),
+             lead_s: tuple[float, float] = (0.0, 0.6)) -> Path:
+    """Rewrite a WAV as a harder recording: a random lead-in of silence and white noise at a random SNR."""
+    import wave
+
+    with wave.open(str(path), "rb") as reader:
+        rate, raw = reader.getframerate(), reader.readframes(reader.getnframes())
+    speech = np.frombuffer(raw, "<i2").astype(np.float64) / 32768
+    signal = np.concatenate([np.zeros(int(rng.uniform(*lead_s) * rate)), speech])
+    power = max(float(np.mean(speech ** 2)), 1e-10)
+    noisy = signal + rng.normal(0, np.sqrt(power / 10 ** (rng.uniform(*snr_db) / 10)), len(signal))
+    with wave.open(str(path), "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(rate)
+        writer.writeframes((np.clip(noisy, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
 def spoken_keywords(root: Path, voices: tuple[str, ...], per_class: int | None = None, seed: int = 0,
-                    words: tuple[str, ...] = KEYWORDS) -> Path:
+                    words: tuple[str, ...] = KEYWORDS, noisy: bool = True) -> Path:
     """A folder of class subfolders of .wav: every word by every voice at each speed and pitch (or `per_class`
-    of those combinations, seeded)."""
+    of those combinations, seeded), each at a random offset in white noise of 0-15 dB SNR (`noisy`)."""
     rng = np.random.default_rng(seed)
     combos = [(v, s, p) for v in voices for s in SPEEDS for p in PITCHES]
     for word in words:
         picked = combos if per_class is None else [combos[i] for i in
                                                    rng.permutation(len(combos))[:per_class]]
         for voice, speed, pitch in picked:
-            speak(word, voice, speed, pitch, root / word / f"{voice.replace('+', '_')}-{speed}-{pitch}.wav")
+            path = speak(word, voice, speed, pitch, root / word / f"{voice.replace('+', '_')}-{speed}-{pitch}.wav")
+            if noisy:
+                in_noise(path, rng)
     return root
 
 

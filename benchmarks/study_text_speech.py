@@ -3,8 +3,9 @@ the same protocol as the image study (benchmarks/study.py): k training samples p
 held-out set, each run in a fresh process with torch blocked (peak RSS from VmHWM).
 
 - text: all-MiniLM-L6-v2 (`minilm_l6`) on WordNet noun glosses of 8 categories (Debian's wordnet-base);
-- speech: Whisper-tiny's encoder (`whisper_tiny_encoder`) on 8 keywords synthesised by espeak-ng, trained on 18
-  voices and held out on 12 others (no voice in both).
+- speech: Whisper-tiny's encoder (`whisper_tiny_encoder`) on 10 keywords (Speech Commands' words) synthesised by
+  espeak-ng, each at a random offset in white noise of 0-15 dB SNR, trained on 18 voices and held out on 12 others
+  (no voice in both).
 
     python benchmarks/study_text_speech.py --task text --out docs/study/text
     python benchmarks/study_text_speech.py --task speech --out docs/study/speech --shots 16,48
@@ -135,7 +136,7 @@ def run_all(task: str, backbone: str, input_size, shots, seeds, held_out: int, s
 def report(runs, shots, task: str, backbone: str, order) -> str:
     seeds = len({r["seed"] for r in runs})
     data = "WordNet noun glosses, 8 categories" if task == "text" else \
-        "8 espeak-ng keywords, held-out voices disjoint from the training voices"
+        "10 espeak-ng keywords in noise (0-15 dB SNR), held-out voices disjoint from the training voices"
     seen = list(dict.fromkeys(r["strategy"] for r in runs))
     present = [s for s in order if s in seen] + [s for s in seen if s not in order]
     lines = [f"{backbone}, {data}; held-out accuracy, mean ± std over {seeds} seeds; train time and peak RSS of the "
