@@ -163,6 +163,7 @@ def plot(runs, shots, out: Path, task: str) -> None:
     left.set(xscale="log", xlabel="training samples per class", ylabel="held-out accuracy",
              title=f"{task}: accuracy vs shots")
     left.set_xticks(shots, [str(k) for k in shots])
+    left.minorticks_off()
     right.set(xlabel="peak RSS during training (MB)", ylabel="held-out accuracy", title="accuracy vs peak memory")
     left.legend(fontsize=8)
     fig.tight_layout()
