@@ -269,7 +269,9 @@ def test_lora_trains_only_adapters_and_head_and_deploys_merged_weights(tmp_path,
 
 
 def test_lora_first_step_moves_b_alone_and_matches_torch(tmp_path):
-    """B starts at zero, so A's first gradient is exactly zero; one SGD step's B update is torch's float64 one."""
+    """B starts at zero, so A's first gradient is exactly zero; one SGD step's B update is torch's float64 one at
+    the adapters' rate (3× the head's, as the README says)."""
+    from conftest import expected_groups
     from edgeadapt.toolchain.export import build
 
     out = tmp_path / "lora"
@@ -282,6 +284,7 @@ def test_lora_first_step_moves_b_alone_and_matches_torch(tmp_path):
     y = np.arange(8) % len(LABELS)
     torch.nn.functional.cross_entropy(module(torch.from_numpy(x)), torch.from_numpy(y)).backward()
     grads = dict(module.named_parameters())
+    rates = expected_groups(module, "classifier", pretrained=False, optimizer="sgd")
     for engine in ENGINES:
         opened = open_engine(bundle, bundle.graphs(), engine)
         opened.load(bundle.load_state())
@@ -290,7 +293,7 @@ def test_lora_first_step_moves_b_alone_and_matches_torch(tmp_path):
         moved = before - opened.state().params
         for p in bundle.manifest.portable.layout:
             part = moved[p.offset:p.offset + p.size]
-            expected = grads[p.name].grad.numpy().ravel()
+            expected = grads[p.name].grad.numpy().ravel() * rates[p.name][0]
             if p.name.endswith(".lora_A"):
                 assert not part.any() and not expected.any()
             else:
