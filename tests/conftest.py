@@ -172,14 +172,15 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 def expected_groups(module, head: str, pretrained: bool, optimizer: str = "adamw", weight_decay: float = 0.01,
                     ratio: float | None = None) -> dict[str, tuple[float, float]]:
     """Per parameter, the (lr multiplier, decay) the README promises: a pretrained backbone learns at 0.1× the
-    head's rate, random weights at 1×, LoRA's new adapters at 3×; tensors of rank ≤ 1 are not decayed; SGD has no
+    head's rate, random weights and LoRA's new adapters at 1×; tensors of rank ≤ 1 are not decayed; SGD has no
     decay."""
     ratio = (0.1 if pretrained else 1.0) if ratio is None else ratio
     groups = {}
     for name, p in module.named_parameters():
         in_head = name == head or name.startswith(head + ".")
         decay = weight_decay if optimizer == "adamw" and p.dim() > 1 else 0.0
-        groups[name] = (3.0 if name.endswith((".lora_A", ".lora_B")) else 1.0 if in_head else ratio, decay)
+        adapter = name.endswith((".lora_A", ".lora_B"))
+        groups[name] = (1.0 if in_head or adapter else ratio, decay)
     return groups
 
 

@@ -270,7 +270,7 @@ def test_lora_trains_only_adapters_and_head_and_deploys_merged_weights(tmp_path,
 
 def test_lora_first_step_moves_b_alone_and_matches_torch(tmp_path):
     """B starts at zero, so A's first gradient is exactly zero; one SGD step's B update is torch's float64 one at
-    the adapters' rate (3× the head's, as the README says)."""
+    the adapters' rate (the head's, as the README says)."""
     from conftest import expected_groups
     from edgeadapt.toolchain.export import build
 
