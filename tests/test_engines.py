@@ -21,10 +21,11 @@ PRETRAINED = ("mobilenet_v2", "efficientnet_lite0", "minilm_l6", "whisper_tiny_e
 
 
 def small_input(backbone: str):
-    """32 px for image backbones; token and audio models keep their own input length."""
+    """32 px for image backbones, 32 tokens for text, 64 frames (0.64 s) for speech; rows keep their width."""
     from edgeadapt.models.registry import get_entry
 
-    return (32,) if len(get_entry(backbone).spec.input_size) == 3 else None
+    spec = get_entry(backbone).spec
+    return {"NCHW": (32,), "NT": (32,), "NCT": (spec.input_size[0], 64)}.get(spec.layout)
 
 
 def fixed_batch(bundle, size: int = 8) -> tuple[np.ndarray, np.ndarray]:

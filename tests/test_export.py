@@ -17,7 +17,8 @@ from edgeadapt.toolchain.build import HeadRequest
 from edgeadapt.toolchain.export import ExportOptions, build
 
 PRESETS = ["head", "full", "last:2", "bias", "scratch"]
-SMALL_INPUT = {"mobilenet_v2": (64,), "mobilenet_v3_small": (64,), "resnet18": (64,), "efficientnet_lite0": (64,)}
+SMALL_INPUT = {"mobilenet_v2": (64,), "mobilenet_v3_small": (64,), "resnet18": (64,), "efficientnet_lite0": (64,),
+               "minilm_l6": (32,), "whisper_tiny_encoder": (80, 64)}
 LABELS = tuple(str(i) for i in range(10))
 
 

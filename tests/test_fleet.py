@@ -151,6 +151,7 @@ def test_fleet_without_flower_says_how_to_install(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # a Flower simulation of a transformer; CI runs it
 def test_lora_bundle_fleet_trains_with_only_the_adapters_and_head_travelling(fresh_bundle, tmp_path):
     """A text LoRA bundle on Flower: one client, one round equals that client's own training here; only the
     adapters and the head travel (bytes up = their size), the frozen encoder stays on the device."""

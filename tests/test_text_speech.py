@@ -355,6 +355,7 @@ def test_text_formats_give_the_same_ids_and_bad_text_gets_one_line(tmp_path, bun
         load_dataset(tmp_path / "nolabel.csv", bundle)
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 def test_text_sequence_export_train_evaluate_predict_deploy(tmp_path, text_data):
     """The README's text commands in order; the deployed model run on ids from Hugging Face `tokenizers` gives
     `predict`'s scores; `evaluate` matches the bundle's own accuracy recomputed from those logits."""
@@ -403,6 +404,7 @@ def speech_data(tmp_path_factory) -> dict[str, Path]:
             "test": spoken_folder(root / "test", WORDS, ("en-029+f4",))}
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 def test_speech_sequence_export_train_evaluate_predict_deploy(tmp_path, speech_data):
     """The README's speech commands in order; the deployed model run on features from `transformers`'
     WhisperFeatureExtractor gives `predict`'s scores; a clip that is not a WAV is reported, not fatal."""
@@ -511,23 +513,6 @@ def test_whisper_encoder_equals_ctranslate2_on_real_speech(recordings):
     assert np.abs(ours - expected).max() < 1e-4 * np.abs(expected).max()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backbone,preset,data", [("minilm_l6", "lora:8", "text"), ("minilm_l6", "head", "text"),
-                                                  ("whisper_tiny_encoder", "lora:8", "speech")])
-def test_real_weights_learn_from_real_text_and_speech(tmp_path, backbone, preset, data, text_data, speech_data):
-    """The pretrained encoders through export → train → evaluate on real held-out data: far above chance."""
-    paths = text_data if data == "text" else speech_data
-    labels = LABELS if data == "text" else WORDS
-    bundle = tmp_path / "b"
-    size = ("--input-size", "32") if data == "text" else ()
-    for step in (("export", backbone, "--labels", _labels_file(tmp_path, labels), "--trainable", preset, *size,
-                  "--out", bundle), ("train", bundle, paths["train"], "--epochs", "12")):
-        result = run_cli(*step, timeout=1200)
-        assert result.returncode == 0, result.stderr[-2000:]
-    accuracy = json.loads(run_cli("evaluate", bundle, paths["test"], "--json").stdout)["accuracy"]
-    assert accuracy > 0.6, accuracy  # chance is 0.25
-
-
 def _hugging_face_bert_onnx(tmp_path: Path) -> tuple[Path, Path]:
     """A BERT exported from transformers the usual way: three int64 inputs (ids, attention mask, token types)."""
     from transformers import BertConfig, BertForSequenceClassification
@@ -562,6 +547,7 @@ def _hugging_face_bert_onnx(tmp_path: Path) -> tuple[Path, Path]:
     return path, vocab
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 def test_onnx_transformer_with_int64_inputs_exports_and_trains(tmp_path, text_data):
     """`export --onnx` of a Hugging Face BERT: the mask and token types are derived from the ids in the graph, the
     vocabulary ships in the bundle, full fine-tuning validates against the source file and trains."""
