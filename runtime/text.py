@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from edgeadapt.runtime.errors import BundleError
+from edgeadapt.runtime.errors import BundleError, ConfigError
 from edgeadapt.runtime.manifest import TokenSpec
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -140,6 +140,6 @@ def token_spec(vocab: list[str], vocab_file: str, max_length: int, lowercase: bo
     ids = {token: i for i, token in reversed(list(enumerate(vocab)))}
     missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]") if t not in ids]
     if missing:
-        raise BundleError(f"the vocabulary has no {missing[0]} token; give a BERT WordPiece vocabulary.")
+        raise ConfigError(f"the vocabulary has no {missing[0]} token; give a BERT WordPiece vocabulary.")
     return TokenSpec(vocab_file, len(vocab), max_length, ids["[PAD]"], ids["[CLS]"], ids["[SEP]"], ids["[UNK]"],
                      lowercase)

@@ -135,8 +135,9 @@ def torch_source(opts: ExportOptions) -> Source:
     built = build(opts)
     sparse = preset_of(opts.trainable).scored
     spec, assets = input_spec(built.spec)
+    example = examples(spec, assets, 2, opts.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        graph = export_eval_onnx(built.module, examples(spec, assets, 2, opts.seed), None if sparse else opts.bn,
+        graph = export_eval_onnx(built.module, example, None if sparse else opts.bn,
                                  Path(tmp) / "eval.onnx")
     in_graph = {init.name for init in graph.graph.initializer}
     params = [name for name, _ in built.module.named_parameters() if name in in_graph]
@@ -149,7 +150,7 @@ def torch_source(opts: ExportOptions) -> Source:
         graph, params = choice.graph.graph, choice.graph.params
         in_graph = {init.name for init in graph.graph.initializer}
 
-    merged = _merged_graph(built, examples(spec, assets, 2, opts.seed), opts.bn) if built.lora else None
+    merged = _merged_graph(built, example, opts.bn) if built.lora else None
 
     def reference(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
