@@ -173,11 +173,9 @@ def prepare_image(image, channels: str, size: tuple[int, int], crop: float) -> n
 
 
 def _image_files(root: Path) -> list[tuple[Path, str]]:
-    files = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files += [(f, folder.name) for f in sorted(folder.iterdir())
-                  if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
-    return files
+    from edgeadapt.runtime.text_audio import class_files
+
+    return class_files(root, IMAGE_SUFFIXES)
 
 
 def load_image_folder(root: Path, manifest: Manifest, max_bad_fraction: float = 0.1) -> Dataset:

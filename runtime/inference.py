@@ -104,7 +104,7 @@ def _text_or_audio_inputs(paths: list[str | Path], bundle: Bundle):
             except (DataError, OSError) as exc:
                 failed.append(Prediction(str(file), [], str(exc)))
                 continue
-            texts.append(item) if is_text else samples.append(item)
+            (texts if is_text else samples).append(item)
             names.append(str(file))
     if texts:
         samples.append(bundle.tokenizer().encode_batch(texts))

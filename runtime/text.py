@@ -85,13 +85,11 @@ class WordPiece:
 
     @classmethod
     def from_text(cls, text: str, spec: TokenSpec) -> "WordPiece":
-        vocab = text.split("\n")
-        if vocab and vocab[-1] == "":
-            vocab.pop()
+        vocab = vocabulary_lines(text)
         if len(vocab) != spec.vocab_size:
             raise BundleError(f"{spec.vocab_file} holds {len(vocab)} tokens, the manifest says {spec.vocab_size}; "
                               "re-export the bundle.")
-        return cls([t.rstrip("\r") for t in vocab], spec)
+        return cls(vocab, spec)
 
     def pieces(self, word: str) -> list[int]:
         if len(word) > self.spec.max_chars_per_word:
@@ -133,6 +131,14 @@ class WordPiece:
             ids = self.encode(text)
             out[row, :len(ids)] = ids
         return out
+
+
+def vocabulary_lines(text: str) -> list[str]:
+    """A vocabulary file's tokens: one per line, its line number its id (a final newline ends the last line)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [t.rstrip("\r") for t in lines]
 
 
 def token_spec(vocab: list[str], vocab_file: str, max_length: int, lowercase: bool = True) -> TokenSpec:

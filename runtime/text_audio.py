@@ -25,11 +25,12 @@ MAX_TEXT_CHARS = 100_000  # one sample; longer texts are cut (the model reads ma
 
 
 def class_files(root: Path, suffixes: set[str]) -> list[tuple[Path, str]]:
-    """(file, class folder name) for every file with one of `suffixes` in the class subfolders of `root`."""
+    """(file, class folder name) for every file with one of `suffixes` in the class subfolders of `root` (hidden
+    folders left out; a file that is not what its suffix says is the loader's to skip with its reason)."""
     files = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files += [(f, folder.name) for f in sorted(folder.iterdir())
-                  if f.is_file() and f.suffix.lower() in suffixes and not f.name.startswith(".")]
+                  if f.is_file() and f.suffix.lower() in suffixes]
     return files
 
 

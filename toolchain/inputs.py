@@ -8,7 +8,7 @@ import numpy as np
 from edgeadapt.models.registry import BackboneSpec
 from edgeadapt.runtime.manifest import AudioSpec, InputSpec
 from edgeadapt.runtime.samples import example_batch
-from edgeadapt.runtime.text import WordPiece, token_spec
+from edgeadapt.runtime.text import WordPiece, token_spec, vocabulary_lines
 
 VOCAB_FILE = "vocab.txt"
 
@@ -17,8 +17,7 @@ def input_spec(spec: BackboneSpec) -> tuple[InputSpec, dict[str, bytes]]:
     """(InputSpec, {bundle file name: content}) for a zoo or `--model` spec."""
     if spec.tokens is not None:
         text = _vocabulary(spec)
-        vocab = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
-        tokens = token_spec(vocab, VOCAB_FILE, spec.input_size[0], spec.tokens.lowercase)
+        tokens = token_spec(vocabulary_lines(text), VOCAB_FILE, spec.input_size[0], spec.tokens.lowercase)
         return InputSpec("input", [-1, tokens.max_length], "int64", "NT", "", [0.0], [1.0], tokens=tokens), \
             {VOCAB_FILE: text.encode("utf-8")}
     if spec.audio is not None:

@@ -203,32 +203,36 @@ def reference_logits(path: Path, x: np.ndarray, feature_output: str | None, head
 
 # ---- stage 1 for `--onnx`: the prepared graph as a Source; every later stage is the one zoo exports use ------
 
-def _token_input(opts, shape: tuple[int, ...]) -> tuple[InputSpec, dict[str, bytes]]:
-    from edgeadapt.runtime.text import token_spec
-    from edgeadapt.toolchain.inputs import VOCAB_FILE
-
+def _read_vocab(opts) -> str | None:
+    """The text of `--vocab`, read once (None without it)."""
     if opts.vocab is None:
-        raise ConfigError(f"--onnx {opts.onnx} takes token ids (int64): give its WordPiece vocabulary with --vocab "
-                          "vocab.txt (one token per line).")
+        return None
     try:
-        text = Path(opts.vocab).read_text(encoding="utf-8")
+        return Path(opts.vocab).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--vocab {opts.vocab} is not a readable UTF-8 file ({exc}).") from None
-    vocab = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+
+
+def _token_input(opts, shape: tuple[int, ...], text: str | None) -> tuple[InputSpec, dict[str, bytes]]:
+    from edgeadapt.runtime.text import token_spec, vocabulary_lines
+    from edgeadapt.toolchain.inputs import VOCAB_FILE
+
+    if text is None:
+        raise ConfigError(f"--onnx {opts.onnx} takes token ids (int64): give its WordPiece vocabulary with --vocab "
+                          "vocab.txt (one token per line).")
     if len(shape) != 1:
         raise ConfigError(f"--onnx {opts.onnx} takes token ids of shape {shape}; give a model of [batch, tokens].")
-    tokens = token_spec([t.rstrip("\r") for t in vocab], VOCAB_FILE, shape[0])
+    tokens = token_spec(vocabulary_lines(text), VOCAB_FILE, shape[0])
     return InputSpec("input", [-1, shape[0]], "int64", "NT", "", [0.0], [1.0], tokens=tokens), \
         {VOCAB_FILE: text.encode("utf-8")}
 
 
-def _vocab_pad_id(opts) -> int | None:
-    if opts.vocab is None:
+def _pad_id(text: str | None) -> int | None:
+    from edgeadapt.runtime.text import vocabulary_lines
+
+    if text is None:
         return None
-    try:
-        vocab = Path(opts.vocab).read_text(encoding="utf-8").split("\n")
-    except (OSError, UnicodeDecodeError):
-        return None
+    vocab = vocabulary_lines(text)
     return vocab.index("[PAD]") if "[PAD]" in vocab else 0
 
 
@@ -247,7 +251,8 @@ def onnx_source(opts) -> Source:
     from edgeadapt.toolchain.build import resolve_labels
 
     labels = None if opts.head.keep_head else resolve_labels(opts.head, 0)[0]
-    pad_id = _vocab_pad_id(opts)
+    vocab = _read_vocab(opts)
+    pad_id = _pad_id(vocab)
     prepared = prepare(Path(opts.onnx), list(opts.head_params), opts.feature_output,
                        len(labels) if labels and opts.feature_output else None, opts.seed, pad_id)
     labels = labels or [f"class_{i}" for i in range(prepared.num_outputs)]
@@ -260,7 +265,7 @@ def onnx_source(opts) -> Source:
     def reference(x: np.ndarray) -> np.ndarray:
         return reference_logits(Path(opts.onnx), x, opts.feature_output, head, pad_id)
     is_text = _real_inputs(prepared.model)[0].type.tensor_type.elem_type == TensorProto.INT64
-    spec, assets = _token_input(opts, prepared.input_shape) if is_text else \
+    spec, assets = _token_input(opts, prepared.input_shape, vocab) if is_text else \
         (_input_spec(opts, prepared.input_shape), {})
     return Source(prepared.model, prepared.params, prepared.buffers, labels, spec,
                   f"onnx:{Path(opts.onnx).name}", "onnx", prepared.head, bool(opts.feature_output), reference,
