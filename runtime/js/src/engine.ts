@@ -1,0 +1,147 @@
+/**
+ * The portable training step on an injected onnxruntime (onnxruntime-web, -node or -react-native: anything with
+ * onnxruntime-common's `InferenceSession` and `Tensor`). The same graphs, feeds and state as the Python runtime's
+ * onnxruntime engine: `train_step(input, [bn_stats], labels, lr, step, params, adam_m, adam_v)`, AdamW in the graph,
+ * the step count fed as `t + 1`, a non-finite loss leaving the state unchanged.
+ */
+
+import type {InferenceSession, Tensor} from "onnxruntime-common";
+import type {Bundle, GraphFiles} from "./bundle.js";
+import {BackendError} from "./errors.js";
+import {asFloat32, asInteger, f32Tensor, i64Scalar, type RawTensor} from "./safetensors.js";
+import type {TrainState} from "./state.js";
+
+/** The part of an onnxruntime package the runtime uses (the module object an app imports). */
+export interface Ort {
+  InferenceSession: {create(model: Uint8Array, options?: InferenceSession.SessionOptions): Promise<InferenceSession>};
+  Tensor: {new(type: Tensor.Type, data: Tensor.DataType, dims?: readonly number[]): Tensor};
+}
+
+export interface EngineOptions {
+  /** e.g. ["wasm"], ["webgpu", "wasm"], ["cpu"], ["cuda", "cpu"] (default: the package's default) */
+  executionProviders?: InferenceSession.SessionOptions["executionProviders"];
+  threads?: number;
+  /** the name runs record ("onnxruntime": the same graphs and optimizer state as the Python runtime's engine) */
+  name?: string;
+}
+
+export interface ModelInput {
+  data: Float32Array | BigInt64Array;
+  dims: number[];
+}
+
+function sessionOptions(options: EngineOptions): InferenceSession.SessionOptions {
+  const out: InferenceSession.SessionOptions = {graphOptimizationLevel: "all"};
+  if (options.executionProviders) out.executionProviders = options.executionProviders;
+  if (options.threads) {
+    out.intraOpNumThreads = options.threads;
+    out.interOpNumThreads = 1;
+  }
+  return out;
+}
+
+async function session(ort: Ort, model: Uint8Array, options: EngineOptions, what: string): Promise<InferenceSession> {
+  try {
+    return await ort.InferenceSession.create(model, sessionOptions(options));
+  } catch (error) {
+    throw new BackendError(`the engine cannot load ${what} (${String((error as Error).message ?? error).split("\n")[0]}); ` +
+      "use an onnxruntime release that runs the bundle's opset, or another execution provider.");
+  }
+}
+
+export class PortableEngine {
+  readonly name: string;
+  private values = new Map<string, Tensor>();
+  private statistics: Tensor | null = null;
+  private t = 0;
+
+  private constructor(private readonly ort: Ort, private readonly bundle: Bundle, private readonly inputName: string,
+                      private readonly forward: InferenceSession, private readonly step: InferenceSession | null,
+                      options: EngineOptions) {
+    this.name = options.name ?? "onnxruntime";
+  }
+
+  /** Sessions over the verified bytes of `graphs` (the whole graph's or a split bundle's suffix). */
+  static async create(ort: Ort, bundle: Bundle, graphs: GraphFiles, options: EngineOptions = {},
+                      training = true): Promise<PortableEngine> {
+    const forward = await session(ort, await bundle.readGraph(graphs.forward), options, graphs.forward);
+    const step = training ? await session(ort, await bundle.readGraph(graphs.trainStep), options, graphs.trainStep)
+      : null;
+    return new PortableEngine(ort, bundle, graphs.inputName, forward, step, options);
+  }
+
+  private get stateNames(): string[] {
+    return this.bundle.manifest.portable.state;
+  }
+
+  private vector(values: Float32Array): Tensor {
+    return new this.ort.Tensor("float32", values, [values.length]);
+  }
+
+  load(state: TrainState): void {
+    const zeros = () => new Float32Array(state.params.length);
+    this.values = new Map([["params", this.vector(state.params.slice())]]);
+    for (const name of this.stateNames.slice(1)) {
+      const stored = state.optimizer.get(name);
+      this.values.set(name, this.vector(stored ? asFloat32(stored) : zeros()));
+    }
+    const step = state.optimizer.get("step");
+    this.t = step ? asInteger(step) : 0;
+    this.statistics = state.statistics ? this.vector(state.statistics.slice()) : null;
+  }
+
+  state(): TrainState {
+    const optimizer = new Map<string, RawTensor>();
+    for (const name of this.stateNames.slice(1)) {
+      optimizer.set(name, f32Tensor((this.values.get(name)!.data as Float32Array).slice(), [this.bundle.manifest.portable.layout.reduce((n, p) => n + p.size, 0)]));
+    }
+    optimizer.set("step", i64Scalar(this.t));
+    return {params: (this.values.get("params")!.data as Float32Array).slice(), optimizer, progress: null,
+      statistics: this.statistics ? (this.statistics.data as Float32Array).slice() : null, best: null};
+  }
+
+  private input(x: ModelInput): Tensor {
+    return x.data instanceof BigInt64Array ? new this.ort.Tensor("int64", x.data, x.dims)
+      : new this.ort.Tensor("float32", x.data, x.dims);
+  }
+
+  private labels(y: Int32Array | Float32Array, batch: number): Tensor {
+    if (y instanceof Int32Array) return new this.ort.Tensor("int64", BigInt64Array.from(y, BigInt), [batch]);
+    return new this.ort.Tensor("float32", y, [batch, y.length / batch]);
+  }
+
+  private withStatistics(feeds: Record<string, Tensor>, s: InferenceSession): Record<string, Tensor> {
+    if (this.statistics && s.inputNames.includes("bn_stats")) feeds.bn_stats = this.statistics;
+    return feeds;
+  }
+
+  /** Forward, backward and AdamW; a non-finite loss leaves the state unchanged. */
+  async trainStep(x: ModelInput, y: Int32Array | Float32Array, lr: number): Promise<{loss: number; logits: Float32Array}> {
+    const step = this.step!;
+    const feeds: Record<string, Tensor> = {
+      [this.inputName]: this.input(x), labels: this.labels(y, x.dims[0]),
+      lr: new this.ort.Tensor("float32", Float32Array.of(lr), []),
+      step: new this.ort.Tensor("int64", BigInt64Array.of(BigInt(this.t + 1)), []),
+    };
+    for (const name of this.stateNames) feeds[name] = this.values.get(name)!;
+    const out = await step.run(this.withStatistics(feeds, step));
+    const loss = (out.loss.data as Float32Array)[0];
+    const logits = out[this.bundle.manifest.output_name].data as Float32Array;
+    if (Number.isFinite(loss)) {
+      for (const name of this.stateNames) this.values.set(name, out[`${name}.new`]);
+      this.t += 1;
+    }
+    return {loss, logits};
+  }
+
+  async logits(x: ModelInput): Promise<Float32Array> {
+    const feeds: Record<string, Tensor> = {[this.inputName]: this.input(x), params: this.values.get("params")!};
+    const out = await this.forward.run(this.withStatistics(feeds, this.forward));
+    return out[this.bundle.manifest.output_name].data as Float32Array;
+  }
+
+  async release(): Promise<void> {
+    await this.forward.release();
+    await this.step?.release();
+  }
+}
