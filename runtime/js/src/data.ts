@@ -184,7 +184,8 @@ export function parseNpy(bytes: Uint8Array, where: string): NpyArray {
   const shapeText = /'shape':\s*\(([^)]*)\)/.exec(header)?.[1];
   if (!descr || !order || shapeText === undefined) throw new DataError(`${where} has an unreadable .npy header.`);
   if (order === "True") throw new DataError(`${where} is stored in Fortran order; save it with numpy.savez from a C-ordered array.`);
-  const itemSize = NPY_SIZES[descr];
+  const unicode = /^<U(\d+)$/.exec(descr); // numpy's fixed-width UTF-32 strings (label names)
+  const itemSize = unicode ? 4 * Number(unicode[1]) : NPY_SIZES[descr];
   if (!itemSize) throw new DataError(`${where} has dtype ${descr}; give numbers (uint8 images or float features).`);
   const shape = shapeText.split(",").map((s) => s.trim()).filter(Boolean).map(Number);
   const bytesNeeded = itemSize * product(shape);
@@ -192,6 +193,21 @@ export function parseNpy(bytes: Uint8Array, where: string): NpyArray {
   const data = bytes.subarray(start + headerLength, start + headerLength + bytesNeeded);
   if (data.byteLength !== bytesNeeded) throw new DataError(`${where} is truncated.`);
   return {dtype: descr, shape, data};
+}
+
+/** The strings of a numpy unicode array (`<Un`: n UTF-32 code points each, NUL-padded). */
+export function npyStrings(array: NpyArray): string[] {
+  const width = Number(array.dtype.slice(2)), count = product(array.shape);
+  const view = new DataView(array.data.buffer, array.data.byteOffset, array.data.byteLength);
+  return Array.from({length: count}, (_, i) => {
+    const points: number[] = [];
+    for (let j = 0; j < width; j++) {
+      const point = view.getUint32((i * width + j) * 4, true);
+      if (point === 0) break;
+      points.push(point);
+    }
+    return String.fromCodePoint(...points);
+  });
 }
 
 /** The float64 values of a numeric array (the loaders' common currency before their own dtype). */
@@ -251,8 +267,8 @@ export function npzDataset(arrays: Map<string, NpyArray>, manifest: Manifest, wh
 function targetsOf(y: NpyArray, manifest: Manifest, where: string): Int32Array | Float32Array {
   if (manifest.loss === "cross_entropy") {
     if (y.shape.length !== 1) throw new DataError(`${where}: y must be one label per sample, got shape (${y.shape}).`);
-    if (y.dtype.startsWith("<U")) throw new DataError(`${where}: string labels in .npz are not read here; use class indices.`);
-    return encodeLabels(Array.from(npyValues(y), String), manifest, where);
+    const names = y.dtype.startsWith("<U") ? npyStrings(y) : Array.from(npyValues(y), String);
+    return encodeLabels(names, manifest, where);
   }
   const values = Float32Array.from(npyValues(y));
   if (values.length !== y.shape[0] * manifest.labels.length) {

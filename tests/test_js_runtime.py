@@ -1,0 +1,297 @@
+"""The JavaScript runtime (runtime/js) against the Python runtime, numpy and Pillow: the same bundles train to the
+same bytes, a run moves between the runtimes mid-training, a killed Node trainer resumes exactly, images are
+prepared pixel for pixel as Pillow prepares them, and the sealed-bundle rules hold. Node's own unit tests run too.
+
+These need Node with runtime/js's packages (`npm --prefix runtime/js ci --ignore-scripts`, as the README's install
+line does); they fail, never skip, without them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from test_errors import assert_one_line_error
+
+JS = Path(__file__).resolve().parents[1] / "runtime" / "js"
+CLI = JS / "dist" / "node" / "cli.js"
+TRAIN = ["--epochs", "2", "--batch-size", "8", "--seed", "3"]
+
+
+@pytest.fixture(scope="session")
+def js_runtime() -> Path:
+    """The package built from its sources once per session (tsc), over the installed node_modules."""
+    if shutil.which("node") is None or not (JS / "node_modules" / "onnxruntime-node").is_dir():
+        pytest.fail("the JavaScript runtime's packages are missing: run `npm --prefix runtime/js ci --ignore-scripts`"
+                    " (the README's install line does).")
+    built = subprocess.run(["npm", "run", "--silent", "build"], cwd=JS, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    return JS
+
+
+def js(*args, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(["node", str(CLI), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          **kwargs)
+
+
+def node(script: str, *args, timeout: int = 300) -> str:
+    """Run an ES module `script` (in runtime/js, so it imports ./dist/…) and return its stdout."""
+    done = subprocess.run(["node", "--input-type=module", "-e", script, *map(str, args)], cwd=JS, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def state_parts(bundle: Path) -> tuple[dict, bytes, dict]:
+    """(tensor headers, tensor bytes, progress) of a bundle's state file, read here with the standard library."""
+    data = (bundle / "state.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    metadata = header.pop("__metadata__")
+    return header, data[8 + length:], json.loads(metadata.get("edgeadapt.progress", "null"))
+
+
+def comparable(progress: dict, resumed: bool) -> dict:
+    """Progress without what differs between any two runs (the run id, clock times; after a resume, the train loss
+    and accuracy of the interrupted epoch, which count only the batches after the resume, in both runtimes)."""
+    left_out = ("time", "seconds", "run") + (("train_loss", "train_accuracy") if resumed else ())
+    records = [{k: v for k, v in r.items() if k not in left_out} for r in progress["records"]]
+    return {**{k: v for k, v in progress.items() if k != "run_id"}, "records": records}
+
+
+def assert_same_progress(a: dict, b: dict, resumed: bool = False) -> None:
+    a, b = comparable(a, resumed), comparable(b, resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        if key != "records":
+            assert a[key] == b[key], key
+    for ra, rb in zip(a["records"], b["records"], strict=True):
+        for key, value in ra.items():
+            if isinstance(value, float):
+                assert rb[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key  # val loss: sums in other orders
+            else:
+                assert rb[key] == value, key
+
+
+def copies(template: Path, root: Path, *names: str) -> list[Path]:
+    out = []
+    for name in names:
+        shutil.copytree(template, root / name)
+        out.append(root / name)
+    return out
+
+
+def test_node_unit_tests(js_runtime):
+    done = subprocess.run(["npm", "test", "--silent"], cwd=JS, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_batch_order_is_numpys(js_runtime):
+    cases = [(0, 10), (1, 1), (42, 1000), (2**33 + 7, 257), ([3, 1], 12), ([0, 7], 100), ([123456789, 5], 999)]
+    script = "import {permutation} from './dist/rng.js'; const cases = JSON.parse(process.argv[1]);" \
+             "console.log(JSON.stringify(cases.map(([s, n]) => permutation(s, n))));"
+    got = json.loads(node(script, json.dumps(cases)))
+    for (seed, n), order in zip(cases, got):
+        assert order == np.random.default_rng(seed).permutation(n).tolist(), (seed, n)
+
+
+@pytest.fixture(scope="session")
+def odd_photos(tmp_path_factory) -> list[Path]:
+    """Real photos (scikit-image's) at odd sizes, as JPEG and PNG, colour and grayscale."""
+    import skimage.data
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("odd_photos")
+    files = []
+    for name in ("astronaut", "coffee", "chelsea", "camera"):
+        image = Image.fromarray(getattr(skimage.data, name)())
+        width, height = image.size
+        image.crop((3, 5, width - 17, height - 2)).save(root / f"{name}.jpg", quality=87)
+        image.resize((width // 3 + 1, height // 3 + 2)).save(root / f"{name}.png")
+        files += [root / f"{name}.jpg", root / f"{name}.png"]
+    return files
+
+
+def test_images_are_prepared_as_the_python_runtime_prepares_them(js_runtime, odd_photos):
+    from edgeadapt.runtime.data import decode_image
+
+    specs = [("RGB", (96, 96), 0.875), ("L", (37, 53), 1.0), ("RGB", (224, 160), 0.875)]
+    script = """
+import {decodeImage} from './dist/node/index.js';
+import {prepareImage} from './dist/image.js';
+const [files, specs] = JSON.parse(process.argv[1]);
+const out = [];
+for (const file of files) for (const [channels, resize, crop] of specs)
+  out.push(Array.from(prepareImage(await decodeImage(file), {channels, resize, crop})));
+console.log(JSON.stringify(out));"""
+    got = iter(json.loads(node(script, json.dumps([[str(f) for f in odd_photos], specs]))))
+    for file in odd_photos:
+        for channels, size, crop in specs:
+            want = decode_image(file, channels, size, crop).astype(np.int64).ravel()
+            diff = np.abs(np.asarray(next(got)) - want)
+            assert diff.max() <= 1, (file.name, channels, size, int(diff.max()))
+
+
+@pytest.mark.parametrize("preset", ["head", "full"])
+def test_same_steps_give_the_same_state_file(js_runtime, bundle_factory, digit_image_npz, tmp_path, preset):
+    """20+ steps on each runtime from the same bundle: identical tensors (the same onnxruntime release), the same
+    progress; head trains a split bundle's suffix on prefix features in both."""
+    import onnxruntime
+
+    versions = json.loads(node("import ort from 'onnxruntime-node'; console.log(JSON.stringify(ort.env.versions))"))
+    assert versions["node"] == onnxruntime.__version__, "the byte-identity check needs the same onnxruntime release"
+    template = bundle_factory("tiny_cnn", preset, input_size=(16,))
+    python, javascript = copies(template, tmp_path, "python", "javascript")
+    assert run_cli("train", python, digit_image_npz, *TRAIN, "--quiet").returncode == 0
+    done = js("train", javascript, digit_image_npz, *TRAIN)
+    assert done.returncode == 0, done.stderr
+    (py_header, py_body, py_progress), (js_header, js_body, js_progress) = state_parts(python), state_parts(javascript)
+    assert py_progress["step"] >= 20
+    assert js_header == py_header and js_body == py_body
+    assert_same_progress(py_progress, js_progress)
+
+
+def evaluate_json(runner, bundle, data) -> dict:
+    done = runner("evaluate", bundle, data, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_run_moves_between_the_runtimes(js_runtime, bundle_factory, digit_image_npz, tmp_path):
+    """Python trains 2 epochs → JS trains 2 more (a new run from those parameters) → both evaluate the same; the
+    result is the one of Python training both runs."""
+    template = bundle_factory("tiny_cnn", "full", input_size=(16,))
+    mixed, python = copies(template, tmp_path, "mixed", "python")
+    for bundle in (mixed, python):
+        assert run_cli("train", bundle, digit_image_npz, *TRAIN, "--quiet").returncode == 0
+    assert js("train", mixed, digit_image_npz, *TRAIN).returncode == 0
+    assert run_cli("train", python, digit_image_npz, *TRAIN, "--quiet").returncode == 0
+    assert state_parts(mixed)[1] == state_parts(python)[1]
+    by_python, by_js = evaluate_json(run_cli, mixed, digit_image_npz), evaluate_json(js, mixed, digit_image_npz)
+    assert by_js["loss"] == pytest.approx(by_python["loss"], rel=1e-5)
+    assert by_js["accuracy"] == by_python["accuracy"] and by_js["confusion"] == by_python["confusion"]
+
+
+def _progress_step(bundle: Path) -> int:
+    try:
+        progress = state_parts(bundle)[2]
+    except (ValueError, struct.error, KeyError):
+        return 0
+    return 0 if progress is None or progress["finished"] else progress["step"]
+
+
+def test_killed_runs_resume_exactly_on_either_runtime(js_runtime, bundle_factory, digit_image_npz, tmp_path):
+    """SIGKILL of the Node CLI mid-run → `edgeadapt-js train --resume`; a Python run stopped by its time limit →
+    the Node CLI resumes it; both end with the weights of an uninterrupted Python run."""
+    options = ["--epochs", "6", "--batch-size", "4", "--seed", "1", "--checkpoint-every", "5"]
+    template = bundle_factory("tiny_cnn", "full", input_size=(16,))
+    reference, killed, handed = copies(template, tmp_path, "reference", "killed", "handed")
+    assert run_cli("train", reference, digit_image_npz, *options, "--quiet").returncode == 0
+    want = state_parts(reference)
+
+    trainer = subprocess.Popen(["node", str(CLI), "train", killed, digit_image_npz, *options],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while _progress_step(killed) < 10 and trainer.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait()
+    assert 0 < _progress_step(killed) < 6 * 75, "the kill did not land mid-run"
+    done = js("train", killed, digit_image_npz, *options, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert state_parts(killed)[1] == want[1]
+    assert_same_progress(want[2], state_parts(killed)[2], resumed=True)
+    lines = [json.loads(line) for line in (killed / "train_log.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == list(range(1, 7)), "every epoch logged once"
+
+    stopped = run_cli("train", handed, digit_image_npz, *options, "--max-minutes", "0.0001", "--quiet")
+    assert stopped.returncode == 0 and _progress_step(handed) > 0
+    done = js("train", handed, digit_image_npz, *options, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert state_parts(handed)[1] == want[1]
+
+
+@pytest.mark.slow  # a real MobileNetV2 export and two trainings
+def test_node_cli_reaches_the_python_runtimes_accuracy_on_a_real_image_folder(js_runtime, digit_images, tmp_path):
+    """MobileNetV2 (ImageNet weights) at 96 px, head, on 8×8 digit scans as PNG files: the same held-out accuracy."""
+    from edgeadapt.toolchain.build import HeadRequest
+    from edgeadapt.toolchain.export import ExportOptions, export_bundle
+
+    train, test = tmp_path / "train", tmp_path / "test"
+    for folder in sorted(digit_images.iterdir()):
+        files = sorted(folder.iterdir())
+        for part, chosen in ((train, files[:12]), (test, files[12:])):
+            (part / folder.name).mkdir(parents=True)
+            for file in chosen:
+                shutil.copy(file, part / folder.name / file.name)
+    template = export_bundle(ExportOptions(out=tmp_path / "bundle", backbone="mobilenet_v2", weights="imagenet",
+                                           head=HeadRequest(labels=tuple(str(i) for i in range(10))),
+                                           input_size=(96,), validate=False)).out
+    python, javascript = copies(template, tmp_path, "python", "javascript")
+    options = ["--epochs", "4", "--batch-size", "16", "--seed", "0"]
+    assert run_cli("train", python, train, *options, "--quiet").returncode == 0
+    done = js("train", javascript, train, *options)
+    assert done.returncode == 0, done.stderr
+    accuracy = {name: evaluate_json(run_cli, bundle, test)["accuracy"] for name, bundle in
+                (("python", python), ("javascript", javascript))}
+    assert accuracy["python"] > 0.5, accuracy  # it learned: 10 classes
+    assert abs(accuracy["javascript"] - accuracy["python"]) <= 0.01, accuracy
+
+
+def test_sealed_bundle_rules_hold_in_javascript(js_runtime, bundle_factory, digit_image_npz, tmp_path):
+    """S1-S9 as the Node CLI applies them: tampered files, unsigned bundles under --trusted-key, a state another
+    device trained; a state the Python runtime trained on this device is this device's."""
+    assert run_cli("keygen", tmp_path / "key").returncode == 0
+    public = tmp_path / "key.pub"
+    signed = tmp_path / "signed"
+    done = run_cli("export", "tiny_cnn", "--classes", "10", "--trainable", "full", "--input-size", "16", "--sign",
+                   tmp_path / "key", "--out", signed, "--no-validate")
+    assert done.returncode == 0, done.stderr
+    assert js("train", signed, digit_image_npz, *TRAIN, "--trusted-key", public).returncode == 0
+    assert run_cli("evaluate", signed, digit_image_npz, "--trusted-key", public).returncode == 0, "Python trusts it"
+
+    unsigned, tampered, foreign = copies(bundle_factory("tiny_cnn", "full", input_size=(16,)), tmp_path,
+                                         "unsigned", "tampered", "foreign")
+    assert_one_line_error(js("train", unsigned, digit_image_npz, "--trusted-key", public), "not signed")
+    graph = tampered / "forward.onnx"
+    graph.write_bytes(graph.read_bytes()[:-1] + bytes([graph.read_bytes()[-1] ^ 1]))
+    before = (tampered / "state.safetensors").read_bytes()
+    assert_one_line_error(js("train", tampered, digit_image_npz), "does not match the sha256")
+    assert (tampered / "state.safetensors").read_bytes() == before, "nothing changed"
+
+    other_device = {**os.environ, "EDGEADAPT_DEVICE_KEY": str(tmp_path / "other-device.key")}
+    shutil.rmtree(foreign)
+    shutil.copytree(signed, foreign)
+    assert js("train", foreign, digit_image_npz, *TRAIN, env=other_device).returncode == 0
+    assert_one_line_error(js("evaluate", foreign, digit_image_npz, "--trusted-key", public), "neither the exported")
+    assert js("evaluate", foreign, digit_image_npz).returncode == 0, "without a trusted key it is usable (S9)"
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["train", "{bundle}", "{data}", "--epochs", "two"], ["--epochs takes a whole number"]),
+    (["train", "{missing}", "{data}"], ["does not exist"]),
+    (["train", "{bundle}", "{missing}"], ["does not exist"]),
+    (["evaluate", "{bundle}", "{labels}"], ["label 'eleven'"]),
+    (["train", "{bundle}", "{data}", "--schedule", "wavy"], ["unknown --schedule"]),
+    (["fly", "{bundle}", "{data}"], ["unknown command"]),
+])
+def test_user_errors_are_one_line_and_change_nothing(js_runtime, fresh_bundle, digit_image_npz, tmp_path, args,
+                                                     fragments):
+    bundle = fresh_bundle("tiny_cnn", "full", input_size=(16,))
+    labels = tmp_path / "labels.npz"
+    np.savez(labels, x=np.zeros((3, 8, 8), np.uint8), y=np.array(["1", "eleven", "2"]))
+    values = {"bundle": bundle, "data": digit_image_npz, "missing": tmp_path / "nothing", "labels": labels}
+    before = (bundle / "state.safetensors").read_bytes()
+    done = js(*[a.format(**values) for a in args])
+    assert done.returncode == 2
+    assert_one_line_error(done, *fragments)
+    assert (bundle / "state.safetensors").read_bytes() == before
