@@ -75,12 +75,18 @@ def _export(bundle_factory, backbone: str, preset: str, optimizer: str) -> Bundl
 
 
 def _presets_of(name: str, presets) -> list[str]:
-    """The presets a backbone takes: rows skip block presets; transformers add last:1 and LoRA (issue #20)."""
+    """The presets a backbone takes: rows skip block presets; transformers add last:1 and LoRA (issue #20). The
+    tiny models run every preset; a zoo backbone runs `full` (every tensor: every gradient rule its graph needs,
+    which the partial presets use a subset of) and LoRA where it has targets — what differs between presets (which
+    tensors train, their groups) does not depend on the backbone and is checked on the tiny models."""
     from edgeadapt.models.registry import get_entry
 
+    lora = bool(get_entry(name).spec.lora_targets)
     if name == "tiny_mlp":
         return [p for p in presets if p in ("head", "full", "bias")]
-    if get_entry(name).spec.lora_targets and presets == PRESETS:
+    if name not in TINY and presets == PRESETS:
+        return ["full", "lora:8"] if lora else ["full"]
+    if lora and presets == PRESETS:
         return [*presets, "last:1", "lora:8"]
     return list(presets)
 

@@ -263,3 +263,23 @@ def test_a_model_ort_training_cannot_differentiate_exports_with_a_note_and_train
     np.savez(tmp_path / "d.npz", x=x, y=np.array(["0", "1", "2"] * 20))
     trained = run_cli("train", out, tmp_path / "d.npz", "--epochs", "1", "--quiet")
     assert trained.returncode == 0, trained.stderr
+
+
+@pytest.mark.parametrize("backbone,preset", [("tiny_cnn", "full"), ("tiny_cnn", "head"), ("tiny_bert", "lora:2")])
+def test_no_graph_node_touches_more_tensors_than_webgpu_binds(bundle_factory, backbone, preset):
+    """onnxruntime-web's WebGPU provider binds at most 10 storage buffers per node: every node of every graph of a
+    bundle reads and writes at most MAX_NODE_TENSORS tensors that are not constants (the flat state is sliced and
+    the gradients joined in a tree)."""
+    import onnx
+
+    from edgeadapt.toolchain.graph_builder import MAX_NODE_TENSORS
+
+    bundle = bundle_factory(backbone, preset, input_size=(16,) if backbone == "tiny_cnn" else None)
+    for graph in sorted(bundle.glob("*.onnx")):
+        if graph.name.endswith(("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx")):
+            continue  # ONNX Runtime training's own artifacts (not for app runtimes)
+        model = onnx.load(graph)
+        constants = {i.name for i in model.graph.initializer} | \
+            {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+        widest = max(len([i for i in n.input if i and i not in constants]) + len(n.output) for n in model.graph.node)
+        assert widest <= MAX_NODE_TENSORS, (graph.name, widest)

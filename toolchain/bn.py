@@ -21,6 +21,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from edgeadapt.runtime.manifest import StateLayout
 from edgeadapt.runtime.state import STATISTICS_INPUT
+from edgeadapt.toolchain.graph_builder import GraphBuilder
 
 BN_POLICIES = ("fold", "affine", "ort")
 
@@ -195,7 +196,9 @@ def statistics_graph(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes += _batch_norm(result, bn, z, ranks.get(z, 4), pieces)
         else:
             nodes.append(node)
-    nodes.append(helper.make_node("Concat", pieces, [STATISTICS_OUTPUT], axis=0))
+    joined = GraphBuilder({o for n in nodes for o in n.output}, {}, "bnstats")
+    joined.concat(pieces, output=STATISTICS_OUTPUT)  # a tree: within WebGPU's per-node limit
+    nodes += joined.nodes
     del result.graph.node[:]
     result.graph.node.extend(nodes)
     del result.graph.output[:]
@@ -274,16 +277,19 @@ def statistics_as_input(model: onnx.ModelProto, layout: list[StateLayout]) -> on
     kept = [i for i in result.graph.initializer if i.name not in present]
     del result.graph.initializer[:]
     result.graph.initializer.extend(kept)
-    pieces = [f"bnstats/{p.name}/flat" for p in layout]
-    nodes = [helper.make_node("Split", [STATISTICS_INPUT, "bnstats/sizes"], pieces, axis=0, name="bnstats/split")] \
-        if len(layout) > 1 else [helper.make_node("Identity", [STATISTICS_INPUT], pieces, name="bnstats/split")]
-    result.graph.initializer.append(numpy_helper.from_array(np.array([p.size for p in layout], np.int64),
-                                                            "bnstats/sizes"))
-    for p, piece in zip(layout, pieces):
-        if p.name in present:
-            shape = numpy_helper.from_array(np.array(p.shape, np.int64), f"bnstats/{p.name}/shape")
-            result.graph.initializer.append(shape)
-            nodes.append(helper.make_node("Reshape", [piece, shape.name], [p.name], name=f"bnstats/{p.name}/unpack"))
+    nodes = [helper.make_node("Constant", [], ["bnstats/axes"], name="bnstats/axes",
+                              value=numpy_helper.from_array(np.array([0], np.int64)))]
+    for p in layout:  # one Slice per statistic the graph reads (each touches two tensors: WebGPU's limit holds)
+        if p.name not in present:
+            continue
+        bounds = [numpy_helper.from_array(np.array([v], np.int64), f"bnstats/{p.name}/{what}")
+                  for v, what in ((p.offset, "start"), (p.offset + p.size, "end"))]
+        shape = numpy_helper.from_array(np.array(p.shape, np.int64), f"bnstats/{p.name}/shape")
+        result.graph.initializer.extend([*bounds, shape])
+        piece = f"bnstats/{p.name}/flat"
+        nodes.append(helper.make_node("Slice", [STATISTICS_INPUT, bounds[0].name, bounds[1].name, "bnstats/axes"],
+                                      [piece], name=f"bnstats/{p.name}/slice"))
+        nodes.append(helper.make_node("Reshape", [piece, shape.name], [p.name], name=f"bnstats/{p.name}/unpack"))
     old = list(result.graph.node)
     del result.graph.node[:]
     result.graph.node.extend(nodes + old)

@@ -336,7 +336,7 @@ def _concat(b, node, dy):
     sizes = [b.static(x)[axis] for x in node.input]
     if any(s < 0 for s in sizes):
         raise ExportError(f"cannot differentiate Concat {node.name} along a dynamic axis.")
-    return b.ops("Split", [dy[0], b.const(sizes, np.int64)], len(sizes), axis=axis)
+    return b.split(dy[0], sizes, axis)
 
 
 @rule("Gather")
@@ -519,7 +519,9 @@ def _conv_input_grad(b: GraphBuilder, node, g: str, geo: dict) -> str:
         return b.op("Reshape", [b.op("MatMul", [wt, rows]), b.op("Shape", [x])])
     flipped = _flipped_transposed_weight(b, w, geo)
     if flipped is not None:  # stride 1: a plain convolution (4x faster than ConvTranspose for depthwise layers)
-        return b.op("Conv", [g, flipped], pads=_full_pads(geo), dilations=geo["dilations"], group=geo["group"])
+        # strides spelled out: onnxruntime-web's WebGPU Conv refuses a Conv without them
+        return b.op("Conv", [g, flipped], strides=[1] * len(geo["kernel"]), pads=_full_pads(geo),
+                    dilations=geo["dilations"], group=geo["group"])
     rank = len(geo["kernel"])
     output_padding = [xs[2 + i] - ((ys[2 + i] - 1) * geo["strides"][i] + (geo["kernel"][i] - 1) * geo["dilations"][i]
                                    + 1 - geo["pads"][i] - geo["pads"][rank + i]) for i in range(rank)]

@@ -9,6 +9,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 Dim = int | str | None  # a size, a symbolic name (the batch), or unknown
+# onnxruntime-web's WebGPU provider binds at most 10 storage buffers per node (inputs and outputs that are not
+# constants): the portable graphs keep every Split and Concat within it, so they run there as on every CPU engine.
+MAX_NODE_TENSORS = 9
 
 
 class GraphBuilder:
@@ -26,6 +29,7 @@ class GraphBuilder:
         self.statistics: set[str] = set()  # BN running statistics: constants a device may replace
         self.producers: dict[str, onnx.NodeProto] = {}  # the source graph's node producing each tensor
         self.folded_weights: set[str] = set()  # conv weights the BN fold computes as W·scale (toolchain/bn.py)
+        self.per_element_vectors: list[str] = []  # flat vectors of per-tensor constants (folded at load)
 
     def name(self, hint: str) -> str:
         while True:
@@ -44,6 +48,28 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, inputs, names, name=self.name(op_type + "_node"), **attrs))
         return names
 
+    def split(self, source: str, sizes: list[int], axis: int = 0) -> list[str]:
+        """`source` cut into pieces of `sizes` along `axis`: one Split when it stays within MAX_NODE_TENSORS, else
+        a Slice per piece (each reads only its part: no more copying than one Split)."""
+        if len(sizes) + 1 <= MAX_NODE_TENSORS:
+            return self.ops("Split", [source, self.const(sizes, np.int64)], len(sizes), axis=axis)
+        axes, pieces, start = self.const([axis], np.int64), [], 0
+        for size in sizes:
+            pieces.append(self.op("Slice", [source, self.const([start], np.int64),
+                                            self.const([start + size], np.int64), axes]))
+            start += size
+        return pieces
+
+    def concat(self, pieces: list[str], axis: int = 0, output: str | None = None) -> str:
+        """One tensor from `pieces` along `axis`: a tree of Concats of at most MAX_NODE_TENSORS − 1 inputs."""
+        fan_in = MAX_NODE_TENSORS - 1
+        while len(pieces) > fan_in:
+            pieces = [self.op("Concat", pieces[i:i + fan_in], axis=axis) for i in range(0, len(pieces), fan_in)]
+        if output is None:
+            return self.op("Concat", pieces, axis=axis)
+        self.nodes.append(helper.make_node("Concat", pieces, [output], name=self.name("Concat_node"), axis=axis))
+        return output
+
     def const(self, value, dtype=np.float32) -> str:
         """A constant initializer (deduplicated by value for small ones)."""
         array = np.asarray(value, dtype=dtype)
@@ -55,10 +81,6 @@ class GraphBuilder:
         if key is not None:
             self._constants[key] = name
         return name
-
-    def constants_added(self) -> set[str]:
-        """Names of the constants this builder created."""
-        return {init.name for init in self.initializers}
 
     def shape(self, tensor: str) -> list[Dim]:
         shape = self.shapes.get(tensor)

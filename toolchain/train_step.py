@@ -55,8 +55,7 @@ def state_layout(model: onnx.ModelProto, trainable: list[str]) -> list[StateLayo
 
 def _unpack_params(b: GraphBuilder, layout: list[StateLayout]) -> None:
     """params (flat) → one tensor per trainable parameter, under the parameter's own name."""
-    pieces = b.ops("Split", ["params", b.const([p.size for p in layout], np.int64)], len(layout), axis=0) \
-        if len(layout) > 1 else ["params"]
+    pieces = b.split("params", [p.size for p in layout]) if len(layout) > 1 else ["params"]
     for piece, p in zip(pieces, layout):
         b.nodes.append(helper.make_node("Reshape", [piece, b.const(p.shape, np.int64)], [p.name],
                                         name=b.name("unpack")))
@@ -145,7 +144,7 @@ def _backward(model: onnx.ModelProto, trainable: list[str], loss: str, output: s
     loss_value, d_logits = LOSSES[loss](b, output, labels.name)
     grads = backward(b, base.graph, trainable, output, d_logits)
     flat = [b.op("Reshape", [grads[p.name], b.const([-1], np.int64)]) for p in layout]
-    flat_grad = flat[0] if len(flat) == 1 else b.op("Concat", flat, axis=0)
+    flat_grad = flat[0] if len(flat) == 1 else b.concat(flat)
     return _Backward(b, base, head, labels, loss_value, flat_grad, layout, shapes)
 
 
@@ -189,16 +188,8 @@ def build_train_step(model: onnx.ModelProto, trainable: list[str], loss: str, op
     step = _finish(bw.base, b, bw.head, inputs, outputs)
     kept, largest = _activation_bytes(step, bw.base, b, bw.shapes)
     forward = build_forward(model, bw.layout, statistics)
-    runs = _expanded_runs(b)
-    vectors = sum(1 for n in b.nodes if n.op_type == "Concat" and n.input and all(i in runs for i in n.input))
-    constants = initializer_bytes(step) + initializer_bytes(forward) + 4 * total * vectors
+    constants = initializer_bytes(step) + initializer_bytes(forward) + 4 * total * len(b.per_element_vectors)
     return PortableGraphs(step, forward, bw.layout, state_names, kept, largest, constants)
-
-
-def _expanded_runs(b: GraphBuilder) -> set[str]:
-    """Outputs of the Expand nodes that spread one constant over a run of tensors (`_per_element`)."""
-    added = b.constants_added()
-    return {n.output[0] for n in b.nodes if n.op_type == "Expand" and n.input[0] in added}
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
@@ -288,7 +279,9 @@ def _per_element(b: GraphBuilder, layout: list[StateLayout], value: dict[str, fl
     if len(runs) == 1:
         return None
     pieces = [b.op("Expand", [b.const(np.float32(v)), b.const([n], np.int64)]) for v, n in runs]
-    return b.op("Concat", pieces, axis=0)
+    vector = b.concat(pieces)
+    b.per_element_vectors.append(vector)
+    return vector
 
 
 def _group_value(layout: list[StateLayout], groups: list[ParamGroup], attribute: str,
