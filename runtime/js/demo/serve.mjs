@@ -12,7 +12,10 @@ const root = path.resolve(here, "..");
 const args = process.argv.slice(2);
 const portAt = args.indexOf("--port");
 const port = portAt >= 0 ? Number(args[portAt + 1]) : 8741;
-const bundleDir = args.find((a, i) => !a.startsWith("--") && args[i - 1] !== "--port");
+const valueOf = (flag) => (args.indexOf(flag) >= 0 ? args[args.indexOf(flag) + 1] : undefined);
+const bundleDir = args.find((a, i) => !a.startsWith("--") && !["--port", "--data", "--bundles"].includes(args[i - 1]));
+// --data DIR: files for the tests and benchmarks under /data/ (test data, more bundles); never in the demo
+const dataDir = valueOf("--data") && path.resolve(valueOf("--data"));
 const TYPES = {".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm",
   ".json": "application/json", ".css": "text/css", ".png": "image/png", ".jpg": "image/jpeg", ".map": "application/json"};
 
@@ -21,6 +24,7 @@ const mounts = [
   ["/ort/", path.join(root, "node_modules", "onnxruntime-web", "dist")],
   ["/tfjs/", path.join(root, "node_modules", "@tensorflow")],
   ["/demo/", here],
+  ["/test/", path.join(root, "test")],
 ];
 
 async function bundleFile(name) {
@@ -32,6 +36,10 @@ async function bundleFile(name) {
 
 async function resolve(url) {
   const pathname = decodeURIComponent(new URL(url, "http://x").pathname);
+  if (pathname.startsWith("/data/") && dataDir) {
+    const file = path.resolve(dataDir, "." + pathname.slice("/data".length));
+    return file.startsWith(dataDir + path.sep) ? file : null;
+  }
   if (pathname === "/") return path.join(here, "index.html");
   if (pathname.startsWith("/bundle/")) return bundleFile(pathname.slice("/bundle/".length));
   for (const [prefix, folder] of mounts) {
