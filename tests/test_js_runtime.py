@@ -378,3 +378,26 @@ def test_browser_demo_trains_persists_and_shows_progress(js_runtime, tmp_path):
     image = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     blue = (image[..., 2] > 180) & (image[..., 0] < 80)  # the filled progress bar and the loss curve
     assert blue.sum() > 5000, "the screenshot shows the progress UI"
+
+
+def test_readme_node_example_runs(js_runtime, bundle_factory, digit_images, tmp_path):
+    """The README's "In an app" Node example, as written, on a bundle and image folders named as it names them."""
+    import re
+
+    readme = (JS.parents[1] / "README.md").read_text()
+    section = readme.split("## In an app", 1)[1]
+    example = re.search(r"```js\n(.*?)```", section, re.S).group(1)
+    shutil.copytree(bundle_factory("tiny_cnn", "full", input_size=(16,)), tmp_path / "photos-bundle")
+    for part, chosen in (("train", slice(0, 12)), ("test", slice(12, 16))):
+        for folder in sorted(digit_images.iterdir()):
+            (tmp_path / "photos" / part / folder.name).mkdir(parents=True)
+            for file in sorted(folder.iterdir())[chosen]:
+                shutil.copy(file, tmp_path / "photos" / part / folder.name / file.name)
+    script = JS / f"scratch-readme-{os.getpid()}.mjs"  # inside the package: `@edgeadapt/runtime` resolves to itself
+    script.write_text(example)
+    try:
+        done = subprocess.run(["node", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    finally:
+        script.unlink()
+    assert done.returncode == 0, done.stderr
+    assert re.match(r"completed \d+ steps; held-out accuracy 0?\.?\d*", done.stdout), done.stdout
