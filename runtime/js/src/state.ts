@@ -14,8 +14,8 @@ export const MAC_KEY = "edgeadapt.device_mac";
 const PROGRESS_FLOATS = new Set(["lr_scale", "best_metric", "time", "lr", "train_loss", "train_accuracy", "val_loss",
   "val_accuracy", "seconds"]);
 
-export interface EpochLine {
-  time: number;
+/** One epoch's results (what `onEpoch` reports). */
+export interface EpochRecord {
   epoch: number;
   step: number;
   lr: number;
@@ -24,6 +24,11 @@ export interface EpochLine {
   val_loss: number | null;
   val_accuracy: number | null;
   seconds: number;
+}
+
+/** An epoch's line in the progress and the training log: the record, when, and on what it ran. */
+export interface EpochLine extends EpochRecord {
+  time: number;
   engine: string;
   device: string;
   split: boolean;

@@ -17,7 +17,8 @@ import {classificationMetrics, learningRate, meanLoss, RunningStats, SCHEDULES, 
   type Schedule} from "./metrics.js";
 import {pyDumps, pyLoads, type Json} from "./pyjson.js";
 import {permutation} from "./rng.js";
-import {carried, newProgress, resumable, type EpochLine, type Progress, type TrainState} from "./state.js";
+import {carried, newProgress, resumable, type EpochLine, type EpochRecord, type Progress,
+  type TrainState} from "./state.js";
 
 export const PREFIX_BATCH = 16;
 
@@ -42,16 +43,7 @@ export interface TrainConfig {
   onEpoch?: (record: EpochRecord) => void;
 }
 
-export interface EpochRecord {
-  epoch: number;
-  step: number;
-  lr: number;
-  train_loss: number;
-  train_accuracy: number | null;
-  val_loss: number | null;
-  val_accuracy: number | null;
-  seconds: number;
-}
+export type {EpochRecord};
 
 export interface TrainSummary {
   stopped: "completed" | "early_stopping" | "time_limit";
