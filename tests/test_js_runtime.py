@@ -401,3 +401,11 @@ def test_readme_node_example_runs(js_runtime, bundle_factory, digit_images, tmp_
         script.unlink()
     assert done.returncode == 0, done.stderr
     assert re.match(r"completed \d+ steps; held-out accuracy 0?\.?\d*", done.stdout), done.stdout
+
+
+def test_react_native_app_type_checks_against_onnxruntime_react_native(js_runtime):
+    """React Native cannot run here: an app's use of the core and the React Native adapter (test/react-native/app.ts)
+    compiles against onnxruntime-react-native's own type definitions."""
+    done = subprocess.run(["npx", "tsc", "-p", "test/react-native/tsconfig.json"], cwd=JS, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr

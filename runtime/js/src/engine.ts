@@ -5,21 +5,38 @@
  * the step count fed as `t + 1`, a non-finite loss leaving the state unchanged.
  */
 
-import type {InferenceSession, Tensor} from "onnxruntime-common";
+import type {InferenceSession as CommonSession} from "onnxruntime-common";
 import type {Bundle, GraphFiles} from "./bundle.js";
 import {BackendError} from "./errors.js";
 import {asFloat32, asInteger, f32Tensor, i64Scalar, type RawTensor} from "./safetensors.js";
 import type {TrainState} from "./state.js";
 
-/** The part of an onnxruntime package the runtime uses (the module object an app imports). */
+/** A tensor as every onnxruntime JavaScript package gives it (onnxruntime-common's `Tensor`, any release). */
+export interface Tensor {
+  readonly data: unknown;
+  readonly dims: readonly number[];
+}
+
+/** A session as every onnxruntime JavaScript package gives it. */
+export interface InferenceSession {
+  readonly inputNames: readonly string[];
+  readonly outputNames: readonly string[];
+  run(feeds: any): Promise<Record<string, Tensor>>;
+  release(): Promise<void>;
+}
+
+export type SessionOptions = CommonSession.SessionOptions;
+
+/** The part of an onnxruntime package the runtime uses (the module object an app imports: onnxruntime-web, -node or
+ * -react-native, of any release with onnxruntime-common's API). Structural, so no release's types are imposed. */
 export interface Ort {
-  InferenceSession: {create(model: Uint8Array, options?: InferenceSession.SessionOptions): Promise<InferenceSession>};
-  Tensor: {new(type: Tensor.Type, data: Tensor.DataType, dims?: readonly number[]): Tensor};
+  InferenceSession: {create(model: Uint8Array, options?: any): Promise<InferenceSession>};
+  Tensor: new (type: any, data: any, dims?: readonly number[]) => Tensor;
 }
 
 export interface EngineOptions {
   /** e.g. ["wasm"], ["webgpu", "wasm"], ["cpu"], ["cuda", "cpu"] (default: the package's default) */
-  executionProviders?: InferenceSession.SessionOptions["executionProviders"];
+  executionProviders?: SessionOptions["executionProviders"];
   threads?: number;
   /** the name runs record ("onnxruntime": the same graphs and optimizer state as the Python runtime's engine) */
   name?: string;
@@ -30,8 +47,8 @@ export interface ModelInput {
   dims: number[];
 }
 
-function sessionOptions(options: EngineOptions): InferenceSession.SessionOptions {
-  const out: InferenceSession.SessionOptions = {graphOptimizationLevel: "all"};
+function sessionOptions(options: EngineOptions): SessionOptions {
+  const out: SessionOptions = {graphOptimizationLevel: "all"};
   if (options.executionProviders) out.executionProviders = options.executionProviders;
   if (options.threads) {
     out.intraOpNumThreads = options.threads;
