@@ -24,11 +24,12 @@ from edgeadapt.runtime.training_target import PREFIX_BATCH
 
 MB = 1024 * 1024
 # Calibrated on the reference host for the portable step on onnxruntime (CPU, 2 threads, edgeadapt's
-# same-as-requested arena), MobileNetV2 224 px, head and full at batch 8 and 32 (peak RSS 157/332 and 622/1979 MB):
+# same-as-requested arena), MobileNetV2 224 px, head and full at batch 8, 16 and 32 (peak RSS 167/–/346 and
+# 603/912/1695 MB since 0.4's sliced flat state, which lowered full's per-sample peak by 14% at batch 16):
 # the runtime's own footprint, the arena's overhead on the kept activations (their gradients live at the same time),
 # and the transient working set of the largest forward tensor (a layer's input, output and gradient).
 RUNTIME_BASE_MB = 95.0
-KEPT_FACTOR = 1.9
+KEPT_FACTOR = 1.7
 TRANSIENT_FACTOR = 1.6
 # Transformers (benchmarks/README.md, "planner calibration"): fitted on all-MiniLM-L6-v2 (32 tokens) and Whisper-tiny's
 # encoder (2 s) × head, last:1, lora:8, full × batch 8, 32 × whole and split on the same host: within ±9% of the
