@@ -25,8 +25,8 @@ from edgeadapt.toolchain.build import HeadRequest
 from edgeadapt.toolchain.export import ExportOptions, build, export_bundle
 
 LABELS = tuple(str(i) for i in range(10))
-# tiny_cnn at 32 px, batch 32: head + last biases need ~96.1 MB; all of features.3 ~97.1 MB; more reaches back.
-BUDGETS = (96.5, 97.05, 98.5, 100.0)
+# tiny_cnn at 32 px, batch 32: head + last biases need ~96.05 MB; all of features.3 ~96.94 MB; more reaches back.
+BUDGETS = (96.5, 96.92, 98.5, 100.0)
 
 
 def _export(out, budget, calibration, backbone="tiny_cnn", **extra):
