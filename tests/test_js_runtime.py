@@ -166,6 +166,7 @@ def evaluate_json(runner, bundle, data) -> dict:
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 def test_a_run_moves_between_the_runtimes(js_runtime, bundle_factory, digit_image_npz, tmp_path):
     """Python trains 2 epochs → JS trains 2 more (a new run from those parameters) → both evaluate the same; the
     result is the one of Python training both runs."""
@@ -189,6 +190,7 @@ def _progress_step(bundle: Path) -> int:
     return 0 if progress is None or progress["finished"] else progress["step"]
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 def test_killed_runs_resume_exactly_on_either_runtime(js_runtime, bundle_factory, digit_image_npz, tmp_path):
     """SIGKILL of the Node CLI mid-run → `edgeadapt-js train --resume`; a Python run stopped by its time limit →
     the Node CLI resumes it; both end with the weights of an uninterrupted Python run."""
@@ -247,6 +249,7 @@ def test_node_cli_reaches_the_python_runtimes_accuracy_on_a_real_image_folder(js
     assert abs(accuracy["javascript"] - accuracy["python"]) <= 0.01, accuracy
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 def test_sealed_bundle_rules_hold_in_javascript(js_runtime, bundle_factory, digit_image_npz, tmp_path):
     """S1-S9 as the Node CLI applies them: tampered files, unsigned bundles under --trusted-key, a state another
     device trained; a state the Python runtime trained on this device is this device's."""
@@ -276,6 +279,7 @@ def test_sealed_bundle_rules_hold_in_javascript(js_runtime, bundle_factory, digi
     assert js("evaluate", foreign, digit_image_npz).returncode == 0, "without a trusted key it is usable (S9)"
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 @pytest.mark.parametrize("args, fragments", [
     (["train", "{bundle}", "{data}", "--epochs", "two"], ["--epochs takes a whole number"]),
     (["train", "{missing}", "{data}"], ["does not exist"]),
@@ -380,6 +384,7 @@ def test_browser_demo_trains_persists_and_shows_progress(js_runtime, tmp_path):
     assert blue.sum() > 5000, "the screenshot shows the progress UI"
 
 
+@pytest.mark.slow  # CLI subprocesses; CI runs it
 def test_readme_node_example_runs(js_runtime, bundle_factory, digit_images, tmp_path):
     """The README's "In an app" Node example, as written, on a bundle and image folders named as it names them."""
     import re
