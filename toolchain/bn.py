@@ -277,19 +277,14 @@ def statistics_as_input(model: onnx.ModelProto, layout: list[StateLayout]) -> on
     kept = [i for i in result.graph.initializer if i.name not in present]
     del result.graph.initializer[:]
     result.graph.initializer.extend(kept)
-    nodes = [helper.make_node("Constant", [], ["bnstats/axes"], name="bnstats/axes",
-                              value=numpy_helper.from_array(np.array([0], np.int64)))]
-    for p in layout:  # one Slice per statistic the graph reads (each touches two tensors: WebGPU's limit holds)
-        if p.name not in present:
-            continue
-        bounds = [numpy_helper.from_array(np.array([v], np.int64), f"bnstats/{p.name}/{what}")
-                  for v, what in ((p.offset, "start"), (p.offset + p.size, "end"))]
-        shape = numpy_helper.from_array(np.array(p.shape, np.int64), f"bnstats/{p.name}/shape")
-        result.graph.initializer.extend([*bounds, shape])
-        piece = f"bnstats/{p.name}/flat"
-        nodes.append(helper.make_node("Slice", [STATISTICS_INPUT, bounds[0].name, bounds[1].name, "bnstats/axes"],
-                                      [piece], name=f"bnstats/{p.name}/slice"))
-        nodes.append(helper.make_node("Reshape", [piece, shape.name], [p.name], name=f"bnstats/{p.name}/unpack"))
+    sliced = GraphBuilder({o for n in model.graph.node for o in n.output}, {}, "bnstats")
+    for p in layout:  # one Slice per statistic the graph reads
+        if p.name in present:
+            piece = sliced.slice(STATISTICS_INPUT, p.offset, p.offset + p.size)
+            sliced.nodes.append(helper.make_node("Reshape", [piece, sliced.const(p.shape, np.int64)], [p.name],
+                                                 name=f"bnstats/{p.name}/unpack"))
+    nodes = sliced.nodes
+    result.graph.initializer.extend(sliced.initializers)
     old = list(result.graph.node)
     del result.graph.node[:]
     result.graph.node.extend(nodes + old)

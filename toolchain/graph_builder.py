@@ -53,12 +53,19 @@ class GraphBuilder:
         a Slice per piece (each reads only its part: no more copying than one Split)."""
         if len(sizes) + 1 <= MAX_NODE_TENSORS:
             return self.ops("Split", [source, self.const(sizes, np.int64)], len(sizes), axis=axis)
-        axes, pieces, start = self.const([axis], np.int64), [], 0
+        pieces, start = [], 0
         for size in sizes:
-            pieces.append(self.op("Slice", [source, self.const([start], np.int64),
-                                            self.const([start + size], np.int64), axes]))
+            pieces.append(self.slice(source, start, start + size, axis))
             start += size
         return pieces
+
+    def slice(self, source: str, start: int, end: int, axis: int = 0, output: str | None = None) -> str:
+        """`source[start:end]` along `axis` (two tensors: within any engine's per-node limit)."""
+        inputs = [source, self.const([start], np.int64), self.const([end], np.int64), self.const([axis], np.int64)]
+        if output is None:
+            return self.op("Slice", inputs)
+        self.nodes.append(helper.make_node("Slice", inputs, [output], name=self.name("Slice_node")))
+        return output
 
     def concat(self, pieces: list[str], axis: int = 0, output: str | None = None) -> str:
         """One tensor from `pieces` along `axis`: a tree of Concats of at most MAX_NODE_TENSORS − 1 inputs."""
