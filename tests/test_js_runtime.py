@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from app_runtimes import python_steps  # benchmarks/: the Python runtime over the same fixed steps
 
 from conftest import run_cli
 from test_errors import assert_one_line_error
@@ -102,6 +103,26 @@ def test_batch_order_is_numpys(js_runtime):
     got = json.loads(node(script, json.dumps(cases)))
     for (seed, n), order in zip(cases, got):
         assert order == np.random.default_rng(seed).permutation(n).tolist(), (seed, n)
+
+
+def test_validation_split_is_the_python_runtimes(js_runtime):
+    """The held-out rows for a seed, as the Python runtime's `split` picks them (Python's round: 25 × 0.1 → 2)."""
+    from edgeadapt.runtime.data import Dataset, split
+
+    cases = [(25, 0.1, 0), (15, 0.1, 3), (100, 0.2, 7), (9, 0.5, 1)]
+    script = """import {split} from './dist/data.js';
+const out = JSON.parse(process.argv[1]).map(([n, fraction, seed]) => {
+  const d = {samples: new Float32Array(n), sampleShape: [1], targets: Int32Array.from({length: n}, (_, i) => i),
+    isImage: false, names: Array.from({length: n}, (_, i) => String(i)), skipped: []};
+  const [, val] = split(d, fraction, seed);
+  return val ? Array.from(val.targets) : [];
+});
+console.log(JSON.stringify(out));"""
+    got = json.loads(node(script, json.dumps(cases)))
+    for (n, fraction, seed), held_out in zip(cases, got):
+        data = Dataset(np.zeros((n, 1), np.float32), np.arange(n), False)
+        val = split(data, fraction, seed)[1]
+        assert held_out == (val.targets.tolist() if val is not None else []), (n, fraction, seed)
 
 
 @pytest.fixture(scope="session")
@@ -310,23 +331,6 @@ def browser(*args, timeout: int = 1200):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def python_steps(bundle: Path, data: Path, steps: int = 20, batch: int = 8, lr: float = 1e-3):
-    """The Python runtime's onnxruntime engine over batches 0..B-1, B..2B-1, … (test/steps.mjs's)."""
-    from edgeadapt.runtime.bundle import Bundle
-    from edgeadapt.runtime.data import batch_inputs, load_dataset
-    from edgeadapt.runtime.engines import open_engine
-
-    opened = Bundle.open(bundle)
-    dataset = load_dataset(data, opened)
-    engine = open_engine(opened, opened.graphs(split=False), "onnxruntime")
-    engine.load(opened.load_state())
-    losses = []
-    for s in range(steps):
-        index = np.array([(s * batch + i) % len(dataset) for i in range(batch)])
-        losses.append(engine.train_step(batch_inputs(dataset, index, opened.manifest), dataset.targets[index], lr)[0])
-    return np.array(losses), engine.state().params
-
-
 @pytest.mark.slow  # Chromium
 def test_browser_steps_match_the_python_runtime(js_runtime, bundle_factory, digit_image_npz, tmp_path):
     """20 steps, same batches: onnxruntime-web WebAssembly (1 and 2 threads) and WebGPU (SwiftShader's software
@@ -346,7 +350,7 @@ def test_browser_steps_match_the_python_runtime(js_runtime, bundle_factory, digi
     results = browser("steps", data, json.dumps(runs))
     for run, result in zip(runs, results):
         assert "error" not in result, (run, result)
-        losses, params = python_steps(data / run["bundle"], data / "digits.npz")
+        losses, _, params = python_steps(data / run["bundle"], data / "digits.npz", 20, 8)
         assert np.allclose(result["losses"], losses, rtol=1e-3, atol=0), run
         if run["bundle"] == "head":
             manifest = json.loads((data / "head" / "manifest.json").read_text())

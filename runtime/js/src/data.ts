@@ -6,7 +6,7 @@
  */
 
 import {DataError} from "./errors.js";
-import {prepareImage, type Pixels} from "./image.js";
+import {prepareImage, roundHalfEven, type Pixels} from "./image.js";
 import type {Manifest} from "./manifest.js";
 import {permutation} from "./rng.js";
 
@@ -39,7 +39,7 @@ export function subset(d: Dataset, index: number[]): Dataset {
 
 /** Seeded split into train and validation, as the Python runtime's (`np.random.default_rng(seed)`). */
 export function split(d: Dataset, valFraction: number, seed: number): [Dataset, Dataset | null] {
-  const count = Math.round(size(d) * valFraction); // (Python's round; halves are not reachable in practice)
+  const count = roundHalfEven(size(d) * valFraction); // Python's round(): 25 samples × 0.1 → 2
   if (count < 1 || size(d) - count < 1) return [d, null];
   const order = permutation(seed, size(d));
   const sorted = (values: number[]) => values.sort((a, b) => a - b);
@@ -252,8 +252,7 @@ export function npzDataset(arrays: Map<string, NpyArray>, manifest: Manifest, wh
       }
       return {pixels: {width: w, height: h, data: rgba}, label: "0", name};
     });
-    const dataset = imageDataset(images, {...manifest, labels: manifest.labels});
-    return {...dataset, targets};
+    return {...imageDataset(images, manifest), targets};
   }
   if (x.shape.slice(1).join(",") !== want.join(",")) {
     throw new DataError(`${where}: x has sample shape (${x.shape.slice(1)}), the bundle expects (${want}) (or uint8 ` +
