@@ -37,7 +37,9 @@ def texture_npz(path: Path, count: int) -> None:
     np.savez(path, x=x, y=np.array([labels.index(f.parent.name) for f in files]))
 
 
-def python_ms(bundle: Path, data: Path, steps: int, batch: int) -> float:
+def python_steps(bundle: Path, data: Path, steps: int, batch: int, lr: float = 1e-3):
+    """(losses, ms per step, final parameters) of the Python runtime's onnxruntime engine over batches 0..B-1,
+    B..2B-1, … of `data` (wrapping around): the fixed steps runtime/js/test/steps.mjs runs."""
     from edgeadapt.runtime.bundle import Bundle
     from edgeadapt.runtime.data import batch_inputs, load_dataset
     from edgeadapt.runtime.engines import open_engine
@@ -46,14 +48,18 @@ def python_ms(bundle: Path, data: Path, steps: int, batch: int) -> float:
     dataset = load_dataset(data, opened)
     engine = open_engine(opened, opened.graphs(split=False), "onnxruntime")
     engine.load(opened.load_state())
-    times = []
+    losses, times = [], []
     for s in range(steps):
         index = np.array([(s * batch + i) % len(dataset) for i in range(batch)])
         x = batch_inputs(dataset, index, opened.manifest)
         started = time.perf_counter()
-        engine.train_step(x, dataset.targets[index], 1e-3)
+        losses.append(engine.train_step(x, dataset.targets[index], lr)[0])
         times.append(1000 * (time.perf_counter() - started))
-    return statistics.median(times[2:])
+    return losses, times, engine.state().params
+
+
+def python_ms(bundle: Path, data: Path, steps: int, batch: int) -> float:
+    return statistics.median(python_steps(bundle, data, steps, batch)[1][2:])
 
 
 def node_ms(bundle: Path, data: Path, steps: int, batch: int) -> float:

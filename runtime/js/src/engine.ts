@@ -57,7 +57,9 @@ function sessionOptions(options: EngineOptions): SessionOptions {
   return out;
 }
 
-async function session(ort: Ort, model: Uint8Array, options: EngineOptions, what: string): Promise<InferenceSession> {
+/** A session over verified graph bytes, with the options every edgeadapt session has; a refusal is one line. */
+export async function openSession(ort: Ort, model: Uint8Array, options: EngineOptions,
+                                  what: string): Promise<InferenceSession> {
   try {
     return await ort.InferenceSession.create(model, sessionOptions(options));
   } catch (error) {
@@ -81,8 +83,8 @@ export class PortableEngine {
   /** Sessions over the verified bytes of `graphs` (the whole graph's or a split bundle's suffix). */
   static async create(ort: Ort, bundle: Bundle, graphs: GraphFiles, options: EngineOptions = {},
                       training = true): Promise<PortableEngine> {
-    const forward = await session(ort, await bundle.readGraph(graphs.forward), options, graphs.forward);
-    const step = training ? await session(ort, await bundle.readGraph(graphs.trainStep), options, graphs.trainStep)
+    const forward = await openSession(ort, await bundle.readGraph(graphs.forward), options, graphs.forward);
+    const step = training ? await openSession(ort, await bundle.readGraph(graphs.trainStep), options, graphs.trainStep)
       : null;
     return new PortableEngine(ort, bundle, graphs.inputName, forward, step, options);
   }
@@ -110,7 +112,8 @@ export class PortableEngine {
   state(): TrainState {
     const optimizer = new Map<string, RawTensor>();
     for (const name of this.stateNames.slice(1)) {
-      optimizer.set(name, f32Tensor((this.values.get(name)!.data as Float32Array).slice(), [this.bundle.manifest.portable.layout.reduce((n, p) => n + p.size, 0)]));
+      const moment = (this.values.get(name)!.data as Float32Array).slice();
+      optimizer.set(name, f32Tensor(moment, [moment.length]));
     }
     optimizer.set("step", i64Scalar(this.t));
     return {params: (this.values.get("params")!.data as Float32Array).slice(), optimizer, progress: null,

@@ -10,7 +10,7 @@
 
 import {TRAIN_LOG, type Bundle} from "./bundle.js";
 import {batchInputs, size, split, type Dataset} from "./data.js";
-import {PortableEngine, type EngineOptions, type Ort} from "./engine.js";
+import {openSession, PortableEngine, type EngineOptions, type Ort} from "./engine.js";
 import {CancelledError, ConfigError, DataError, TrainingError} from "./errors.js";
 import {defaultBatch, DEFAULT_EPOCHS} from "./manifest.js";
 import {classificationMetrics, learningRate, meanLoss, RunningStats, SCHEDULES, type Metrics,
@@ -103,9 +103,7 @@ class Diverged extends Error {}
 export async function prefixFeatures(ort: Ort, bundle: Bundle, data: Dataset, options: EngineOptions,
                                      statistics: Float32Array | null, batch = PREFIX_BATCH): Promise<Dataset> {
   const m = bundle.manifest, split = m.split!;
-  const session = await ort.InferenceSession.create(await bundle.readGraph(split.prefix_model),
-    {graphOptimizationLevel: "all", ...(options.executionProviders ? {executionProviders: options.executionProviders} : {}),
-      ...(options.threads ? {intraOpNumThreads: options.threads, interOpNumThreads: 1} : {})});
+  const session = await openSession(ort, await bundle.readGraph(split.prefix_model), options, split.prefix_model);
   const width = split.boundary_shape.slice(1).reduce((a, b) => a * b, 1);
   const samples = new Float32Array(size(data) * width);
   for (let start = 0; start < size(data); start += batch) {
