@@ -1,5 +1,6 @@
 """Bundles as single files for transfer. `pack` writes a .tar.gz of exactly the bundle's own files: `manifest.json`
-first (then `manifest.sig` when signed), then every file the manifest lists — no logs, caches or locks. `unpack`
+first (then `manifest.sig` when signed), then every file the manifest lists — no logs, caches or locks; packed for
+apps (`for_app`), without ONNX Runtime training's artifacts, which only the `ort-training` engine reads. `unpack`
 reads one as a stream and accepts nothing else: the manifest first (bounded), then each listed file exactly once, as
 a regular file with its plain name, its size bounded by the manifest before anything is written, copied in chunks
 and hashed on the way; the result appears complete in one rename or not at all, and replacing a bundle (`--force`)
@@ -16,16 +17,18 @@ from edgeadapt.runtime.atomic import atomic_write, check_output_dir, remove_stal
 from edgeadapt.runtime.bundle import LOCK_FILE, MAX_FILE_BYTES, MAX_MANIFEST_BYTES, Bundle, state_size_limit
 from edgeadapt.runtime.errors import BundleError
 from edgeadapt.runtime.lock import bundle_lock
-from edgeadapt.runtime.manifest import MANIFEST_NAME, Manifest, is_plain_name
+from edgeadapt.runtime.manifest import MANIFEST_NAME, Manifest, is_plain_name, ort_training_files
 from edgeadapt.runtime.signing import SIGNATURE_NAME
 from edgeadapt.runtime.state import STATE_FILE
 
 _CHUNK = 1 << 20
 
 
-def pack(bundle_dir: Path, archive: Path) -> Path:
+def pack(bundle_dir: Path, archive: Path, for_app: bool = False) -> Path:
     bundle = Bundle.open(bundle_dir)
-    names = [MANIFEST_NAME] + ([SIGNATURE_NAME] if bundle.signature is not None else []) + bundle.exported_files()
+    left_out = set(ort_training_files(bundle.manifest)) if for_app else set()
+    files = [name for name in bundle.exported_files() if name not in left_out and bundle.has(name)]
+    names = [MANIFEST_NAME] + ([SIGNATURE_NAME] if bundle.signature is not None else []) + files
 
     def write(tmp: Path) -> None:
         with tarfile.open(tmp, "w:gz") as tar:
@@ -108,7 +111,7 @@ def _extract(tar: tarfile.TarFile, archive: Path, staging: Path) -> None:
         digest = _copy(tar.extractfile(member), staging / name, member.size, archive, name)
         if name in manifest.files and name != STATE_FILE and digest != manifest.files[name]:
             raise _refuse(archive, f"holds {name!r}, whose sha256 differs from its manifest's")
-    missing = sorted(set(manifest.files) - seen)
+    missing = sorted(set(manifest.files) - seen - set(ort_training_files(manifest)))
     if missing:
         raise _refuse(archive, f"lacks {missing[0]!r}")
 

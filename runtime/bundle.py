@@ -26,6 +26,7 @@ from edgeadapt.runtime.manifest import (
     TRAINING_MODEL,
     Manifest,
     is_plain_name,
+    ort_training_files,
 )
 from edgeadapt.runtime.onnx_wire import (
     STANDARD_DOMAINS,
@@ -179,14 +180,22 @@ class Bundle:
 
     def verify(self) -> None:
         """Every listed file is present, a plain file, and matches its sha256 (graphs: and their checks); the state
-        file matches or is a state of this layout (with a trusted key: authenticated by this device)."""
+        file matches or is a state of this layout (with a trusted key: authenticated by this device). ONNX Runtime
+        training's artifacts may be absent (a bundle packed for apps); present, they are verified like the rest."""
+        optional = set(ort_training_files(self.manifest))
         for name in self.exported_files():
+            if name in optional and not self.has(name):
+                continue
             if name == STATE_FILE:
                 self.load_state()
             elif name.endswith(".onnx"):
                 self.read_graph(name)
             else:
                 self.read(name)
+
+    def has(self, name: str) -> bool:
+        """Whether the bundle folder holds an entry of that name (of any kind: reading it checks the rest)."""
+        return (self.path / name).exists() or (self.path / name).is_symlink()
 
     def _limit(self, name: str) -> int:
         return self.manifest.sizes.get(name, MAX_FILE_BYTES)

@@ -291,11 +291,18 @@ def keygen(key: Path = typer.Argument(..., help="Private key file to create; the
     typer.echo(f"private key {key} (keep it on the host), public key {public} (ship it with the app)")
 
 
-def pack(bundle: Path = typer.Argument(...), archive: Path = typer.Argument(..., help="Archive to write (.tar.gz).")):
-    """Pack a bundle into one file for transfer to a device."""
+def pack(bundle: Path = typer.Argument(...), archive: Path = typer.Argument(..., help="Archive to write (.tar.gz)."),
+         target: str = typer.Option("device", "--for", help="device: every exported file; app: without ONNX "
+                                    "Runtime training's artifacts (what the JavaScript runtime and the portable "
+                                    "engines read).")):
+    """Pack a bundle into one file for transfer to a device or an app."""
     from edgeadapt.runtime.archive import pack as run
+    from edgeadapt.runtime.errors import UnknownNameError
 
-    typer.echo(f"wrote {run(bundle, archive)}")
+    if target not in ("device", "app"):
+        raise UnknownNameError(f"--for {target} is not a pack target; use --for device or --for app.")
+    written = run(bundle, archive, for_app=target == "app")
+    typer.echo(f"wrote {written} ({written.stat().st_size / 1e6:.1f} MB)")
 
 
 def unpack(archive: Path = typer.Argument(...), out: Path = typer.Argument(..., help="Bundle folder to create."),

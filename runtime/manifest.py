@@ -301,6 +301,15 @@ def referenced_files(m: "Manifest") -> list[str]:
     return names
 
 
+def ort_training_files(m: "Manifest") -> list[str]:
+    """The listed files only the `ort-training` engine reads (ONNX Runtime training's artifacts, of the whole graph
+    and of a split bundle's suffix): an archive packed for apps leaves them out, so they may be absent."""
+    prefixes = [""] + ([m.split.suffix_prefix] if m.split is not None else [])
+    names = (f"{prefix}{name}" for prefix in prefixes for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL,
+                                                                     CHECKPOINT))
+    return [name for name in names if name in m.files]
+
+
 def _checked(m: "Manifest", source: str) -> "Manifest":
     """Well-typed is not enough: refuse values no export writes (they would fail later, far from the cause)."""
     spec = m.input

@@ -157,6 +157,7 @@ class Trainer:
         train, val = split(dataset, self.config.val_split, self.config.seed)
         with bundle_lock(self.bundle.lock_path):
             self._remove_stale_temporaries()
+            engine = self._engine()  # its refusals (engine, device, artifacts, groups) come before anything changes
             adapted = None
             if self.config.adabn and not self.config.resume:  # a resumed run has its statistics already
                 adapted = adapt_bn_locked(self.bundle, train, self.config.adabn, self.config.batch_size,
@@ -165,7 +166,7 @@ class Trainer:
             if adapted is not None:
                 self.target.notes.insert(0, f"AdaBN ({adapted.scope}): {adapted.statistics} BN statistics "
                                             f"re-estimated on {adapted.samples} samples")
-            summary = self._run(train, val)
+            summary = self._run(engine, train, val)
         summary.skipped_files = dataset.skipped
         summary.notes = self._notes + self.target.notes
         summary.engine = self.config.engine
@@ -180,8 +181,8 @@ class Trainer:
             leftover.unlink(missing_ok=True)
 
     def _engine(self) -> Engine:
-        return open_engine(self.bundle, self.target.graphs, self.config.engine, self.config.device,
-                           self.config.threads)
+        graphs = self.bundle.graphs(split=training_target.wants_split(self.bundle, self.config.split))
+        return open_engine(self.bundle, graphs, self.config.engine, self.config.device, self.config.threads)
 
     def _save(self, engine: Engine, progress: Progress, with_optimizer: bool = True) -> None:
         state = engine.state()
@@ -193,8 +194,8 @@ class Trainer:
     def _load(self) -> TrainState:
         return self.bundle.load_state()
 
-    def _start(self, settings: dict) -> tuple[Engine, Progress]:
-        state, engine = self._load(), self._engine()
+    def _start(self, engine: Engine, settings: dict) -> Progress:
+        state = self._load()
         if state.statistics is not None:  # a resumed run must see the statistics it started with
             settings = {**settings, "statistics": digest(state.statistics)[:16]}
         if self.config.resume:
@@ -214,11 +215,11 @@ class Trainer:
             self._anchor = state.params.copy()
         engine.load(state)
         self._save(engine, progress)
-        return engine, progress
+        return progress
 
-    def _run(self, train: Dataset, val: Dataset | None) -> TrainSummary:
+    def _run(self, engine: Engine, train: Dataset, val: Dataset | None) -> TrainSummary:
         started = time.monotonic()
-        engine, progress = self._start(self.config.run_settings(len(train)))
+        progress = self._start(engine, self.config.run_settings(len(train)))
         summary = TrainSummary("completed", 0, 0, len(train), len(val) if val else 0, [], -1)
         deadline = started + self.config.max_minutes * 60 if self.config.max_minutes else None
         while True:

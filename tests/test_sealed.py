@@ -396,7 +396,7 @@ def _members(bundle: Path) -> list[tuple[str, bytes, dict]]:
     (lambda ms: ms + [("prefix_int8.onnx", b"x", {})], "does not list"),
     (lambda ms: ms + [(f"e{i}", b"", {}) for i in range(20000)], "does not list"),
     (lambda ms: ms[1:] + ms[:1], "does not start with manifest.json"),
-    (lambda ms: ms[:-1], "lacks"),
+    (lambda ms: [m for m in ms if m[0] != "forward.onnx"], "lacks"),
     (lambda ms: ms[:1] + [(ms[1][0], ms[1][1] + b"x", {})] + ms[2:], "more than"),
     (lambda ms: ms[:1] + [(ms[1][0], b"y" * len(ms[1][1]), {})] + ms[2:], "sha256 differs"),
     (lambda ms: ms[:1] + [("forward.onnx", None, {"size": 1 << 30})], "more than"),
@@ -422,6 +422,35 @@ def test_unpack_round_trip_and_stale_staging_is_swept(mlp, tmp_path):
     assert cli("unpack", tmp_path / "b.tar.gz", tmp_path / "copy")[0] == 0
     assert snapshot(tmp_path / "copy") == {k: v for k, v in snapshot(mlp).items() if k != "train_log.jsonl"}
     assert not stale.exists()
+
+
+@pytest.mark.rule("S10")
+@pytest.mark.ort_training  # what an app pack leaves out: ORT training's artifacts
+def test_an_app_pack_leaves_out_only_ort_trainings_artifacts(split_bundle, tmp_path, digit_image_npz):
+    from edgeadapt.runtime.manifest import ort_training_files
+
+    manifest = Bundle.open(split_bundle).manifest
+    left_out = set(ort_training_files(manifest))
+    assert {"training_model.onnx", "checkpoint", "suffix_training_model.onnx", "suffix_checkpoint"} <= left_out
+    assert cli("pack", split_bundle, tmp_path / "app.tar.gz", "--for", "app")[0] == 0
+    assert cli("pack", split_bundle, tmp_path / "all.tar.gz")[0] == 0
+    with tarfile.open(tmp_path / "app.tar.gz") as tar:
+        assert tar.getnames() == ["manifest.json"] + sorted(set(manifest.files) - left_out)
+    assert (tmp_path / "app.tar.gz").stat().st_size < (tmp_path / "all.tar.gz").stat().st_size
+    refused(cli("pack", split_bundle, tmp_path / "x.tar.gz", "--for", "phone"), "--for device or --for app")
+    assert not (tmp_path / "x.tar.gz").exists()
+
+    assert cli("unpack", tmp_path / "app.tar.gz", tmp_path / "app")[0] == 0
+    app = tmp_path / "app"
+    assert not any((app / name).exists() for name in left_out)
+    before = snapshot(app)
+    refused(cli("train", app, digit_image_npz, "--engine", "ort-training", "--epochs", "1"), "packed for apps",
+            "--engine onnxruntime")
+    assert snapshot(app) == before
+    assert cli("train", app, digit_image_npz, "--epochs", "1", "--quiet")[0] == 0
+    # an app pack's bundle is still sealed: a planted artifact must match the signed manifest's hash
+    (app / "suffix_training_model.onnx").write_bytes(b"planted")
+    refused(cli("evaluate", app, digit_image_npz), "suffix_training_model.onnx", "sha256")
 
 
 @pytest.mark.rule("S11")

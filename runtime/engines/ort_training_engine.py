@@ -18,6 +18,7 @@ from edgeadapt.runtime.ort import available_providers, session_options, training
 from edgeadapt.runtime.state import TrainState, digest, named_parameters
 
 CHECKPOINT_KEY = "ort_checkpoint"
+ARTIFACT_ROLES = ("ort_training", "ort_eval", "ort_optimizer", "ort_checkpoint")
 
 
 def devices() -> list[str]:
@@ -27,12 +28,25 @@ def devices() -> list[str]:
 
 def create(bundle, graphs, device: str, threads: int | None, training: bool) -> "OrtTrainingEngine":
     training_api()  # a missing or broken plugin is the first thing to say
+    _check_artifacts(bundle, graphs)
     if training and not is_uniform(bundle.manifest):
         groups = ", ".join(f"{g.name} ×{g.lr_scale:g} decay {g.weight_decay:g}" for g in bundle.manifest.param_groups)
         raise BackendError(f"this bundle trains parameter groups ({groups}), and ONNX Runtime training's optimizer "
                            "takes one rate and decay for all tensors: use --engine onnxruntime or openvino, or "
                            "export with --backbone-lr-ratio 1 --decay-norms.")
     return OrtTrainingEngine(bundle, graphs, device, threads)
+
+
+def _check_artifacts(bundle, graphs) -> None:
+    """The bundle must hold ORT training's files: exported with the plugin, and not packed for apps."""
+    for role in ARTIFACT_ROLES:
+        name = getattr(graphs, role)
+        if name not in bundle.manifest.files:
+            raise BackendError(f"{bundle.path} has no ONNX Runtime training artifacts ({name}; exported without "
+                               "onnxruntime-training): use --engine onnxruntime or openvino.")
+        if not bundle.has(name):
+            raise BackendError(f"{bundle.path} lacks ONNX Runtime training's artifacts ({name}; it was packed for "
+                               "apps): use --engine onnxruntime or openvino, or copy the full bundle.")
 
 
 def _device_name(device: str) -> str:
@@ -55,11 +69,8 @@ def _load_checkpoint(api, path: Path):
 def _private_copies(bundle, graphs, folder: Path) -> dict[str, Path]:
     """ORT training's API opens files by path: it gets private copies of the verified bytes, never the bundle's."""
     paths = {}
-    for role in ("ort_training", "ort_eval", "ort_optimizer", "ort_checkpoint"):
+    for role in ARTIFACT_ROLES:
         name = getattr(graphs, role)
-        if name not in bundle.manifest.files:
-            raise BackendError(f"{bundle.path} has no ONNX Runtime training artifacts ({name}; exported without "
-                               "onnxruntime-training): use --engine onnxruntime or openvino.")
         data = bundle.read_graph(name) if name.endswith(".onnx") else bundle.read(name)
         paths[role] = folder / name
         paths[role].write_bytes(data)

@@ -7,7 +7,7 @@
 
 import {BundleError} from "./errors.js";
 import {checkGraph, type GraphRole} from "./graph.js";
-import {isPlainName, MANIFEST_NAME, parseManifest, STATE_FILE, type Manifest} from "./manifest.js";
+import {isPlainName, MANIFEST_NAME, ortTrainingFiles, parseManifest, STATE_FILE, type Manifest} from "./manifest.js";
 import type {BundleStorage, CryptoProvider, DeviceKeyStore} from "./platform.js";
 import {decodeState, deviceAuthenticated, encodeState, type Mac, type TrainState} from "./state.js";
 
@@ -70,13 +70,23 @@ export class Bundle {
       trainStep: prefix + m.portable.train_step, forward: prefix + m.portable.forward};
   }
 
-  /** Every listed file is present and matches its sha256 (graphs: and their checks); the state is usable. */
+  /** Every listed file is present and matches its sha256 (graphs: and their checks); the state is usable. ONNX
+   * Runtime training's artifacts may be absent (a bundle packed for apps); present, they are checked too. */
   async verify(): Promise<void> {
+    const optional = new Set(ortTrainingFiles(this.manifest));
     for (const name of Object.keys(this.manifest.files).sort()) {
       if (name === STATE_FILE) await this.loadState();
+      else if (optional.has(name)) await this.readOptional(name);
       else if (name.endsWith(".onnx")) await this.readGraph(name);
       else await this.read(name);
     }
+  }
+
+  private async readOptional(name: string): Promise<void> {
+    const data = await this.storage.read(name, this.manifest.sizes[name] ?? MAX_FILE_BYTES);
+    if (data === null) return;
+    await this.checkHash(name, data);
+    if (name.endsWith(".onnx")) checkGraph(`${this.location}/${name}`, data, null, this.manifest);
   }
 
   private async readPlain(name: string, limit: number): Promise<Uint8Array> {
@@ -97,11 +107,15 @@ export class Bundle {
       throw new BundleError(`${name} is not listed in ${this.location}/${MANIFEST_NAME}; re-export the bundle.`);
     }
     const data = await this.readPlain(name, this.manifest.sizes[name] ?? MAX_FILE_BYTES);
-    if (await this.crypto.sha256(data) !== expected) {
+    await this.checkHash(name, data);
+    return data;
+  }
+
+  private async checkHash(name: string, data: Uint8Array): Promise<void> {
+    if (await this.crypto.sha256(data) !== this.manifest.files[name]) {
       throw new BundleError(`${this.location}/${name} does not match the sha256 in manifest.json: it was modified or ` +
         "corrupted; re-export the bundle or copy it again.");
     }
-    return data;
   }
 
   /** A graph's verified bytes, refused if it keeps data outside itself or (portable graphs) needs what the runtime

@@ -192,6 +192,14 @@ export function parseManifest(text: string, source = MANIFEST_NAME): Manifest {
   return checked(manifest, source);
 }
 
+/** The listed files only ONNX Runtime training reads (its artifacts, of the whole graph and of a split bundle's
+ * suffix): no app runtime reads them, and a bundle packed for apps leaves them out. */
+export function ortTrainingFiles(m: Manifest): string[] {
+  const prefixes = m.split ? ["", m.split.suffix_prefix] : [""];
+  const names = ["training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint"];
+  return prefixes.flatMap((prefix) => names.map((name) => prefix + name)).filter((name) => name in m.files);
+}
+
 /** The files a runtime reads besides the manifest: each must be a plain name listed in `files`. */
 export function referencedFiles(m: Manifest): string[] {
   const p = m.portable;

@@ -9,7 +9,7 @@
 import {Bundle, SIGNATURE_NAME} from "../bundle.js";
 import {BundleError} from "../errors.js";
 import type {Pixels} from "../image.js";
-import {isPlainName, MANIFEST_NAME, parseManifest, STATE_FILE} from "../manifest.js";
+import {isPlainName, MANIFEST_NAME, ortTrainingFiles, parseManifest, STATE_FILE} from "../manifest.js";
 import {webCrypto, type BundleStorage, type DeviceKeyStore} from "../platform.js";
 
 export class OpfsStorage implements BundleStorage {
@@ -74,6 +74,12 @@ export class OpfsStorage implements BundleStorage {
   async has(name: string): Promise<boolean> {
     return (await this.read(name, Number.MAX_SAFE_INTEGER).catch(() => null)) !== null;
   }
+
+  async remove(name: string): Promise<void> {
+    await this.dir.removeEntry(name).catch((error: DOMException) => {
+      if (error.name !== "NotFoundError") throw error;
+    });
+  }
 }
 
 function idbRequest<T>(request: IDBRequest<T>): Promise<T> {
@@ -129,7 +135,9 @@ export async function installBundle(url: string, name: string,
   const same = installed !== null && installed.length === manifestBytes.length && installed.every((b, i) => b === manifestBytes[i]);
   const manifest = parseManifest(new TextDecoder().decode(manifestBytes), base + MANIFEST_NAME);
   if (!same) {
-    for (const file of Object.keys(manifest.files)) {
+    const unread = new Set(ortTrainingFiles(manifest)); // ONNX Runtime training's artifacts: no app reads them
+    for (const file of unread) await storage.remove(file); // an earlier install's would fail verification
+    for (const file of Object.keys(manifest.files).filter((name) => !unread.has(name))) {
       const bytes = await fetchBytes(base + file, manifest.sizes[file] ?? 2 ** 33);
       if (!bytes) throw new BundleError(`${base}${file} is missing; the bundle on the server is incomplete.`);
       await storage.replace(file, bytes);
