@@ -374,8 +374,7 @@ def test_browser_steps_match_the_python_runtime(js_runtime, bundle_factory, digi
     """20 steps, same batches: onnxruntime-web WebAssembly (1 and 2 threads) and WebGPU (SwiftShader's software
     adapter) against the Python runtime: head — every trained tensor within 1e-5 relative (WebGPU: 5e-5, measured
     2.4e-5 on the head's bias: the shader sums the batch in another order and AdamW divides by √v); full fine-tuning
-    — the loss within 1e-3 relative at every step. (Full fine-tuning on WebGPU is refused by onnxruntime-web 1.30's
-    broadcasting Mul in the backward pass; see the README.)"""
+    — the loss within 1e-3 relative at every step, on WebAssembly and WebGPU."""
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(digit_image_npz, data / "digits.npz")
@@ -384,7 +383,7 @@ def test_browser_steps_match_the_python_runtime(js_runtime, bundle_factory, digi
         shutil.copytree(bundle, data / preset)
     runs = [{"bundle": preset, "data": "digits.npz", "ep": [ep], "threads": threads, "wantParams": True}
             for preset, ep, threads in (("head", "wasm", 1), ("head", "wasm", 2), ("full", "wasm", 1),
-                                        ("head", "webgpu", 1))]
+                                        ("head", "webgpu", 1), ("full", "webgpu", 1))]
     results = browser("steps", data, json.dumps(runs))
     for run, result in zip(runs, results):
         assert "error" not in result, (run, result)

@@ -547,10 +547,11 @@ def _flipped_transposed_weight(b: GraphBuilder, w: str, geo: dict) -> str | None
     if value is not None:
         swapped = value if depthwise else value.transpose(1, 0, *spatial)
         return b.const(np.ascontiguousarray(np.flip(swapped, axis=tuple(spatial))))
-    swapped = w if depthwise else b.op("Transpose", [w], perm=[1, 0, *spatial])
-    big = np.iinfo(np.int64).min
-    return b.op("Slice", [swapped, b.const([-1] * rank, np.int64), b.const([big] * rank, np.int64),
-                          b.const(spatial, np.int64), b.const([-1] * rank, np.int64)])
+    flipped = w if depthwise else b.op("Transpose", [w], perm=[1, 0, *spatial])
+    # reversed by a Gather per axis, not a Slice with negative steps: onnxruntime-web's WebGPU Slice drops an element
+    for axis, size in zip(spatial, geo["kernel"]):
+        flipped = b.op("Gather", [flipped, b.const(list(range(size - 1, -1, -1)), np.int64)], axis=axis)
+    return flipped
 
 
 def _conv_weight_grad(b: GraphBuilder, node, g: str, geo: dict) -> str:
@@ -568,16 +569,14 @@ def _conv_weight_grad(b: GraphBuilder, node, g: str, geo: dict) -> str:
 
 def _conv_weight_grad_general(b: GraphBuilder, x: str, g: str, gs: list[int], geo: dict, ws: list[int]) -> str:
     """dW[o, i, t] = Σ_{n,p} taps[n, i, t, p] · dY[n, o, p], where taps (im2col) comes from a grouped convolution of
-    X with one-hot kernels, one per kernel tap; then one batched MatMul per group and a sum over the batch."""
+    X with one-hot kernels, one per kernel tap; then one batched MatMul per group and a sum over the batch. Strided
+    convolutions go tap by tap instead."""
     groups, kernel = geo["group"], geo["kernel"]
     c_out, c_in_group = ws[:2]
     c_in, c_out_group, taps_per = c_in_group * groups, c_out // groups, int(np.prod(kernel))
-    one_hot = np.zeros((c_in * taps_per, 1, *kernel), np.float32)
-    for channel in range(c_in):
-        for tap in range(taps_per):
-            one_hot[(channel * taps_per + tap, 0, *np.unravel_index(tap, kernel))] = 1.0
-    taps = b.op("Conv", [x, b.const(one_hot)], strides=geo["strides"], pads=geo["pads"], dilations=geo["dilations"],
-                group=c_in)
+    if max(geo["strides"]) > 1:
+        return _strided_weight_grad(b, x, g, gs, geo, ws)
+    taps = _taps_by_conv(b, x, c_in, geo)
     pixels = int(np.prod(gs[2:]))
     taps = b.op("Reshape", [taps, b.const([0, groups, c_in_group * taps_per, pixels], np.int64)])
     if c_out_group == 1:
@@ -589,6 +588,48 @@ def _conv_weight_grad_general(b: GraphBuilder, x: str, g: str, gs: list[int], ge
     if c_out_group > 1:  # (G, ci·K, co) → (G, co, ci·K)
         summed = b.op("Transpose", [summed], perm=[0, 2, 1])
     return b.op("Reshape", [summed, b.const(ws, np.int64)])
+
+
+def _taps_by_conv(b: GraphBuilder, x: str, c_in: int, geo: dict) -> str:
+    """taps[n, i·K + t, p]: a grouped convolution of X with one one-hot kernel per tap."""
+    kernel = geo["kernel"]
+    taps_per = int(np.prod(kernel))
+    one_hot = np.zeros((c_in * taps_per, 1, *kernel), np.float32)
+    for channel in range(c_in):
+        for tap in range(taps_per):
+            one_hot[(channel * taps_per + tap, 0, *np.unravel_index(tap, kernel))] = 1.0
+    return b.op("Conv", [x, b.const(one_hot)], strides=geo["strides"], pads=geo["pads"], dilations=geo["dilations"],
+                group=c_in)
+
+
+def _strided_weight_grad(b: GraphBuilder, x: str, g: str, gs: list[int], geo: dict, ws: list[int]) -> str:
+    """dW of a strided convolution one tap at a time: each tap's inputs are a strided slice of the padded X, summed
+    against dY (no im2col tensor; onnxruntime-web's WebGPU Conv computes a strided one-hot conv wrongly)."""
+    groups, kernel, rank = geo["group"], geo["kernel"], len(geo["kernel"])
+    c_out, c_in_group = ws[:2]
+    c_out_group, pixels, pads = c_out // groups, int(np.prod(gs[2:])), geo["pads"]
+    depthwise = c_in_group == 1 and c_out_group == 1
+    padded = b.op("Pad", [x, b.const([0, 0, *pads[:rank], 0, 0, *pads[rank:]], np.int64)])
+    axes, steps = b.const(list(range(2, 2 + rank)), np.int64), b.const(geo["strides"], np.int64)
+    if not depthwise:  # (N, G, P, co)
+        g_cols = b.op("Transpose", [b.op("Reshape", [g, b.const([0, groups, c_out_group, pixels], np.int64)])],
+                      perm=[0, 1, 3, 2])
+    per_tap = []
+    for tap in range(int(np.prod(kernel))):
+        starts = [int(i) * d for i, d in zip(np.unravel_index(tap, kernel), geo["dilations"])]
+        ends = [start + stride * (size - 1) + 1 for start, stride, size in zip(starts, geo["strides"], gs[2:])]
+        inputs = b.op("Slice", [padded, b.const(starts, np.int64), b.const(ends, np.int64), axes, steps])
+        if depthwise:  # dW[c, 0, t] = Σ_{n,p} X_t[n, c, p]·dY[n, c, p]
+            summed = b.op("ReduceSum", [b.op("Mul", [inputs, g]), b.const([0, *range(2, 2 + rank)], np.int64)],
+                          keepdims=0)
+        else:  # (N, G, ci, P)·(N, G, P, co), summed over the batch: (G, ci, co)
+            rows = b.op("Reshape", [inputs, b.const([0, groups, c_in_group, pixels], np.int64)])
+            summed = b.op("ReduceSum", [b.op("MatMul", [rows, g_cols]), b.const([0], np.int64)], keepdims=0)
+        per_tap.append(b.op("Unsqueeze", [summed, b.const([-1], np.int64)]))
+    stacked = b.concat(per_tap, axis=-1)  # depthwise: (C, K); else (G, ci, co, K)
+    if not depthwise:
+        stacked = b.op("Transpose", [stacked], perm=[0, 2, 1, 3])  # (G, co, ci, K)
+    return b.op("Reshape", [stacked, b.const(ws, np.int64)])
 
 
 @rule("Conv")

@@ -10,8 +10,9 @@ from onnx import helper, numpy_helper
 
 Dim = int | str | None  # a size, a symbolic name (the batch), or unknown
 # onnxruntime-web's WebGPU provider binds at most 10 storage buffers per node (inputs and outputs that are not
-# constants): the portable graphs keep every Split and Concat within it, so they run there as on every CPU engine.
-MAX_NODE_TENSORS = 9
+# constants), and (1.30) computes a Split or Concat of 8 or more pieces wrongly: the portable graphs keep every node
+# within 8 tensors, so they run there as on every CPU engine.
+MAX_NODE_TENSORS = 8
 
 
 class GraphBuilder:
