@@ -398,6 +398,35 @@ def test_browser_steps_match_the_python_runtime(js_runtime, bundle_factory, digi
                 assert error <= (5e-5 if run["ep"] == ["webgpu"] else 1e-5), (run, p["name"], error)
 
 
+@pytest.mark.slow  # Chromium
+def test_browser_feature_cache_reuses_only_authenticated_features(js_runtime, bundle_factory, digit_image_npz,
+                                                                  tmp_path):
+    """A split bundle trained three times in Chromium from fresh installs, with the IndexedDB feature store: the
+    prefix runs on every sample the first time, on none the second, on the one entry altered in IndexedDB (its MAC
+    kept) the third; all three train to the same parameters, and those are the Python runtime's."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(digit_image_npz, data / "digits.npz")
+    shutil.copytree(bundle_factory("tiny_cnn", "head", input_size=(16,)), data / "head")
+    python, = copies(data / "head", tmp_path, "python")
+    assert run_cli("train", python, digit_image_npz, "--epochs", "2", "--batch-size", "8", "--seed", "1",
+                   "--quiet").returncode == 0
+    done = subprocess.run(["node", str(JS / "test" / "browser" / "run.mjs"), "cache", str(data),
+                           json.dumps({"bundleUrl": "/data/head/", "dataUrl": "/data/digits.npz"})], cwd=JS,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second, third = json.loads(done.stdout.strip().splitlines()[-1])
+    samples = len(np.load(digit_image_npz)["y"])
+    assert [first["prefixSamples"], second["prefixSamples"], third["prefixSamples"]] == [samples, 0, 1]
+    assert first["params"] == second["params"] == third["params"]
+    want = state_tensors(python)
+    got = np.asarray(first["params"], np.float32)
+    manifest = json.loads((python / "manifest.json").read_text())
+    for p in manifest["portable"]["layout"]:
+        np.testing.assert_allclose(got[p["offset"]:p["offset"] + p["size"]], want[f"params/{p['name']}"].ravel(),
+                                   rtol=1e-5, atol=1e-6, err_msg=p["name"])
+
+
 @pytest.mark.slow  # Chromium and a real MobileNetV2
 def test_browser_demo_trains_persists_and_shows_progress(js_runtime, tmp_path):
     """The demo page end to end in headless Chromium: MobileNetV2 (ImageNet, 96 px, head) learns 4 textures from

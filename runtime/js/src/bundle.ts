@@ -170,9 +170,14 @@ export class Bundle {
 
   /** Atomically replace the state file, authenticated by this device. */
   async saveState(state: TrainState): Promise<void> {
+    await this.storage.replace(STATE_FILE, await encodeState(state, this.manifest, this.bundleId,
+      await this.deviceMac()));
+  }
+
+  /** This device's MAC (its key created on first use): what authenticates the state and cached features. */
+  async deviceMac(): Promise<Mac> {
     const key = await this.deviceKey.getOrCreate();
-    const mac: Mac = (parts) => this.crypto.hmacSha256(key, parts);
-    await this.storage.replace(STATE_FILE, await encodeState(state, this.manifest, this.bundleId, mac));
+    return (parts) => this.crypto.hmacSha256(key, parts);
   }
 
   private async verifier(): Promise<Mac> {

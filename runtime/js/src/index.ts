@@ -11,6 +11,7 @@ export {batchInputs, csvDataset, encodeLabels, imageDataset, inflateRaw, npzData
 export {PortableEngine, type EngineOptions, type ModelInput, type Ort} from "./engine.js";
 export {BackendError, BundleError, CancelledError, ConfigError, DataError, EdgeAdaptError,
   TrainingError} from "./errors.js";
+export {SealedFeatures, type FeatureEntry, type FeatureStore} from "./feature_cache.js";
 export {graphInterface} from "./graph.js";
 export {prepareImage, resizeBilinear, type Pixels} from "./image.js";
 export {evaluate, evaluationEngine, predict, type Prediction} from "./inference.js";

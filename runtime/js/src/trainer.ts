@@ -11,6 +11,7 @@
 import {TRAIN_LOG, type Bundle} from "./bundle.js";
 import {batchInputs, size, split, type Dataset} from "./data.js";
 import {openSession, PortableEngine, type EngineOptions, type Ort} from "./engine.js";
+import {featureSpace, sampleKeys, SealedFeatures, type FeatureStore} from "./feature_cache.js";
 import {CancelledError, ConfigError, DataError, TrainingError} from "./errors.js";
 import {defaultBatch, DEFAULT_EPOCHS} from "./manifest.js";
 import {classificationMetrics, learningRate, meanLoss, RunningStats, SCHEDULES, type Metrics,
@@ -38,6 +39,8 @@ export interface TrainConfig {
   /** what runs record as the device (the Python runtime's --device) */
   device?: string;
   engine?: EngineOptions;
+  /** where a split bundle's prefix features persist between runs (the browser: `indexedDbFeatureStore`) */
+  featureStore?: FeatureStore;
   signal?: AbortSignal;
   onBatch?: (step: number, total: number, loss: number, accuracy: number | null) => void;
   onEpoch?: (record: EpochRecord) => void;
@@ -99,22 +102,31 @@ function runSettings(cfg: Resolved, trainSize: number): Record<string, Json> {
 
 class Diverged extends Error {}
 
-/** Prefix outputs of `data` in batches of min(16, batch size): what the suffix trains on. */
+/** Prefix outputs of `data` in batches of min(16, batch size): what the suffix trains on; with `cache`, only the
+ * samples it does not hold run through the prefix, and their features are stored. */
 export async function prefixFeatures(ort: Ort, bundle: Bundle, data: Dataset, options: EngineOptions,
-                                     statistics: Float32Array | null, batch = PREFIX_BATCH): Promise<Dataset> {
-  const m = bundle.manifest, split = m.split!;
-  const session = await openSession(ort, await bundle.readGraph(split.prefix_model), options, split.prefix_model);
+                                     statistics: Float32Array | null, batch = PREFIX_BATCH,
+                                     cache: SealedFeatures | null = null): Promise<Dataset> {
+  const m = bundle.manifest, split = m.split!, n = size(data);
   const width = split.boundary_shape.slice(1).reduce((a, b) => a * b, 1);
-  const samples = new Float32Array(size(data) * width);
-  for (let start = 0; start < size(data); start += batch) {
-    const index = Array.from({length: Math.min(batch, size(data) - start)}, (_, i) => start + i);
-    const x = batchInputs(data, index, m);
-    const feeds: Record<string, any> = {[session.inputNames[0]]: new ort.Tensor("float32", x.data, x.dims)};
-    if (statistics && session.inputNames.includes("bn_stats")) feeds.bn_stats = new ort.Tensor("float32", statistics, [statistics.length]);
-    const out = await session.run(feeds);
-    samples.set(out[session.outputNames[0]].data as Float32Array, start * width);
+  const samples = new Float32Array(n * width);
+  const keys = cache ? await sampleKeys(bundle, data) : [];
+  const cached = cache ? await cache.get(keys, width) : new Array<Float32Array | null>(n).fill(null);
+  cached.forEach((features, i) => features && samples.set(features, i * width));
+  const missing = cached.flatMap((features, i) => (features ? [] : [i]));
+  if (missing.length) {
+    const session = await openSession(ort, await bundle.readGraph(split.prefix_model), options, split.prefix_model);
+    for (let start = 0; start < missing.length; start += batch) {
+      const index = missing.slice(start, start + batch);
+      const x = batchInputs(data, index, m);
+      const feeds: Record<string, any> = {[session.inputNames[0]]: new ort.Tensor("float32", x.data, x.dims)};
+      if (statistics && session.inputNames.includes("bn_stats")) feeds.bn_stats = new ort.Tensor("float32", statistics, [statistics.length]);
+      const out = (await session.run(feeds))[session.outputNames[0]].data as Float32Array;
+      index.forEach((i, k) => samples.set(out.subarray(k * width, (k + 1) * width), i * width));
+    }
+    await session.release();
+    await cache?.put(missing.map((i) => [keys[i], samples.slice(i * width, (i + 1) * width)]));
   }
-  await session.release();
   return {...data, samples, sampleShape: split.boundary_shape.slice(1), isImage: false, features: true};
 }
 
@@ -147,6 +159,14 @@ export class Trainer {
     this.deviceName = config.device ?? "cpu";
   }
 
+  private async featureCache(statistics: Float32Array | null): Promise<SealedFeatures | null> {
+    const store = this.config.featureStore;
+    if (!store) return null;
+    const providers = (this.config.engine?.executionProviders ?? ["cpu"]).map((p) => (typeof p === "string" ? p : p.name));
+    const space = await featureSpace(this.bundle, statistics, providers);
+    return new SealedFeatures(store, space, this.bundle.bundleId, await this.bundle.deviceMac());
+  }
+
   async fit(data: Dataset): Promise<TrainSummary> {
     const started = performance.now();
     const m = this.bundle.manifest;
@@ -160,10 +180,12 @@ export class Trainer {
       const useSplit = this.cfg.split !== "off" && m.split !== null;
       if (useSplit) {
         const statistics = (await this.bundle.loadState()).statistics;
+        const cache = await this.featureCache(statistics);
         train = await prefixFeatures(this.ort, this.bundle, train, this.config.engine ?? {}, statistics,
-          Math.min(PREFIX_BATCH, this.cfg.batchSize));
+          Math.min(PREFIX_BATCH, this.cfg.batchSize), cache);
         if (val) val = await prefixFeatures(this.ort, this.bundle, val, this.config.engine ?? {}, statistics,
-          Math.min(PREFIX_BATCH, this.cfg.batchSize));
+          Math.min(PREFIX_BATCH, this.cfg.batchSize), cache);
+        if (cache) this.notes.push(...cache.notes);
       }
       this.engine = await PortableEngine.create(this.ort, this.bundle, this.bundle.graphs(useSplit),
         this.config.engine ?? {});

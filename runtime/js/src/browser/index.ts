@@ -2,14 +2,16 @@
  * The browser's platform adapter: a bundle installed from a URL into the origin private file system (OPFS), state
  * commits through `createWritable` (written to a swap file, swapped in on `close`: readers see the old or the new
  * state), the training lock from the Web Locks API, the device key in IndexedDB (never in the bundle, never sent
- * anywhere), and images decoded by the browser into the RGBA pixels the core prepares. Nothing is uploaded: the
- * only network reads are the bundle's own files, from the URL the app gives.
+ * anywhere), a split bundle's prefix features cached in IndexedDB, and images decoded by the browser into the RGBA
+ * pixels the core prepares. Nothing is uploaded: the only network reads are the bundle's own files, from the URL the
+ * app gives.
  */
 
 import {Bundle, SIGNATURE_NAME} from "../bundle.js";
 import {BundleError} from "../errors.js";
 import type {Pixels} from "../image.js";
 import {isPlainName, MANIFEST_NAME, ortTrainingFiles, parseManifest, STATE_FILE} from "../manifest.js";
+import type {FeatureEntry, FeatureStore} from "../feature_cache.js";
 import {webCrypto, type BundleStorage, type DeviceKeyStore} from "../platform.js";
 
 export class OpfsStorage implements BundleStorage {
@@ -109,6 +111,42 @@ export class IndexedDbDeviceKey implements DeviceKeyStore {
     const key = crypto.getRandomValues(new Uint8Array(32));
     await idbRequest((await this.store("readwrite")).add(key, "device")).catch(() => undefined); // a race: theirs
     return (await this.get())!;
+  }
+}
+
+/**
+ * A bundle's prefix features in this origin's IndexedDB (database `edgeadapt-features-<name>`, one record per sample:
+ * `[namespace, key]` → features and MAC), for `TrainConfig.featureStore`: a reload trains without rerunning the
+ * prefix over the photos it has already seen.
+ */
+export class IndexedDbFeatureStore implements FeatureStore {
+  constructor(private readonly name: string) {
+    if (!isPlainName(name)) throw new BundleError(`'${name}' is not a plain bundle name; use letters, digits, - and _.`);
+  }
+
+  private async store(mode: IDBTransactionMode): Promise<IDBObjectStore> {
+    const open = indexedDB.open(`edgeadapt-features-${this.name}`, 1);
+    open.onupgradeneeded = () => open.result.createObjectStore("features");
+    const db = await idbRequest(open);
+    return db.transaction("features", mode).objectStore("features");
+  }
+
+  async use(space: string): Promise<void> {
+    // keys are [space, key] with string keys: all of one space lie between [space] and [space, []]
+    const store = await this.store("readwrite");
+    await idbRequest(store.delete(IDBKeyRange.upperBound([space], true)));
+    await idbRequest(store.delete(IDBKeyRange.lowerBound([space, []], true)));
+  }
+
+  async get(space: string, keys: string[]): Promise<(FeatureEntry | null)[]> {
+    const store = await this.store("readonly");
+    const values = await Promise.all(keys.map((key) => idbRequest(store.get([space, key]))));
+    return values.map((v) => (v && v.features instanceof Float32Array && typeof v.mac === "string" ? v : null));
+  }
+
+  async put(space: string, entries: [string, FeatureEntry][]): Promise<void> {
+    const store = await this.store("readwrite");
+    await Promise.all(entries.map(([key, entry]) => idbRequest(store.put(entry, [space, key]))));
   }
 }
 

@@ -1,7 +1,8 @@
 /**
  * Training in a Web Worker, so the page stays responsive: the page posts requests, the worker answers with
  * progress and results. The app names the onnxruntime-web module to load (`ortUrl`), its execution providers and
- * threads; images travel as RGBA pixels (transferred, not copied).
+ * threads; images travel as RGBA pixels (transferred, not copied). A split bundle's prefix features persist in
+ * IndexedDB, so training again after a reload does not rerun the prefix over photos it has seen.
  *
  *   → {id, type: "open", url, name, ortUrl, executionProviders?, threads?, trustedKey?}
  *   → {id, type: "train", images: [{pixels, label}], config}     ← {type: "batch" | "epoch", …}
@@ -16,7 +17,7 @@ import {EdgeAdaptError} from "../errors.js";
 import type {Pixels} from "../image.js";
 import {evaluate, predict} from "../inference.js";
 import {Trainer, type TrainConfig} from "../trainer.js";
-import {installBundle} from "./index.js";
+import {IndexedDbFeatureStore, installBundle} from "./index.js";
 
 interface Request {
   id: number;
@@ -28,6 +29,7 @@ let bundle: Bundle | null = null;
 let ort: Ort | null = null;
 let engine: EngineOptions = {};
 let controller: AbortController | null = null;
+let features: IndexedDbFeatureStore | null = null;
 
 const post = (message: unknown) => (self as unknown as Worker).postMessage(message);
 
@@ -42,6 +44,7 @@ async function handle(request: Request): Promise<unknown> {
     }
     engine = {executionProviders: request.executionProviders ?? ["wasm"], name: "onnxruntime"};
     bundle = await installBundle(request.url, request.name, {trustedKey: request.trustedKey});
+    features = new IndexedDbFeatureStore(request.name);
     const state = await bundle.loadState();
     return {labels: bundle.manifest.labels, input: bundle.manifest.input, preset: bundle.manifest.preset,
       backbone: bundle.manifest.backbone, progress: state.progress && {step: state.progress.step,
@@ -54,6 +57,7 @@ async function handle(request: Request): Promise<unknown> {
   if (request.type === "train") {
     controller = new AbortController();
     const config: TrainConfig = {...request.config, engine, device: "browser", signal: controller.signal,
+      featureStore: features ?? undefined,
       onBatch: (step, total, loss, accuracy) => post({id: request.id, type: "batch", step, total, loss, accuracy}),
       onEpoch: (record) => post({id: request.id, type: "epoch", record})};
     try {

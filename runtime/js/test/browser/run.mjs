@@ -1,6 +1,10 @@
 // Drives Debian's Chromium (headless, puppeteer-core) for the Python suite (tests/test_js_runtime.py):
 //   node test/browser/run.mjs demo BUNDLE TRAIN_DIR TEST_DIR SCREENSHOT   → JSON: status, accuracies, after reload
 //   node test/browser/run.mjs steps DATA_DIR SPEC_JSON                    → JSON: per-run losses and parameters
+//   node test/browser/run.mjs cache DATA_DIR OPTIONS_JSON                 → JSON: three runs with the IndexedDB feature cache
+//   node test/browser/run.mjs tfjs SPEC_JSON                              → JSON: TensorFlow.js's per-run step times
+//   (TensorFlow.js: each run in a fresh page; in both, `{"idle": true}` only loads the page: the benchmark's memory
+//   baseline)
 import puppeteer from "puppeteer-core";
 import {spawn} from "node:child_process";
 import fs from "node:fs";
@@ -70,6 +74,10 @@ async function steps([dataDir, specText]) {
     await page.waitForFunction(() => document.body.dataset.ready);
     const results = [];
     for (const run of JSON.parse(specText)) {
+      if (run.idle) {
+        results.push(await idle());
+        continue;
+      }
       try {
         results.push(await page.evaluate((o) => window.parity(o), {...run, bundleUrl: `/data/${run.bundle}/`,
           dataUrl: `/data/${run.data}`, name: `${run.bundle}-${run.ep.join("-")}-${run.threads ?? 1}`}));
@@ -84,5 +92,45 @@ async function steps([dataDir, specText]) {
   }
 }
 
-const result = await (mode === "demo" ? demo(args) : steps(args));
+const idle = () => new Promise((resolve) => setTimeout(() => resolve({times: []}), 1500));  // a page, loaded
+
+async function tfjs([specText]) {
+  const {server, origin} = await serve([]);
+  const browser = await launch();
+  try {
+    const results = [];
+    for (const run of JSON.parse(specText)) {
+      const page = await browser.newPage();
+      await page.goto(`${origin}/test/browser/tfjs.html`);
+      await page.waitForFunction(() => document.body.dataset.ready);
+      try {
+        results.push(run.idle ? await idle() : await page.evaluate((o) => window.tfjsSteps(o), run));
+      } catch (error) {
+        results.push({error: String(error.message).split("\n")[0]});
+      }
+      await page.close();
+    }
+    return results;
+  } finally {
+    await browser.close();
+    server.kill();
+  }
+}
+
+async function cache([dataDir, optionsText]) {
+  const {server, origin} = await serve(["--data", dataDir]);
+  const browser = await launch();
+  try {
+    const page = await browser.newPage();
+    await page.goto(`${origin}/test/browser/parity.html`);
+    await page.waitForFunction(() => document.body.dataset.ready);
+    return await page.evaluate((o) => window.featureCacheRuns(o), JSON.parse(optionsText));
+  } finally {
+    await browser.close();
+    server.kill();
+  }
+}
+
+const modes = {demo, steps, tfjs, cache};
+const result = await modes[mode](args);
 console.log(JSON.stringify(result));
