@@ -7,6 +7,7 @@ line does); they fail, never skip, without them."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -149,10 +150,13 @@ def odd_photos(tmp_path_factory) -> list[Path]:
     return files
 
 
+PREPARED = [("RGB", (96, 96), 0.875), ("L", (37, 53), 1.0), ("RGB", (224, 160), 0.875)]  # channels, size, crop
+
+
 def test_images_are_prepared_as_the_python_runtime_prepares_them(js_runtime, odd_photos):
     from edgeadapt.runtime.data import decode_image
 
-    specs = [("RGB", (96, 96), 0.875), ("L", (37, 53), 1.0), ("RGB", (224, 160), 0.875)]
+    specs = PREPARED
     script = """
 import {decodeImage} from './dist/node/index.js';
 import {prepareImage} from './dist/image.js';
@@ -167,6 +171,127 @@ console.log(JSON.stringify(out));"""
             want = decode_image(file, channels, size, crop).astype(np.int64).ravel()
             diff = np.abs(np.asarray(next(got)) - want)
             assert diff.max() <= 1, (file.name, channels, size, int(diff.max()))
+
+
+@pytest.mark.slow  # Chromium
+def test_browser_prepares_images_as_the_python_runtime(js_runtime, odd_photos, tmp_path):
+    """The same JPEG and PNG photos of odd sizes decoded by Chromium (createImageBitmap and a canvas) and prepared by
+    the core: within one uint8 level of Pillow's per pixel, before normalisation."""
+    from edgeadapt.runtime.data import decode_image
+
+    for file in odd_photos:
+        shutil.copy(file, tmp_path / file.name)
+    done = subprocess.run(["node", str(JS / "test" / "browser" / "run.mjs"), "prepare", str(tmp_path), json.dumps({
+        "urls": [f"/data/{f.name}" for f in odd_photos], "specs": PREPARED})], cwd=JS, capture_output=True,
+        text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = iter(json.loads(done.stdout.strip().splitlines()[-1]))
+    for file in odd_photos:
+        for channels, size, crop in PREPARED:
+            want = decode_image(file, channels, size, crop).astype(np.int64).ravel()
+            diff = np.abs(np.asarray(next(got)) - want)
+            assert diff.max() <= 1, (file.name, channels, size, int(diff.max()))
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int, width: int, channels: int = 1) -> Path:
+    """PCM WAV of float samples in [-1, 1] (8-bit unsigned, 16/24/32-bit signed), written with the standard library."""
+    import wave
+
+    frames = np.repeat(samples[:, None], channels, axis=1).ravel()
+    scaled = np.clip(np.round(frames * (2 ** (8 * width - 1) - 1)), -(2 ** (8 * width - 1)), 2 ** (8 * width - 1) - 1)
+    if width == 1:
+        raw = (scaled + 128).astype(np.uint8).tobytes()
+    elif width == 3:
+        raw = b"".join(int(v).to_bytes(3, "little", signed=True) for v in scaled.astype(np.int64))
+    else:
+        raw = scaled.astype(f"<i{width}").tobytes()
+    with wave.open(str(path), "wb") as writer:
+        writer.setnchannels(channels)
+        writer.setsampwidth(width)
+        writer.setframerate(rate)
+        writer.writeframes(raw)
+    return path
+
+
+def test_text_and_speech_front_ends_match_the_python_runtimes(js_runtime, tmp_path):
+    """WordPiece ids of MiniLM's vocabulary on 3,000 WordNet texts and the hard cases, equal to the Python runtime's
+    (which equal Hugging Face `tokenizers`', tests/test_text_speech.py); log-mel features of espeak-ng speech as
+    8/16/24/32-bit, mono and stereo WAVs at 8-48 kHz, within 1e-5 of the Python runtime's."""
+    from datasets import all_wordnet_texts, speak
+    from test_text_speech import HARD_TEXTS, minilm_vocabulary
+
+    from edgeadapt.runtime.audio import load_clip, read_wav
+    from edgeadapt.runtime.manifest import AudioSpec
+    from edgeadapt.runtime.text import WordPiece, token_spec
+
+    vocab = minilm_vocabulary()
+    words = vocab.read_text(encoding="utf-8").split("\n")[:-1]
+    spec = token_spec(words, "vocab.txt", 64)
+    texts = HARD_TEXTS + all_wordnet_texts()[::37][:3000]
+    (tmp_path / "texts.json").write_text(json.dumps(texts), encoding="utf-8")
+    speech, rate = read_wav(speak("seventeen", "en-us+f2", 160, 50, tmp_path / "spoken.wav"))
+    clips = [(f"{r}-{w}-{c}.wav", r, w, c) for r, w, c in ((8000, 2, 1), (16000, 2, 1), (22050, 1, 1), (44100, 3, 2),
+                                                          (48000, 4, 1), (11025, 2, 2))]
+    from edgeadapt.runtime.audio import resample
+    for name, r, w, c in clips:
+        write_wav(tmp_path / name, resample(speech, rate, r) * 0.9, r, w, c)
+    audio = AudioSpec(sample_rate=16000, samples=16000, n_mels=80)
+    script = """
+import fs from 'node:fs';
+import {WordPiece, wavFeatures} from './dist/index.js';
+const [root, vocabFile, specText, audioText] = process.argv.slice(1);
+const spec = JSON.parse(specText);
+const ids = WordPiece.fromText(fs.readFileSync(vocabFile, 'utf8'), spec)
+  .encodeBatch(JSON.parse(fs.readFileSync(root + '/texts.json', 'utf8')));
+const names = fs.readdirSync(root).filter((n) => n.endsWith('.wav') && n !== 'spoken.wav').sort();
+const features = Object.fromEntries(names.map((n) => [n, Array.from(wavFeatures(new Uint8Array(fs.readFileSync(
+  root + '/' + n)), JSON.parse(audioText), n))]));
+console.log(JSON.stringify({ids: Array.from(ids), features}));"""
+    from dataclasses import asdict
+    got = json.loads(node(script, tmp_path, vocab, json.dumps(asdict(spec)), json.dumps(asdict(audio))))
+    want_ids = WordPiece(words, spec).encode_batch(texts)
+    got_ids = np.asarray(got["ids"]).reshape(want_ids.shape)
+    mismatched = [t[:60] for t, a, b in zip(texts, got_ids, want_ids) if not np.array_equal(a, b)]
+    assert not mismatched, mismatched[:3]
+    for name, *_ in clips:
+        want = load_clip(tmp_path / name, audio)
+        diff = np.abs(np.asarray(got["features"][name]).reshape(want.shape) - want).max()
+        assert diff <= 1e-5, (name, diff)
+
+
+@pytest.mark.slow  # CLI subprocesses; CI runs it
+@pytest.mark.parametrize("kind", ["text", "speech"])
+def test_node_cli_trains_text_and_speech_bundles_as_python_does(js_runtime, bundle_factory, tmp_path, kind):
+    """The Node CLI on a text bundle (WordNet glosses: a CSV, then .txt class folders) and a speech bundle (espeak-ng
+    WAV class folders) → the Python runtime's parameters, and the same held-out evaluation by both."""
+    from conftest import spoken_folder, wordnet_csv
+    from edgeadapt.toolchain.build import HeadRequest
+
+    if kind == "text":
+        labels = ("act", "animal", "food")
+        template = bundle_factory("tiny_bert", "lora:2", head=HeadRequest(labels=labels))
+        table = wordnet_csv(tmp_path / "texts.csv", labels, 8)
+        folder = tmp_path / "folders"
+        for i, row in enumerate(csv.DictReader(table.open(encoding="utf-8"))):
+            (folder / row["label"]).mkdir(parents=True, exist_ok=True)
+            (folder / row["label"] / f"{i:03}.txt").write_text(row["text"], encoding="utf-8")
+        sources = [table, folder]
+    else:
+        template = bundle_factory("tiny_whisper", "last:1", head=HeadRequest(labels=("yes", "no", "up")))
+        sources = [spoken_folder(tmp_path / "speech", ("yes", "no", "up"))]
+    for source in sources:
+        (tmp_path / f"runs-{source.stem}").mkdir()
+        python, javascript = copies(template, tmp_path / f"runs-{source.stem}", "python", "javascript")
+        assert run_cli("train", python, source, *TRAIN, "--quiet").returncode == 0
+        done = js("train", javascript, source, *TRAIN)
+        assert done.returncode == 0, done.stderr
+        for name, tensor in state_tensors(python).items():
+            np.testing.assert_allclose(state_tensors(javascript)[name], tensor, rtol=1e-5, atol=1e-6, err_msg=name)
+        by_python, by_js = evaluate_json(run_cli, javascript, source), evaluate_json(js, javascript, source)
+        assert by_js["loss"] == pytest.approx(by_python["loss"], rel=1e-5)
+        assert by_js["accuracy"] == by_python["accuracy"]
+        predicted = [runner("predict", javascript, source) for runner in (run_cli, js)]
+        assert predicted[1].returncode == 0 and predicted[1].stdout == predicted[0].stdout
 
 
 @pytest.mark.parametrize("preset", ["head", "full"])

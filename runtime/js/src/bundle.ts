@@ -5,11 +5,12 @@
  * the exported one or this device's key authenticates it.
  */
 
-import {BundleError} from "./errors.js";
+import {BundleError, ConfigError} from "./errors.js";
 import {checkGraph, type GraphRole} from "./graph.js";
 import {isPlainName, MANIFEST_NAME, ortTrainingFiles, parseManifest, STATE_FILE, type Manifest} from "./manifest.js";
 import type {BundleStorage, CryptoProvider, DeviceKeyStore} from "./platform.js";
 import {decodeState, deviceAuthenticated, encodeState, type Mac, type TrainState} from "./state.js";
+import {WordPiece} from "./text.js";
 
 export const SIGNATURE_NAME = "manifest.sig";
 export const TRAIN_LOG = "train_log.jsonl";
@@ -172,6 +173,14 @@ export class Bundle {
   async saveState(state: TrainState): Promise<void> {
     await this.storage.replace(STATE_FILE, await encodeState(state, this.manifest, this.bundleId,
       await this.deviceMac()));
+  }
+
+  /** The bundle's WordPiece tokenizer (text bundles), over its verified vocabulary. */
+  async tokenizer(): Promise<WordPiece> {
+    const spec = this.manifest.input.tokens;
+    if (!spec) throw new ConfigError(`the bundle takes ${this.manifest.input.layout} inputs, not text.`);
+    const text = new TextDecoder("utf-8", {fatal: true}).decode(await this.read(spec.vocab_file));
+    return WordPiece.fromText(text, spec);
   }
 
   /** This device's MAC (its key created on first use): what authenticates the state and cached features. */

@@ -7,8 +7,9 @@
 
 import {DataError} from "./errors.js";
 import {prepareImage, roundHalfEven, type Pixels} from "./image.js";
-import type {Manifest} from "./manifest.js";
+import type {Manifest, TokenSpec} from "./manifest.js";
 import {permutation} from "./rng.js";
+import type {WordPiece} from "./text.js";
 
 export interface Dataset {
   /** uint8 HWC images, or float32 model inputs (rows, features, prefix outputs) */
@@ -74,9 +75,15 @@ export function imageDataset(images: {pixels: Pixels; label: string; name?: stri
 
 /** The model input for samples `index`: images normalised to float32 NCHW (numpy's float32 arithmetic, in order:
  * /255, −mean, /std), rows (x − mean)/std, prefix outputs as they are. */
-export function batchInputs(d: Dataset, index: number[], manifest: Manifest): {data: Float32Array; dims: number[]} {
+export function batchInputs(d: Dataset, index: number[], manifest: Manifest): {data: Float32Array | BigInt64Array;
+  dims: number[]} {
   const spec = manifest.input;
   const width = product(d.sampleShape);
+  if (spec.kind === "tokens" && !d.features) { // token ids, as they are
+    const ids = new BigInt64Array(index.length * width);
+    index.forEach((i, k) => { for (let j = 0; j < width; j++) ids[k * width + j] = BigInt(d.samples[i * width + j]); });
+    return {data: ids, dims: [index.length, width]};
+  }
   const out = new Float32Array(index.length * width);
   const f = Math.fround;
   const mean = spec.mean.map(f), std = spec.std.map(f);
@@ -258,9 +265,95 @@ export function npzDataset(arrays: Map<string, NpyArray>, manifest: Manifest, wh
     throw new DataError(`${where}: x has sample shape (${x.shape.slice(1)}), the bundle expects (${want}) (or uint8 ` +
       "images N×H×W[×C]); reshape the data.");
   }
+  if (spec.kind === "tokens") return {samples: tokenIds(x, spec.tokens!, where), sampleShape: want, targets,
+    isImage: false, names, skipped: []};
   const samples = Float32Array.from(npyValues(x));
   if (!samples.every(Number.isFinite)) throw new DataError(`${where} has NaN or infinite values; clean or drop those samples.`);
   return {samples, sampleShape: want, targets, isImage: false, names, skipped: []};
+}
+
+/** An .npz's `x` as token ids: integers inside the vocabulary (held exactly in float32: vocabularies < 2^24). */
+function tokenIds(x: NpyArray, spec: TokenSpec, where: string): Float32Array {
+  if (!/^[<|][iu][1248]$/.test(x.dtype)) {
+    throw new DataError(`${where}: x must hold integer token ids of shape N×${spec.max_length}, got ${x.dtype}; ` +
+      "give texts (CSV, JSONL, .txt folders) or ids of that shape.");
+  }
+  const ids = Float32Array.from(npyValues(x));
+  if (ids.some((id) => id < 0 || id >= spec.vocab_size)) {
+    throw new DataError(`${where}: x holds token ids outside the vocabulary (0..${spec.vocab_size - 1}).`);
+  }
+  return ids;
+}
+
+/** Texts tokenized by the bundle's WordPiece: the dataset of a text bundle. */
+export function textDataset(texts: string[], labels: string[], names: string[], tokenizer: WordPiece,
+                            manifest: Manifest, where: string, skipped: [string, string][] = []): Dataset {
+  return {samples: Float32Array.from(tokenizer.encodeBatch(texts)), sampleShape: manifest.input.shape.slice(1),
+    targets: encodeLabels(labels, manifest, where), isImage: false, names, skipped};
+}
+
+/** Log-mel features of clips (`audio.ts`): the dataset of a speech bundle. */
+export function audioDataset(features: Float32Array[], labels: string[], names: string[], manifest: Manifest,
+                             where: string, skipped: [string, string][] = []): Dataset {
+  const sampleShape = manifest.input.shape.slice(1), width = product(sampleShape);
+  const samples = new Float32Array(features.length * width);
+  features.forEach((f, i) => samples.set(f, i * width));
+  return {samples, sampleShape, targets: encodeLabels(labels, manifest, where), isImage: false, names, skipped};
+}
+
+export const MAX_TEXT_CHARS = 100_000; // one sample; longer texts are cut (the model reads max_length tokens anyway)
+const LINE_BREAKS = /\r\n|[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]/; // Python's str.splitlines
+
+export function cutText(text: string): string {
+  return text.length <= MAX_TEXT_CHARS ? text : Array.from(text).slice(0, MAX_TEXT_CHARS).join("");
+}
+
+/** (texts, labels, row names) of a CSV (`text,label`, a header optional) or JSONL file of samples, as the Python
+ * runtime reads them; labels are "" where `labelled` is false. */
+export function readTable(content: string, where: string, jsonl: boolean, labelled = true):
+    {texts: string[]; labels: string[]; names: string[]} {
+  const lines = content.replace(/^\ufeff/, "").split(LINE_BREAKS);
+  const rows: [number, string, string | null][] = [];
+  if (jsonl) {
+    lines.forEach((raw, i) => {
+      if (!raw.trim()) return;
+      let record: any;
+      try {
+        record = JSON.parse(raw);
+      } catch (error) {
+        throw new DataError(`${where} line ${i + 1} is not JSON (${(error as Error).message}); write one object per line.`);
+      }
+      if (typeof record !== "object" || record === null || Array.isArray(record) || !("text" in record)) {
+        throw new DataError(`${where} line ${i + 1} has no "text" field; write {"text": ..., "label": ...}.`);
+      }
+      rows.push([i + 1, record.text, record.label ?? null]);
+    });
+  } else {
+    const parsed = lines.map((line, i) => [i + 1, line === "" ? [] : csvRows(line)[0] ?? []] as [number, string[]])
+      .filter(([, r]) => r.length);
+    const header = parsed.length ? parsed[0][1].map((c) => c.trim().toLowerCase()) : [];
+    const named = header.includes("text");
+    const textCol = named ? header.indexOf("text") : 0;
+    const labelCol = named ? (header.includes("label") ? header.indexOf("label") : null) : 1;
+    for (const [line, row] of named ? parsed.slice(1) : parsed) {
+      if (row.length <= Math.max(textCol, labelCol ?? 0) && !(labelCol !== null && row.length === textCol + 1)) {
+        throw new DataError(`${where} line ${line} has ${row.length} columns; give text and label columns (a header ` +
+          "`text,label`).");
+      }
+      rows.push([line, row[textCol], labelCol !== null && labelCol < row.length ? row[labelCol] : null]);
+    }
+  }
+  const out = {texts: [] as string[], labels: [] as string[], names: [] as string[]};
+  for (const [line, text, label] of rows) {
+    if (typeof text !== "string" || !text.trim()) throw new DataError(`${where} line ${line} has no text; fill it in or drop the line.`);
+    if (labelled && (label === null || String(label).trim() === "")) {
+      throw new DataError(`${where} line ${line} has no label; give each sample a label.`);
+    }
+    out.texts.push(cutText(text));
+    out.labels.push(label === null ? "" : String(label));
+    out.names.push(`${where}:${line}`);
+  }
+  return out;
 }
 
 function targetsOf(y: NpyArray, manifest: Manifest, where: string): Int32Array | Float32Array {

@@ -6,8 +6,9 @@
  */
 
 export {Bundle, SIGNATURE_NAME, TRAIN_LOG, type GraphFiles, type OpenOptions} from "./bundle.js";
-export {batchInputs, csvDataset, encodeLabels, imageDataset, inflateRaw, npzDataset, readNpz, size, split, subset,
-  type Dataset} from "./data.js";
+export {clipFeatures, decodeWav, logMel, resample, wavFeatures} from "./audio.js";
+export {audioDataset, batchInputs, csvDataset, encodeLabels, imageDataset, inflateRaw, npzDataset, readNpz, readTable,
+  size, split, subset, textDataset, type Dataset} from "./data.js";
 export {PortableEngine, type EngineOptions, type ModelInput, type Ort} from "./engine.js";
 export {BackendError, BundleError, CancelledError, ConfigError, DataError, EdgeAdaptError,
   TrainingError} from "./errors.js";
@@ -20,4 +21,5 @@ export {learningRate, type Metrics} from "./metrics.js";
 export {webCrypto, type BundleStorage, type CryptoProvider, type DeviceKeyStore} from "./platform.js";
 export {permutation} from "./rng.js";
 export {decodeState, encodeState, type Progress, type TrainState} from "./state.js";
+export {normalize, preTokenize, WordPiece} from "./text.js";
 export {Trainer, type EpochRecord, type TrainConfig, type TrainSummary} from "./trainer.js";

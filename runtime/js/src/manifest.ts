@@ -34,6 +34,30 @@ export interface InputSpec {
   resize: number[];
   crop: number;
   kind: InputKind;
+  /** text bundles: the WordPiece tokenizer's settings */
+  tokens: TokenSpec | null;
+  /** speech bundles: the log-mel front end's settings */
+  audio: AudioSpec | null;
+}
+
+export interface TokenSpec {
+  vocab_file: string;
+  vocab_size: number;
+  max_length: number;
+  pad_id: number;
+  cls_id: number;
+  sep_id: number;
+  unk_id: number;
+  lowercase: boolean;
+  max_chars_per_word: number;
+}
+
+export interface AudioSpec {
+  sample_rate: number;
+  samples: number;
+  n_mels: number;
+  n_fft: number;
+  hop_length: number;
 }
 
 export interface PortableSpec {
@@ -124,7 +148,26 @@ function inputSpec(raw: unknown, source: string): InputSpec {
     resize: field(raw, "resize", listOf(isInt), "a list of integers", where, []),
     crop: field(raw, "crop", isNumber, "a number", where, 0.875),
     kind: LAYOUTS[layout],
+    tokens: raw.tokens == null ? null : tokenSpec(raw.tokens, `${where}.tokens`),
+    audio: raw.audio == null ? null : audioSpec(raw.audio, `${where}.audio`),
   };
+}
+
+function tokenSpec(raw: unknown, where: string): TokenSpec {
+  if (!isObject(raw)) throw new BundleError(`${where} must be an object; re-export the bundle.`);
+  const int = (key: string) => field<number>(raw, key, isInt, "an integer", where);
+  return {vocab_file: field(raw, "vocab_file", isString, "a string", where), vocab_size: int("vocab_size"),
+    max_length: int("max_length"), pad_id: int("pad_id"), cls_id: int("cls_id"), sep_id: int("sep_id"),
+    unk_id: int("unk_id"), lowercase: field(raw, "lowercase", (v) => typeof v === "boolean", "true or false", where, true),
+    max_chars_per_word: field(raw, "max_chars_per_word", isInt, "an integer", where, 100)};
+}
+
+function audioSpec(raw: unknown, where: string): AudioSpec {
+  if (!isObject(raw)) throw new BundleError(`${where} must be an object; re-export the bundle.`);
+  const positive = (v: unknown) => Number.isInteger(v) && (v as number) > 0;
+  const int = (key: string, fallback?: number) => field<number>(raw, key, positive, "a positive integer", where, fallback);
+  return {sample_rate: int("sample_rate"), samples: int("samples"), n_mels: int("n_mels", 80), n_fft: int("n_fft", 400),
+    hop_length: int("hop_length", 160)};
 }
 
 function portableSpec(raw: unknown, source: string): PortableSpec {

@@ -119,7 +119,8 @@ export async function prefixFeatures(ort: Ort, bundle: Bundle, data: Dataset, op
     for (let start = 0; start < missing.length; start += batch) {
       const index = missing.slice(start, start + batch);
       const x = batchInputs(data, index, m);
-      const feeds: Record<string, any> = {[session.inputNames[0]]: new ort.Tensor("float32", x.data, x.dims)};
+      const feeds: Record<string, any> = {[session.inputNames[0]]: x.data instanceof BigInt64Array
+        ? new ort.Tensor("int64", x.data, x.dims) : new ort.Tensor("float32", x.data, x.dims)};
       if (statistics && session.inputNames.includes("bn_stats")) feeds.bn_stats = new ort.Tensor("float32", statistics, [statistics.length]);
       const out = (await session.run(feeds))[session.outputNames[0]].data as Float32Array;
       index.forEach((i, k) => samples.set(out.subarray(k * width, (k + 1) * width), i * width));

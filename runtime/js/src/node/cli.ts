@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 /**
  * `edgeadapt-js train|evaluate|predict BUNDLE DATA`: the Python CLI's commands, flags and data formats on Node
- * (class folders of images, .npz, CSV), so the same commands train a bundle on both runtimes. User errors print one
+ * (class folders of images, .npz, CSV; text: .txt class folders, CSV/JSONL tables; speech: .wav class folders), so
+ * the same commands train a bundle on both runtimes. User errors print one
  * line and exit 2; SIGINT stops at the next batch, keeping the last checkpoint.
  */
 
@@ -16,7 +17,9 @@ const USAGE = `usage: edgeadapt-js train BUNDLE DATA [--epochs N] [--batch-size 
                     [--split auto|on|off] [--threads N] [--trusted-key PEM] [--json] [--quiet]
        edgeadapt-js evaluate BUNDLE DATA [--batch-size N] [--threads N] [--trusted-key PEM] [--json]
        edgeadapt-js predict BUNDLE INPUT... [--top-k N] [--threads N] [--trusted-key PEM] [--json]
-DATA: a folder of class subfolders of images (needs sharp), an .npz with x and y, or a .csv of features…, label.`;
+DATA: a folder of class subfolders of images (needs sharp), an .npz with x and y, or a .csv of features…, label;
+      text bundles: a CSV or JSONL of text,label or class subfolders of .txt files; speech bundles: class subfolders
+      of .wav files.`;
 
 const OPTIONS = {
   epochs: {type: "string"}, "batch-size": {type: "string"}, lr: {type: "string"}, seed: {type: "string"},

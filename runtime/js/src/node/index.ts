@@ -1,6 +1,6 @@
 /**
  * The runtime on Node: open a bundle folder, load data in the CLI's formats (class folders of images, `.npz`,
- * CSV), and train/evaluate/predict with onnxruntime-node. Images are decoded with `sharp` (libvips; JPEG through
+ * CSV; for text bundles .txt class folders and CSV/JSONL tables; for speech bundles .wav class folders), and train/evaluate/predict with onnxruntime-node. Images are decoded with `sharp` (libvips; JPEG through
  * libjpeg-turbo's decoder, as Pillow's), an optional dependency needed for image files only.
  */
 
@@ -8,7 +8,9 @@ import {promises as fs} from "node:fs";
 import path from "node:path";
 import {inflateRawSync} from "node:zlib";
 import {Bundle} from "../bundle.js";
-import {csvDataset, imageDataset, npzDataset, readNpz, size, type Dataset} from "../data.js";
+import {wavFeatures} from "../audio.js";
+import {audioDataset, csvDataset, cutText, imageDataset, npzDataset, readNpz, readTable, size, textDataset,
+  type Dataset} from "../data.js";
 import type {Ort} from "../engine.js";
 import {DataError, ConfigError} from "../errors.js";
 import type {Pixels} from "../image.js";
@@ -18,6 +20,8 @@ import {deviceKeyPath, FileDeviceKey, FileStorage} from "./storage.js";
 export {FileStorage, FileDeviceKey, deviceKeyPath};
 
 export const IMAGE_SUFFIXES = new Set([".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"]);
+const TEXT_SUFFIXES = new Set([".txt"]);
+const AUDIO_SUFFIXES = new Set([".wav", ".wave"]);
 
 export async function openBundle(folder: string, options: {trustedKey?: string; verify?: boolean} = {}): Promise<Bundle> {
   let info;
@@ -96,7 +100,81 @@ export async function loadImageFolder(root: string, bundle: Bundle, maxBadFracti
   return {...imageDataset(images, bundle.manifest), skipped};
 }
 
-/** A class folder of images, an .npz with x and y, or a CSV of `features…, label`. */
+const FORMATS = {
+  tokens: "a CSV or JSONL of text,label, a folder of class subfolders of .txt files, or an .npz of ids",
+  audio: "a folder of class subfolders of .wav files, or an .npz of log-mel features",
+};
+
+function checkBadFraction(skipped: [string, string][], total: number, what: string, root: string, limit: number) {
+  if (total && skipped.length > limit * total) {
+    throw new DataError(`${skipped.length} of ${total} ${what} in ${root} cannot be read (first: ${skipped[0][0]}: ` +
+      `${skipped[0][1]}); fix or remove them (limit ${Math.round(limit * 100)}%).`);
+  }
+}
+
+async function readTextFile(file: string): Promise<string> {
+  let text: string;
+  try {
+    text = new TextDecoder("utf-8", {fatal: true}).decode(await fs.readFile(file)).replace(/^\ufeff/, "");
+  } catch {
+    throw new DataError(`${file} is not UTF-8 text; save it as UTF-8.`);
+  }
+  if (!text.trim()) throw new DataError(`${file} holds no text; write the sample or remove the file.`);
+  return cutText(text);
+}
+
+/** A text bundle's data: class subfolders of .txt files, or a CSV/JSONL table of text and label. */
+async function loadTexts(source: string, folder: boolean, bundle: Bundle, maxBadFraction: number): Promise<Dataset> {
+  const tokenizer = await bundle.tokenizer();
+  if (folder) {
+    const texts: string[] = [], labels: string[] = [], names: string[] = [], skipped: [string, string][] = [];
+    const files = await classFiles(source, TEXT_SUFFIXES);
+    for (const [file, label] of files) {
+      try {
+        texts.push(await readTextFile(file));
+      } catch (error) {
+        skipped.push([file, (error as Error).message]);
+        continue;
+      }
+      labels.push(label);
+      names.push(file);
+    }
+    checkBadFraction(skipped, files.length, "text files", source, maxBadFraction);
+    return textDataset(texts, labels, names, tokenizer, bundle.manifest, source, skipped);
+  }
+  const suffix = path.extname(source).toLowerCase();
+  if (suffix !== ".csv" && suffix !== ".jsonl") throw new DataError(`data ${source} is not ${FORMATS.tokens}; give one of those.`);
+  let content: string;
+  try {
+    content = new TextDecoder("utf-8", {fatal: true}).decode(await fs.readFile(source));
+  } catch {
+    throw new DataError(`${source} is not UTF-8 text; save it as UTF-8.`);
+  }
+  const {texts, labels, names} = readTable(content, source, suffix === ".jsonl");
+  return textDataset(texts, labels, names, tokenizer, bundle.manifest, source);
+}
+
+/** A speech bundle's data: class subfolders of .wav files, as log-mel features. */
+async function loadAudioFolder(root: string, bundle: Bundle, maxBadFraction: number): Promise<Dataset> {
+  const spec = bundle.manifest.input.audio!;
+  const files = await classFiles(root, AUDIO_SUFFIXES);
+  const features: Float32Array[] = [], labels: string[] = [], names: string[] = [], skipped: [string, string][] = [];
+  for (const [file, label] of files) {
+    try {
+      features.push(wavFeatures(new Uint8Array(await fs.readFile(file)), spec, file));
+    } catch (error) {
+      skipped.push([file, (error as Error).message]);
+      continue;
+    }
+    labels.push(label);
+    names.push(file);
+  }
+  checkBadFraction(skipped, files.length, "audio files", root, maxBadFraction);
+  return audioDataset(features, labels, names, bundle.manifest, root, skipped);
+}
+
+/** A class folder of images, an .npz with x and y, or a CSV of `features…, label`; text and speech bundles read
+ * their formats (texts: .txt class folders, CSV/JSONL tables; speech: .wav class folders). */
 export async function loadDataset(source: string, bundle: Bundle, maxBadFraction = 0.1): Promise<Dataset> {
   const m = bundle.manifest;
   let info;
@@ -105,14 +183,14 @@ export async function loadDataset(source: string, bundle: Bundle, maxBadFraction
   } catch {
     throw new DataError(`data ${source} does not exist; give a folder of class subfolders of images, an .npz or a .csv file.`);
   }
-  if (m.input.kind === "tokens" || m.input.kind === "audio") {
-    if (path.extname(source) !== ".npz") {
-      throw new DataError(`the JavaScript runtime reads ${m.input.kind} bundles' data as an .npz of model inputs; ` +
-        "tokenize the texts (or compute the log-mel features) first.");
-    }
-  }
   let data: Dataset;
-  if (info.isDirectory()) {
+  const suffix = path.extname(source).toLowerCase();
+  if (m.input.kind === "tokens" && suffix !== ".npz") {
+    data = await loadTexts(source, info.isDirectory(), bundle, maxBadFraction);
+  } else if (m.input.kind === "audio" && suffix !== ".npz") {
+    if (!info.isDirectory()) throw new DataError(`data ${source} is not ${FORMATS.audio}; give one of those.`);
+    data = await loadAudioFolder(source, bundle, maxBadFraction);
+  } else if (info.isDirectory()) {
     if (m.input.kind !== "image") throw new DataError(`${source} is an image folder but the bundle takes ${m.input.layout} rows; give a .csv or .npz.`);
     data = await loadImageFolder(source, bundle, maxBadFraction);
   } else if (path.extname(source) === ".npz") {
@@ -127,8 +205,52 @@ export async function loadDataset(source: string, bundle: Bundle, maxBadFraction
   return data;
 }
 
-/** Inputs to predict: image files, folders of them (every image below, in name order), or .npz/.csv files. */
+async function filesBelow(source: string, suffixes: Set<string>): Promise<string[]> {
+  return (await fs.readdir(source, {recursive: true, withFileTypes: true}))
+    .filter((e) => e.isFile() && suffixes.has(path.extname(e.name).toLowerCase()))
+    .map((e) => path.join(e.parentPath ?? (e as any).path, e.name)).sort();
+}
+
+/** A text or speech bundle's inputs to predict: .txt or .wav files, folders of them, unlabelled CSV/JSONL tables
+ * (text), or an .npz of model inputs. */
+async function loadTextOrSpeechInputs(sources: string[], bundle: Bundle): Promise<Dataset> {
+  const m = bundle.manifest, text = m.input.kind === "tokens", first = m.labels[0];
+  const texts: string[] = [], features: Float32Array[] = [], names: string[] = [];
+  const add = async (file: string) => {
+    if (text) texts.push(await readTextFile(file));
+    else features.push(wavFeatures(new Uint8Array(await fs.readFile(file)), m.input.audio!, file));
+    names.push(file);
+  };
+  for (const source of sources) {
+    const info = await fs.stat(source).catch(() => null);
+    const suffix = path.extname(source).toLowerCase();
+    if (!info) throw new DataError(`input ${source} does not exist; give ${text ? ".txt" : ".wav"} files or folders of them.`);
+    if (suffix === ".npz") {
+      if (sources.length > 1) throw new DataError("give an .npz of model inputs on its own.");
+      return loadDataset(source, bundle);
+    }
+    if (info.isDirectory()) {
+      for (const file of await filesBelow(source, text ? TEXT_SUFFIXES : AUDIO_SUFFIXES)) await add(file);
+    } else if (text && (suffix === ".csv" || suffix === ".jsonl")) {
+      const table = readTable(await fs.readFile(source, "utf8"), source, suffix === ".jsonl", false);
+      texts.push(...table.texts);
+      names.push(...table.names);
+    } else {
+      await add(source);
+    }
+  }
+  if (!names.length) throw new DataError(`no input given; pass ${text ? ".txt" : ".wav"} files or folders of them.`);
+  const labels = names.map(() => first);
+  return text ? textDataset(texts, labels, names, await bundle.tokenizer(), m, "the inputs")
+    : audioDataset(features, labels, names, m, "the inputs");
+}
+
+/** Inputs to predict: image files, folders of them (every image below, in name order), or .npz/.csv files; text
+ * and speech bundles take their own files. */
 export async function loadInputs(sources: string[], bundle: Bundle): Promise<Dataset> {
+  if (bundle.manifest.input.kind === "tokens" || bundle.manifest.input.kind === "audio") {
+    return loadTextOrSpeechInputs(sources, bundle);
+  }
   const images: {pixels: Pixels; label: string; name: string}[] = [];
   const parts: Dataset[] = [];
   for (const source of sources) {

@@ -1,6 +1,7 @@
 // Drives Debian's Chromium (headless, puppeteer-core) for the Python suite (tests/test_js_runtime.py):
 //   node test/browser/run.mjs demo BUNDLE TRAIN_DIR TEST_DIR SCREENSHOT   → JSON: status, accuracies, after reload
 //   node test/browser/run.mjs steps DATA_DIR SPEC_JSON                    → JSON: per-run losses and parameters
+//   node test/browser/run.mjs prepare DATA_DIR OPTIONS_JSON               → JSON: photos decoded and prepared by Chromium
 //   node test/browser/run.mjs cache DATA_DIR OPTIONS_JSON                 → JSON: three runs with the IndexedDB feature cache
 //   node test/browser/run.mjs tfjs SPEC_JSON                              → JSON: TensorFlow.js's per-run step times
 //   (TensorFlow.js: each run in a fresh page; in both, `{"idle": true}` only loads the page: the benchmark's memory
@@ -117,6 +118,20 @@ async function tfjs([specText]) {
   }
 }
 
+async function prepare([dataDir, optionsText]) {
+  const {server, origin} = await serve(["--data", dataDir]);
+  const browser = await launch();
+  try {
+    const page = await browser.newPage();
+    await page.goto(`${origin}/test/browser/parity.html`);
+    await page.waitForFunction(() => document.body.dataset.ready);
+    return await page.evaluate((o) => window.preparePhotos(o), JSON.parse(optionsText));
+  } finally {
+    await browser.close();
+    server.kill();
+  }
+}
+
 async function cache([dataDir, optionsText]) {
   const {server, origin} = await serve(["--data", dataDir]);
   const browser = await launch();
@@ -131,6 +146,6 @@ async function cache([dataDir, optionsText]) {
   }
 }
 
-const modes = {demo, steps, tfjs, cache};
+const modes = {demo, steps, tfjs, cache, prepare};
 const result = await modes[mode](args);
 console.log(JSON.stringify(result));
