@@ -1,4 +1,5 @@
-// node test/node-steps.mjs BUNDLE DATA.npz STEPS BATCH → JSON {losses, times}: fixed steps on onnxruntime-node
+// node test/node-steps.mjs BUNDLE DATA.npz STEPS BATCH → JSON {losses, times, peak_mb}: fixed steps on
+// onnxruntime-node (peak_mb: the process's peak RSS; Linux)
 import * as ort from "onnxruntime-node";
 import {promises as fs} from "node:fs";
 import {inflateRawSync} from "node:zlib";
@@ -11,4 +12,6 @@ const bundle = await openBundle(bundlePath);
 const data = npzDataset(await readNpz(new Uint8Array(await fs.readFile(dataPath)), async (b) => inflateRawSync(b), dataPath),
   bundle.manifest, dataPath);
 const result = await runSteps(ort, bundle, data, {steps: Number(steps), batch: Number(batch)});
-console.log(JSON.stringify({losses: result.losses, times: result.times, rss_mb: process.memoryUsage().rss / 2 ** 20}));
+// the address space's high-water mark (getrusage's maxRSS carries the parent's over exec on Linux)
+const peak = Number(/VmHWM:\s+(\d+)/.exec(await fs.readFile("/proc/self/status", "utf8"))?.[1] ?? NaN) / 1024;
+console.log(JSON.stringify({losses: result.losses, times: result.times, peak_mb: peak}));
