@@ -105,6 +105,26 @@ const FORMATS = {
   audio: "a folder of class subfolders of .wav files, or an .npz of log-mel features",
 };
 
+/** Every file of `suffixes` in `root`'s class subfolders, read by `read`; an unreadable one is skipped with its
+ * reason, and more than `limit` of them is a DataError. */
+async function readClassFolder<T>(root: string, suffixes: Set<string>, what: string, limit: number,
+                                  read: (file: string) => Promise<T>) {
+  const values: T[] = [], labels: string[] = [], names: string[] = [], skipped: [string, string][] = [];
+  const files = await classFiles(root, suffixes);
+  for (const [file, label] of files) {
+    try {
+      values.push(await read(file));
+    } catch (error) {
+      skipped.push([file, (error as Error).message]);
+      continue;
+    }
+    labels.push(label);
+    names.push(file);
+  }
+  checkBadFraction(skipped, files.length, what, root, limit);
+  return {values, labels, names, skipped};
+}
+
 function checkBadFraction(skipped: [string, string][], total: number, what: string, root: string, limit: number) {
   if (total && skipped.length > limit * total) {
     throw new DataError(`${skipped.length} of ${total} ${what} in ${root} cannot be read (first: ${skipped[0][0]}: ` +
@@ -127,20 +147,8 @@ async function readTextFile(file: string): Promise<string> {
 async function loadTexts(source: string, folder: boolean, bundle: Bundle, maxBadFraction: number): Promise<Dataset> {
   const tokenizer = await bundle.tokenizer();
   if (folder) {
-    const texts: string[] = [], labels: string[] = [], names: string[] = [], skipped: [string, string][] = [];
-    const files = await classFiles(source, TEXT_SUFFIXES);
-    for (const [file, label] of files) {
-      try {
-        texts.push(await readTextFile(file));
-      } catch (error) {
-        skipped.push([file, (error as Error).message]);
-        continue;
-      }
-      labels.push(label);
-      names.push(file);
-    }
-    checkBadFraction(skipped, files.length, "text files", source, maxBadFraction);
-    return textDataset(texts, labels, names, tokenizer, bundle.manifest, source, skipped);
+    const read = await readClassFolder(source, TEXT_SUFFIXES, "text files", maxBadFraction, readTextFile);
+    return textDataset(read.values, read.labels, read.names, tokenizer, bundle.manifest, source, read.skipped);
   }
   const suffix = path.extname(source).toLowerCase();
   if (suffix !== ".csv" && suffix !== ".jsonl") throw new DataError(`data ${source} is not ${FORMATS.tokens}; give one of those.`);
@@ -157,20 +165,9 @@ async function loadTexts(source: string, folder: boolean, bundle: Bundle, maxBad
 /** A speech bundle's data: class subfolders of .wav files, as log-mel features. */
 async function loadAudioFolder(root: string, bundle: Bundle, maxBadFraction: number): Promise<Dataset> {
   const spec = bundle.manifest.input.audio!;
-  const files = await classFiles(root, AUDIO_SUFFIXES);
-  const features: Float32Array[] = [], labels: string[] = [], names: string[] = [], skipped: [string, string][] = [];
-  for (const [file, label] of files) {
-    try {
-      features.push(wavFeatures(new Uint8Array(await fs.readFile(file)), spec, file));
-    } catch (error) {
-      skipped.push([file, (error as Error).message]);
-      continue;
-    }
-    labels.push(label);
-    names.push(file);
-  }
-  checkBadFraction(skipped, files.length, "audio files", root, maxBadFraction);
-  return audioDataset(features, labels, names, bundle.manifest, root, skipped);
+  const read = await readClassFolder(root, AUDIO_SUFFIXES, "audio files", maxBadFraction,
+    async (file) => wavFeatures(new Uint8Array(await fs.readFile(file)), spec, file));
+  return audioDataset(read.values, read.labels, read.names, bundle.manifest, root, read.skipped);
 }
 
 /** A class folder of images, an .npz with x and y, or a CSV of `features…, label`; text and speech bundles read

@@ -66,13 +66,23 @@ async function demo([bundle, train, test, screenshot]) {
   }
 }
 
-async function steps([dataDir, specText]) {
+/** `use(page)` on the parity page (test/browser/parity.html) of a fresh browser, DATA_DIR served under /data/. */
+async function onParityPage(dataDir, use) {
   const {server, origin} = await serve(["--data", dataDir]);
   const browser = await launch();
   try {
     const page = await browser.newPage();
     await page.goto(`${origin}/test/browser/parity.html`);
     await page.waitForFunction(() => document.body.dataset.ready);
+    return await use(page);
+  } finally {
+    await browser.close();
+    server.kill();
+  }
+}
+
+function steps([dataDir, specText]) {
+  return onParityPage(dataDir, async (page) => {
     const results = [];
     for (const run of JSON.parse(specText)) {
       if (run.idle) {
@@ -87,10 +97,7 @@ async function steps([dataDir, specText]) {
       }
     }
     return results;
-  } finally {
-    await browser.close();
-    server.kill();
-  }
+  });
 }
 
 const idle = () => new Promise((resolve) => setTimeout(() => resolve({times: []}), 1500));  // a page, loaded
@@ -118,33 +125,10 @@ async function tfjs([specText]) {
   }
 }
 
-async function prepare([dataDir, optionsText]) {
-  const {server, origin} = await serve(["--data", dataDir]);
-  const browser = await launch();
-  try {
-    const page = await browser.newPage();
-    await page.goto(`${origin}/test/browser/parity.html`);
-    await page.waitForFunction(() => document.body.dataset.ready);
-    return await page.evaluate((o) => window.preparePhotos(o), JSON.parse(optionsText));
-  } finally {
-    await browser.close();
-    server.kill();
-  }
-}
-
-async function cache([dataDir, optionsText]) {
-  const {server, origin} = await serve(["--data", dataDir]);
-  const browser = await launch();
-  try {
-    const page = await browser.newPage();
-    await page.goto(`${origin}/test/browser/parity.html`);
-    await page.waitForFunction(() => document.body.dataset.ready);
-    return await page.evaluate((o) => window.featureCacheRuns(o), JSON.parse(optionsText));
-  } finally {
-    await browser.close();
-    server.kill();
-  }
-}
+const prepare = ([dataDir, options]) =>
+  onParityPage(dataDir, (page) => page.evaluate((o) => window.preparePhotos(o), JSON.parse(options)));
+const cache = ([dataDir, options]) =>
+  onParityPage(dataDir, (page) => page.evaluate((o) => window.featureCacheRuns(o), JSON.parse(options)));
 
 const modes = {demo, steps, tfjs, cache, prepare};
 const result = await modes[mode](args);
