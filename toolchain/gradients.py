@@ -611,6 +611,7 @@ def _strided_weight_grad(b: GraphBuilder, x: str, g: str, gs: list[int], geo: di
     depthwise = c_in_group == 1 and c_out_group == 1
     padded = b.op("Pad", [x, b.const([0, 0, *pads[:rank], 0, 0, *pads[rank:]], np.int64)])
     axes, steps = b.const(list(range(2, 2 + rank)), np.int64), b.const(geo["strides"], np.int64)
+    batch_and_pixels = b.const([0, *range(2, 2 + rank)], np.int64)
     if not depthwise:  # (N, G, P, co)
         g_cols = b.op("Transpose", [b.op("Reshape", [g, b.const([0, groups, c_out_group, pixels], np.int64)])],
                       perm=[0, 1, 3, 2])
@@ -620,8 +621,7 @@ def _strided_weight_grad(b: GraphBuilder, x: str, g: str, gs: list[int], geo: di
         ends = [start + stride * (size - 1) + 1 for start, stride, size in zip(starts, geo["strides"], gs[2:])]
         inputs = b.op("Slice", [padded, b.const(starts, np.int64), b.const(ends, np.int64), axes, steps])
         if depthwise:  # dW[c, 0, t] = Σ_{n,p} X_t[n, c, p]·dY[n, c, p]
-            summed = b.op("ReduceSum", [b.op("Mul", [inputs, g]), b.const([0, *range(2, 2 + rank)], np.int64)],
-                          keepdims=0)
+            summed = b.op("ReduceSum", [b.op("Mul", [inputs, g]), batch_and_pixels], keepdims=0)
         else:  # (N, G, ci, P)·(N, G, P, co), summed over the batch: (G, ci, co)
             rows = b.op("Reshape", [inputs, b.const([0, groups, c_in_group, pixels], np.int64)])
             summed = b.op("ReduceSum", [b.op("MatMul", [rows, g_cols]), b.const([0], np.int64)], keepdims=0)
