@@ -81,15 +81,15 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _pss_mb(root: int, only_chromium: bool) -> float:
-    """PSS of `root` and its descendants (Chromium's processes alone when `only_chromium`: not the Node driver and
-    the static server); PSS shares shared pages out, so processes add up."""
+def _chromium_pss_mb(root: int) -> float:
+    """PSS of the Chromium processes below `root` (not the Node driver and the static server); PSS shares shared
+    pages out, so processes add up."""
     tree, total, todo = _children(), 0, [root]
     while todo:
         pid = todo.pop()
         todo += tree.get(pid, [])
         try:
-            if only_chromium and "chrom" not in Path(f"/proc/{pid}/comm").read_text():
+            if "chrom" not in Path(f"/proc/{pid}/comm").read_text():
                 continue
             rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
         except OSError:
@@ -98,14 +98,14 @@ def _pss_mb(root: int, only_chromium: bool) -> float:
     return total / 1024
 
 
-def measured(command: list[str], only_chromium: bool = False, **kwargs) -> tuple[str, float]:
-    """(stdout, peak PSS in MB) of a command, sampled every 250 ms while it runs."""
+def measured(command: list[str], **kwargs) -> tuple[str, float]:
+    """(stdout, peak PSS in MB of the Chromium it starts) of a command, sampled every 250 ms while it runs."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
     peak, done = [0.0], threading.Event()
 
     def sample() -> None:  # every 250 ms: reading PSS costs the kernel a page-table walk, which the cell would feel
         while not done.wait(0.25):
-            peak[0] = max(peak[0], _pss_mb(process.pid, only_chromium))
+            peak[0] = max(peak[0], _chromium_pss_mb(process.pid))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -147,7 +147,7 @@ def node_cell(bundle: Path, data: Path, steps: int, batch: int, warm_up: int) ->
 def browser_cell(mode_args: list[str], run: dict, warm_up: int) -> tuple[float | str, float]:
     """One run in a fresh headless Chromium (test/browser/run.mjs): ms per step or the refusal, and peak PSS."""
     out, peak = measured(["node", str(JS / "test" / "browser" / "run.mjs"), *mode_args, json.dumps([run])],
-                         only_chromium=True, cwd=JS)
+                         cwd=JS)
     result = json.loads(out.strip().splitlines()[-1])[0]
     return (median_ms(result["times"], warm_up) if "times" in result else result.get("error", "failed")), peak
 
