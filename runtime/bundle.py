@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeadapt.runtime.atomic import atomic_write
-from edgeadapt.runtime.errors import BundleError
+from edgeadapt.runtime.errors import BundleError, ConfigError
 from edgeadapt.runtime.manifest import (
     CHECKPOINT,
     EVAL_MODEL,
+    GRAD_SHARE,
+    GRAD_SUM,
     MANIFEST_NAME,
     OPTIMIZER_MODEL,
     TRAINING_MODEL,
@@ -104,6 +106,7 @@ class GraphFiles:
     ort_eval: str
     ort_optimizer: str
     ort_checkpoint: str
+    accumulates: bool = False  # train_step is the accumulating step (grad_sum, grad_share -> grad_sum.new)
 
 
 @dataclass(frozen=True)
@@ -140,13 +143,18 @@ class Bundle:
 
     # ---- names ------------------------------------------------------------------------------------------------
 
-    def graphs(self, split: bool = False) -> GraphFiles:
-        """Whole-graph files, or (split) the suffix's, which take the boundary tensor as input."""
+    def graphs(self, split: bool = False, accumulating: bool = False) -> GraphFiles:
+        """Whole-graph files, or (split) the suffix's, which take the boundary tensor as input; `accumulating`:
+        with the step that accumulates micro-batches as the training step."""
         prefix = self.manifest.split.suffix_prefix if split else ""
         portable = self.manifest.portable
+        if accumulating and not portable.accumulating_step:
+            raise ConfigError(f"{self.path} was exported before gradient accumulation (edgeadapt < 0.4) and has no "
+                              "accumulating step: train without --accumulate or re-export the bundle.")
+        step = portable.accumulating_step if accumulating else portable.train_step
         return GraphFiles(self.manifest.split.boundary if split else self.manifest.input.name,
-                          f"{prefix}{portable.train_step}", f"{prefix}{portable.forward}",
-                          *(f"{prefix}{name}" for name in (*ORT_GRAPHS, CHECKPOINT)))
+                          f"{prefix}{step}", f"{prefix}{portable.forward}",
+                          *(f"{prefix}{name}" for name in (*ORT_GRAPHS, CHECKPOINT)), accumulating)
 
     def exported_files(self) -> list[str]:
         return sorted(self.manifest.files)
@@ -264,7 +272,10 @@ class Bundle:
         roles = {portable.statistics_graph: ({m.input.name, "params"}, False)}
         targets = [("", m.input.name)] + ([(m.split.suffix_prefix, m.split.boundary)] if m.split else [])
         for prefix, data_input in targets:
-            roles[prefix + portable.train_step] = ({data_input, "labels", "lr", "step", *portable.state} | stats, True)
+            step_inputs = {data_input, "labels", "lr", "step", *portable.state} | stats
+            roles[prefix + portable.train_step] = (step_inputs, True)
+            if portable.accumulating_step:
+                roles[prefix + portable.accumulating_step] = (step_inputs | {GRAD_SUM, GRAD_SHARE}, True)
             roles[prefix + portable.forward] = ({data_input, "params"} | stats, True)
         if m.split is not None:
             roles[m.split.prefix_model] = ({m.input.name} | stats, False)

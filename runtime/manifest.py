@@ -34,8 +34,16 @@ MAX_BATCH = 1 << 16
 DEFAULT_BATCH, DEFAULT_EPOCHS = 32, 5
 
 
+MAX_ACCUMULATION = 1024
+
+
 def default_batch(m: "Manifest") -> int:
     return int(m.hyperparameters.get("batch_size", DEFAULT_BATCH))
+
+
+def default_accumulation(m: "Manifest") -> int:
+    """Micro-batches per update the export chose (`--trainable auto` on a small memory budget), else 1."""
+    return int(m.hyperparameters.get("accumulate", 1))
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,10 @@ class StateLayout:
     size: int
 
 
+GRAD_SUM, GRAD_SHARE = "grad_sum", "grad_share"  # the accumulating step's extra inputs
+ACCUMULATING_STEP = "train_step_accumulating.onnx"
+
+
 @dataclass(frozen=True)
 class PortableSpec:
     """The portable training step: standard-ONNX graphs any maintained engine runs (see runtime/COMPATIBILITY.md).
@@ -175,6 +187,9 @@ class PortableSpec:
     statistics: list[StateLayout] = field(default_factory=list)
     statistics_graph: str = ""
     statistics_sha256: str = ""  # of the exported statistics, which ONNX Runtime training's artifacts fold in
+    # gradient accumulation (0.4): the step with two more inputs, GRAD_SUM and GRAD_SHARE, and one more output
+    # GRAD_SUM + ".new", the gradient its update uses (COMPATIBILITY.md 4a); "" in bundles exported before
+    accumulating_step: str = ""
 
 
 @dataclass(frozen=True)
@@ -293,11 +308,13 @@ def referenced_files(m: "Manifest") -> list[str]:
     portable = m.portable
     names = [portable.train_step, portable.forward, portable.state_file]
     names += [portable.statistics_graph] if portable.statistics_graph else []
+    names += [portable.accumulating_step] if portable.accumulating_step else []
     names += [m.input.tokens.vocab_file] if m.input.tokens else []
     names += [m.lora.merged_forward] if m.lora else []
     if m.split is not None:
         names += [m.split.prefix_model, m.split.suffix_prefix + portable.train_step,
                   m.split.suffix_prefix + portable.forward]
+        names += [m.split.suffix_prefix + portable.accumulating_step] if portable.accumulating_step else []
     return names
 
 
@@ -378,7 +395,7 @@ def _hyperparameter_problems(given: dict[str, float]) -> list[tuple[bool, str]]:
         ("lr" in given and not (math.isfinite(given["lr"]) and given["lr"] > 0), "the default lr is not positive"),
         ("weight_decay" in given and not (math.isfinite(given["weight_decay"]) and given["weight_decay"] >= 0),
          "the default weight_decay is negative"),
-        whole("batch_size", MAX_BATCH), whole("epochs", 1_000_000),
+        whole("batch_size", MAX_BATCH), whole("epochs", 1_000_000), whole("accumulate", MAX_ACCUMULATION),
     ]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 
 from edgeadapt.runtime.errors import ExportError
-from edgeadapt.runtime.manifest import PortableSpec
+from edgeadapt.runtime.manifest import ACCUMULATING_STEP, PortableSpec
 from edgeadapt.runtime.state import digest
 from edgeadapt.toolchain.bn import statistics_graph, statistics_layout
 from edgeadapt.toolchain.split import build_split
@@ -77,10 +77,13 @@ def write_statistics_graph(graph: onnx.ModelProto, portable: PortableSpec, out_d
 
 def write_portable(graph: onnx.ModelProto, trainable: list[str], spec, out_dir: Path, prefix: str,
                    memory: dict[str, float], statistics: list | None = None):
-    graphs = build_train_step(graph, trainable, spec.loss, spec.optimizer, spec.groups, statistics=statistics or [])
+    graphs = build_train_step(graph, trainable, spec.loss, spec.optimizer, spec.groups, statistics=statistics or [],
+                              with_accumulating=True)
     spec = PortableSpec(layout=graphs.layout, state=graphs.state_names, opset=graphs.step.opset_import[0].version,
-                        ir_version=graphs.step.ir_version, statistics=list(statistics or []))
+                        ir_version=graphs.step.ir_version, statistics=list(statistics or []),
+                        accumulating_step=ACCUMULATING_STEP)
     onnx.save(graphs.step, str(out_dir / f"{prefix}{spec.train_step}"))
+    onnx.save(graphs.accumulating_step, str(out_dir / f"{prefix}{spec.accumulating_step}"))
     onnx.save(graphs.forward, str(out_dir / f"{prefix}{spec.forward}"))
     memory.update(memory_record(graphs, prefix))
     return spec

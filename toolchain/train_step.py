@@ -3,6 +3,10 @@
     train_step(input, [bn_stats], labels, lr, step, params, [adam_m, adam_v])
         -> loss, logits, params.new, [adam_m.new, adam_v.new]
 
+and its accumulating twin, which also takes `grad_sum` (the weighted gradient of earlier micro-batches, or [0])
+and `grad_share` (this micro-batch's share of the effective batch), updates with grad_sum + share · gradient and
+gives that sum as `grad_sum.new`: N micro-batches train as one N× batch (BN statistics are frozen).
+
 `params` holds every trainable tensor flattened into one vector (the layout is recorded in the manifest), so AdamW
 is a handful of vector ops whatever the model. Frozen weights stay initializers; BN running statistics come in as
 one more flat input, `bn_stats` (frozen: no gradient, no optimizer state), so a device can re-estimate them
@@ -20,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from edgeadapt.runtime.manifest import ParamGroup, StateLayout
+from edgeadapt.runtime.manifest import GRAD_SHARE, GRAD_SUM, ParamGroup, StateLayout
 from edgeadapt.toolchain.bn import folded_weights, statistics_as_input
 from edgeadapt.toolchain.fold import fold_constants
 from edgeadapt.toolchain.gradients import backward, prune
@@ -41,6 +45,7 @@ class PortableGraphs:
     constant_bytes: int = 0  # what the step's and the forward graph's sessions hold whatever the batch: their
     #                          initializers (frozen weights, the backward's private copies) and the per-element
     #                          group vectors the engine folds at load
+    accumulating_step: onnx.ModelProto | None = None
 
 
 def state_layout(model: onnx.ModelProto, trainable: list[str]) -> list[StateLayout]:
@@ -168,8 +173,9 @@ def build_gradient_graph(model: onnx.ModelProto, trainable: list[str], loss: str
 
 def build_train_step(model: onnx.ModelProto, trainable: list[str], loss: str, optimizer: str,
                      groups: list[ParamGroup] = (), output: str = "logits",
-                     statistics: list[StateLayout] = ()) -> PortableGraphs:
-    """The step; each tensor's update uses its group's lr multiplier and decay (ungrouped: 1 and none)."""
+                     statistics: list[StateLayout] = (), with_accumulating: bool = False) -> PortableGraphs:
+    """The step (and, `with_accumulating`, its accumulating twin); each tensor's update uses its group's lr
+    multiplier and decay (ungrouped: 1 and none)."""
     bw = _backward(model, trainable, loss, output, list(statistics))
     b = bw.builder
     total = sum(p.size for p in bw.layout)
@@ -189,7 +195,38 @@ def build_train_step(model: onnx.ModelProto, trainable: list[str], loss: str, op
     kept, largest = _activation_bytes(step, bw.base, b, bw.shapes)
     forward = build_forward(model, bw.layout, statistics)
     constants = initializer_bytes(step) + initializer_bytes(forward) + 4 * total * len(b.per_element_vectors)
-    return PortableGraphs(step, forward, bw.layout, state_names, kept, largest, constants)
+    return PortableGraphs(step, forward, bw.layout, state_names, kept, largest, constants,
+                          accumulating(step, bw.flat_grad, total) if with_accumulating else None)
+
+
+def accumulating(step: onnx.ModelProto, flat_grad: str, total: int) -> onnx.ModelProto:
+    """The step whose update reads grad_sum + grad_share · gradient (and gives that sum as grad_sum.new) instead of
+    the micro-batch's gradient alone. grad_sum may be [0] (broadcast): a first micro-batch needs no zero vector."""
+    result = copy.deepcopy(step)
+    graph = result.graph
+    names = _names(result)
+    scaled, summed = (_fresh(names, f"{flat_grad}_{tag}") for tag in ("shared", "summed"))
+    for node in graph.node:  # the update's nodes read the sum
+        node.input[:] = [summed if name == flat_grad else name for name in node.input]
+    producer = next(i for i, node in enumerate(graph.node) if flat_grad in node.output)
+    added = [helper.make_node("Mul", [flat_grad, GRAD_SHARE], [scaled], name=f"{scaled}_mul"),
+             helper.make_node("Add", [GRAD_SUM, scaled], [summed], name=f"{summed}_add"),
+             helper.make_node("Identity", [summed], [f"{GRAD_SUM}.new"], name=f"{GRAD_SUM}_out")]
+    for offset, node in enumerate(added, start=producer + 1):
+        graph.node.insert(offset, node)
+    graph.input.extend([_vector(GRAD_SUM, "grad_sum_size"),
+                        helper.make_tensor_value_info(GRAD_SHARE, TensorProto.FLOAT, [])])
+    graph.output.append(_vector(f"{GRAD_SUM}.new", total))
+    return result
+
+
+def _fresh(taken: set[str], hint: str) -> str:
+    name, n = hint, 0
+    while name in taken:
+        n += 1
+        name = f"{hint}_{n}"
+    taken.add(name)
+    return name
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from edgeadapt.runtime.errors import BackendError, UnknownNameError
+from edgeadapt.runtime.errors import BackendError, InternalError, UnknownNameError
 from edgeadapt.runtime.state import TrainState
 
 ENGINES = ("auto", "onnxruntime", "openvino", "ort-training")
@@ -32,11 +32,23 @@ class Engine(Protocol):
     def state(self) -> TrainState:
         """Current parameters and optimizer state (no progress)."""
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
-        """Forward, backward and update; a non-finite loss leaves the state unchanged."""
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float, share: float = 1.0) -> tuple[float, np.ndarray]:
+        """Forward, backward and update; a non-finite loss leaves the state unchanged. On an engine opened over
+        the accumulating step (`GraphFiles.accumulates`), the update uses the micro-batches accumulated since the
+        last update plus `share` × this batch's gradient."""
+
+    def accumulate(self, x: np.ndarray, y: np.ndarray, share: float) -> tuple[float, np.ndarray]:
+        """Accumulating step only: add `share` × this micro-batch's gradient (its share of the effective batch)
+        to the sum the next `train_step` updates with; parameters stay. `load` drops a pending sum."""
 
     def eval_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         """Loss and logits with the current parameters."""
+
+
+def check_share(accumulates: bool, share: float, update: bool) -> None:
+    """A micro-batch needs an engine over the accumulating step (the trainer opens one for --accumulate)."""
+    if not accumulates and (share != 1.0 or not update):
+        raise InternalError("micro-batches need an engine opened over the accumulating step")
 
 
 def resolve_engine(name: str, device: str) -> str:

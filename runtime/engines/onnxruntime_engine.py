@@ -8,8 +8,10 @@ import math
 import numpy as np
 
 from edgeadapt.runtime.data import as_model_input
+from edgeadapt.runtime.engines import check_share
 from edgeadapt.runtime.errors import BackendError
 from edgeadapt.runtime.losses import mean_loss
+from edgeadapt.runtime.manifest import GRAD_SHARE, GRAD_SUM
 from edgeadapt.runtime.ort import available_providers, onnxruntime_module, session_options
 from edgeadapt.runtime.state import STATISTICS_INPUT, TrainState, optimizer_vectors
 
@@ -63,6 +65,9 @@ class OnnxRuntimeEngine:
         self._values: dict = {}
         self._statistics: dict = {}  # {"bn_stats": OrtValue} when the graphs take BN statistics
         self._t = 0
+        self._accumulates = graphs.accumulates
+        self._pending = None  # the weighted gradient of this step's earlier micro-batches (OrtValue)
+        self._no_sum = self._ortvalue(np.zeros(1, np.float32)) if self._accumulates else None
 
     def _ortvalue(self, array: np.ndarray):
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), *self._where)
@@ -72,6 +77,7 @@ class OnnxRuntimeEngine:
         self._values = {name: self._ortvalue(value) for name, value in {"params": state.params, **moments}.items()}
         self._statistics = {STATISTICS_INPUT: self._ortvalue(state.statistics)} if state.statistics is not None \
             else {}
+        self._pending = None
 
     def state(self) -> TrainState:
         optimizer = {name: self._values[name].numpy() for name in self._state_names[1:]}
@@ -79,7 +85,24 @@ class OnnxRuntimeEngine:
         statistics = self._statistics[STATISTICS_INPUT].numpy() if self._statistics else None
         return TrainState(self._values["params"].numpy(), optimizer, statistics=statistics)
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float, share: float = 1.0) -> tuple[float, np.ndarray]:
+        outputs = self._run_step(x, y, lr, share, update=True)
+        loss, logits = float(outputs[0].numpy()), outputs[1].numpy()
+        if math.isfinite(loss):
+            self._values = dict(zip(self._state_names, outputs[2:]))
+            self._t += 1
+            self._pending = None
+        return loss, logits
+
+    def accumulate(self, x: np.ndarray, y: np.ndarray, share: float) -> tuple[float, np.ndarray]:
+        outputs = self._run_step(x, y, 0.0, share, update=False)
+        loss, logits = float(outputs[0].numpy()), outputs[1].numpy()
+        if math.isfinite(loss):
+            self._pending = outputs[2]
+        return loss, logits
+
+    def _run_step(self, x: np.ndarray, y: np.ndarray, lr: float, share: float, update: bool) -> list:
+        check_share(self._accumulates, share, update)
         binding = self._step.io_binding()
         binding.bind_cpu_input(self._step.get_inputs()[0].name, as_model_input(x))
         binding.bind_cpu_input("labels", np.ascontiguousarray(y))
@@ -90,15 +113,15 @@ class OnnxRuntimeEngine:
         self._bind_statistics(binding, self._step)
         binding.bind_output("loss", "cpu")
         binding.bind_output(self.manifest.output_name, "cpu")
-        for name in self._state_names:
+        if self._accumulates:
+            binding.bind_ortvalue_input(GRAD_SUM, self._pending or self._no_sum)
+            binding.bind_cpu_input(GRAD_SHARE, np.asarray(share, np.float32))
+        if not update:
+            binding.bind_output(f"{GRAD_SUM}.new", *self._where)
+        for name in self._state_names if update else ():
             binding.bind_output(f"{name}.new", *self._where)
         self._step.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        loss, logits = float(outputs[0].numpy()), outputs[1].numpy()
-        if math.isfinite(loss):
-            self._values = dict(zip(self._state_names, outputs[2:]))
-            self._t += 1
-        return loss, logits
+        return binding.get_outputs()
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         binding = self._forward.io_binding()

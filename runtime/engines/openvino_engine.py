@@ -8,8 +8,10 @@ import math
 import numpy as np
 
 from edgeadapt.runtime.data import as_model_input
+from edgeadapt.runtime.engines import check_share
 from edgeadapt.runtime.errors import BackendError
 from edgeadapt.runtime.losses import mean_loss
+from edgeadapt.runtime.manifest import GRAD_SHARE, GRAD_SUM
 from edgeadapt.runtime.ov import openvino_module, with_constant_input
 from edgeadapt.runtime.state import STATISTICS_INPUT, TrainState, optimizer_vectors
 
@@ -47,6 +49,9 @@ class OpenVinoEngine:
         self._values: dict[str, np.ndarray] = {}
         self._statistics: np.ndarray | None = None  # BN statistics, compiled into the models as constants
         self._t = 0
+        self._accumulates = graphs.accumulates
+        self._size = sum(p.size for p in manifest.portable.layout)
+        self._pending: np.ndarray | None = None  # the weighted gradient of this step's earlier micro-batches
 
     def _request(self, graph: str, batch: int):
         key = (graph, batch if self._static else -1)
@@ -55,7 +60,7 @@ class OpenVinoEngine:
             if self._statistics is not None:  # frozen during training: constants, folded into the weights
                 model = with_constant_input(model, STATISTICS_INPUT, self._statistics)
             if self._static:
-                model.reshape({p.get_any_name(): _batched(p, batch) for p in model.inputs})
+                model.reshape({p.get_any_name(): _batched(p, batch, self._size) for p in model.inputs})
             request = self._core.compile_model(model, self._target, self._config).create_infer_request()
             names = {name for port in request.model_inputs for name in port.get_names()}
             self._compiled[key] = (request, names)  # names: the inputs the compiled graph kept (unused are pruned)
@@ -68,6 +73,7 @@ class OpenVinoEngine:
         if not _same(statistics, self._statistics):
             self._compiled.clear()  # compiled with other statistics
         self._statistics = statistics
+        self._pending = None
 
     def state(self) -> TrainState:
         optimizer = {name: self._values[name].copy() for name in self._state_names[1:]}
@@ -75,17 +81,32 @@ class OpenVinoEngine:
         statistics = None if self._statistics is None else self._statistics.copy()
         return TrainState(self._values["params"].copy(), optimizer, statistics=statistics)
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
-        request, wanted = self._request("step", len(x))
-        feed = {0: as_model_input(x), "labels": np.ascontiguousarray(y),
-                "lr": np.asarray(lr, np.float32), "step": np.asarray(self._t + 1, np.int64), **self._values}
-        result = request.infer({k: v for k, v in feed.items() if k == 0 or k in wanted})
-        outputs = {k.get_any_name(): v for k, v in result.items()}
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float, share: float = 1.0) -> tuple[float, np.ndarray]:
+        outputs = self._run_step(x, y, lr, share, update=True)
         loss = float(outputs["loss"])
         if math.isfinite(loss):
             self._values = {name: np.array(outputs[f"{name}.new"], np.float32) for name in self._state_names}
             self._t += 1
+            self._pending = None
         return loss, np.array(outputs[self.manifest.output_name])
+
+    def accumulate(self, x: np.ndarray, y: np.ndarray, share: float) -> tuple[float, np.ndarray]:
+        outputs = self._run_step(x, y, 0.0, share, update=False)
+        loss = float(outputs["loss"])
+        if math.isfinite(loss):
+            self._pending = np.array(outputs[f"{GRAD_SUM}.new"], np.float32)
+        return loss, np.array(outputs[self.manifest.output_name])
+
+    def _run_step(self, x: np.ndarray, y: np.ndarray, lr: float, share: float, update: bool) -> dict:
+        check_share(self._accumulates, share, update)
+        request, wanted = self._request("step", len(x))
+        feed = {0: as_model_input(x), "labels": np.ascontiguousarray(y),
+                "lr": np.asarray(lr, np.float32), "step": np.asarray(self._t + 1, np.int64), **self._values}
+        if self._accumulates:
+            pending = self._pending if self._pending is not None else np.zeros(self._size, np.float32)
+            feed.update({GRAD_SUM: pending, GRAD_SHARE: np.asarray(share, np.float32)})
+        result = request.infer({k: v for k, v in feed.items() if k == 0 or k in wanted})
+        return {k.get_any_name(): v for k, v in result.items()}
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         request, _ = self._request("forward", len(x))
@@ -101,9 +122,11 @@ def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
 
-def _batched(port, batch: int) -> list[int]:
-    """The port's shape with the batch fixed (state vectors and scalars keep theirs)."""
+def _batched(port, batch: int, state_size: int) -> list[int]:
+    """The port's shape with the batch fixed (state vectors and scalars keep theirs; the gradient sum is fed whole)."""
     shape = port.get_partial_shape()
+    if port.get_any_name() == GRAD_SUM:
+        return [state_size]
     if shape.rank.get_length() == 0 or port.get_any_name() in ("lr", "step", "params", "adam_m", "adam_v"):
         return [d.get_length() for d in shape] if shape.is_static else shape
     return [batch, *[d.get_length() for d in list(shape)[1:]]]

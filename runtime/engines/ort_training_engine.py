@@ -29,6 +29,9 @@ def devices() -> list[str]:
 def create(bundle, graphs, device: str, threads: int | None, training: bool) -> "OrtTrainingEngine":
     training_api()  # a missing or broken plugin is the first thing to say
     _check_artifacts(bundle, graphs)
+    if graphs.accumulates:
+        raise BackendError("--accumulate trains through the portable step's accumulating graph, which the "
+                           "ort-training engine does not run: use --engine onnxruntime or openvino.")
     if training and not is_uniform(bundle.manifest):
         groups = ", ".join(f"{g.name} ×{g.lr_scale:g} decay {g.weight_decay:g}" for g in bundle.manifest.param_groups)
         raise BackendError(f"this bundle trains parameter groups ({groups}), and ONNX Runtime training's optimizer "
