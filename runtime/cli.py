@@ -12,7 +12,7 @@ from typing import List, Optional
 import typer
 
 from edgeadapt.runtime.engines import ENGINES
-from edgeadapt.runtime.manifest import DEFAULT_BATCH, DEFAULT_EPOCHS, default_batch
+from edgeadapt.runtime.manifest import DEFAULT_BATCH, DEFAULT_EPOCHS, default_accumulation, default_batch
 from edgeadapt.runtime.trainer import TrainConfig
 
 TRAIN = TrainConfig()  # the one owner of `train`'s defaults: the options below read them
@@ -96,6 +96,9 @@ def train(
     epochs: Optional[int] = typer.Option(None, "--epochs", help=f"Default: the bundle's ({DEFAULT_EPOCHS})."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help=f"Default: the bundle's ({DEFAULT_BATCH}, or "
                                              "the one --trainable auto chose)."),
+    accumulate: Optional[int] = typer.Option(None, "--accumulate", help="Micro-batches of --batch-size per update "
+                                             "(the effective batch, in one micro-batch's memory). Default: the "
+                                             "bundle's (1, or what --trainable auto chose)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Default: the bundle's (the head's; groups scale it)."),
     seed: int = typer.Option(TRAIN.seed, "--seed"),
     schedule: str = typer.Option(TRAIN.schedule, "--schedule", help="cosine | linear | constant (after warm-up)."),
@@ -132,10 +135,13 @@ def train(
         from edgeadapt.devices.fit import batch_for_profile
 
         wanted = batch_size or default_batch(opened.manifest)
-        batch_size, threads = batch_for_profile(bundle, profile, wanted, auto_batch, threads, split)
-        typer.echo(f"profile {profile}: batch {batch_size}, {threads} threads")
+        fit = batch_for_profile(bundle, profile, wanted, auto_batch, threads, split,
+                                accumulate or default_accumulation(opened.manifest))
+        batch_size, accumulate, threads = fit.batch_size, fit.accumulate, fit.threads
+        typer.echo(f"profile {profile}: {fit.describe()}")
 
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, schedule=schedule, warmup=warmup,
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, accumulate=accumulate, lr=lr, seed=seed,
+                         schedule=schedule, warmup=warmup,
                          val_split=val_split, patience=patience, max_minutes=max_minutes, augment=augment,
                          engine=engine, device=device, threads=threads, checkpoint_every=checkpoint_every,
                          resume=resume, split=split, prefix_device=prefix_device, prefix_int8=prefix_int8,

@@ -234,10 +234,13 @@ def _progress(text: str | None, source: str) -> Progress | None:
     return progress
 
 
+RECORDED_SINCE = {"accumulate": 1}  # settings that runs of older releases did not record, with the value they had
+
+
 def resumable(progress: Progress | None, run_config: dict) -> Progress:
     if progress is None or progress.finished:
         raise TrainingError("nothing to resume: the bundle has no unfinished run; start one without --resume.")
-    stored = json.loads(progress.run_config)
+    stored = {**RECORDED_SINCE, **json.loads(progress.run_config)}
     changed = [k for k in run_config if stored.get(k) != run_config[k]]
     if changed:
         raise TrainingError(f"--resume needs the interrupted run's settings, but {', '.join(changed)} changed "

@@ -26,7 +26,7 @@ from edgeadapt.runtime.data import Dataset, batch_inputs, load_dataset, split
 from edgeadapt.runtime.engines import Engine, open_engine, resolve_engine
 from edgeadapt.runtime.errors import ConfigError, DataError, TrainingError
 from edgeadapt.runtime.lock import bundle_lock
-from edgeadapt.runtime.manifest import DEFAULT_EPOCHS, default_batch
+from edgeadapt.runtime.manifest import DEFAULT_EPOCHS, MAX_ACCUMULATION, default_accumulation, default_batch
 from edgeadapt.runtime.metrics import RunningStats, evaluate_arrays
 from edgeadapt.runtime.schedule import SCHEDULES, learning_rate
 from edgeadapt.runtime.state import Progress, TrainState, digest, resumable
@@ -37,6 +37,8 @@ from edgeadapt.runtime.training_target import TrainingTarget
 class TrainConfig:
     epochs: int | None = None  # None: the bundle's (manifest hyperparameters), else DEFAULT_EPOCHS
     batch_size: int | None = None  # None: the bundle's (e.g. chosen by `--trainable auto`), else DEFAULT_BATCH
+    accumulate: int | None = None  # micro-batches per update (effective batch = batch_size × accumulate); None:
+    #                                the bundle's (`--trainable auto` may choose it), else 1
     lr: float | None = None  # None: the bundle's default (the head's rate; its groups scale it)
     seed: int = 0
     schedule: str = "cosine"
@@ -63,11 +65,14 @@ class TrainConfig:
         given = manifest.hyperparameters
         return dataclasses.replace(self, epochs=self.epochs or int(given.get("epochs", DEFAULT_EPOCHS)),
                                    batch_size=self.batch_size or default_batch(manifest),
+                                   accumulate=self.accumulate or default_accumulation(manifest),
                                    engine=resolve_engine(self.engine, self.device))
 
     def check(self) -> None:
         if (self.epochs is not None and self.epochs < 1) or (self.batch_size is not None and self.batch_size < 1):
             raise ConfigError("--epochs and --batch-size must be at least 1.")
+        if self.accumulate is not None and not 1 <= self.accumulate <= MAX_ACCUMULATION:
+            raise ConfigError(f"--accumulate must be between 1 and {MAX_ACCUMULATION} micro-batches per update.")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown --schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}.")
         if self.split not in ("auto", "on", "off"):
@@ -86,7 +91,7 @@ class TrainConfig:
     def run_settings(self, train_size: int) -> dict:
         """What a resumed run must share with the interrupted one."""
         keys = ("epochs", "batch_size", "lr", "seed", "schedule", "warmup", "val_split", "augment", "split",
-                "prefix_device", "prefix_int8", "engine")
+                "prefix_device", "prefix_int8", "engine", "accumulate")
         return {**{k: getattr(self, k) for k in keys}, "train_size": train_size}
 
 
@@ -181,7 +186,8 @@ class Trainer:
             leftover.unlink(missing_ok=True)
 
     def _engine(self) -> Engine:
-        graphs = self.bundle.graphs(split=training_target.wants_split(self.bundle, self.config.split))
+        graphs = self.bundle.graphs(split=training_target.wants_split(self.bundle, self.config.split),
+                                    accumulating=self.config.accumulate > 1)
         return open_engine(self.bundle, graphs, self.config.engine, self.config.device, self.config.threads)
 
     def _save(self, engine: Engine, progress: Progress, with_optimizer: bool = True) -> None:
@@ -256,7 +262,8 @@ class Trainer:
 
     def _epochs(self, engine, progress, train, val, summary, deadline) -> str:
         cfg = self.config
-        per_epoch = math.ceil(len(train) / cfg.batch_size)
+        effective = cfg.batch_size * cfg.accumulate  # samples per update
+        per_epoch = math.ceil(len(train) / effective)
         total = cfg.epochs * per_epoch
         base_lr = cfg.lr or self.manifest.hyperparameters["lr"]
 
@@ -271,7 +278,7 @@ class Trainer:
             lr = current_lr()  # also set when a resume lands after the epoch's last batch
             for batch in range(progress.batch, per_epoch):
                 lr = current_lr()
-                self._step(engine, train, order[batch * cfg.batch_size:(batch + 1) * cfg.batch_size],
+                self._step(engine, train, order[batch * effective:(batch + 1) * effective],
                            (cfg.seed, progress.epoch, batch), lr, stats)
                 progress.step, progress.batch = progress.step + 1, batch + 1
                 if self.on_batch:
@@ -288,17 +295,27 @@ class Trainer:
         return "completed"
 
     def _step(self, engine, train, index, position, lr, stats) -> None:
+        """One update from the effective batch `index`: micro-batches of `batch_size` accumulated, each weighted by
+        its share of the samples, so the update is the whole batch's (BN statistics are frozen)."""
         rng = np.random.default_rng([*position, 1]) if self.config.augment and train.is_image else None
-        x = batch_inputs(train, index, self.manifest, rng)
-        if self.target.per_batch is not None:
-            x = self.target.per_batch(x)
-        y = train.targets[index]
-        loss, logits = engine.train_step(x, y, lr)
-        if not math.isfinite(loss):
-            raise _Diverged()
+        micro = [index[i:i + self.config.batch_size] for i in range(0, len(index), self.config.batch_size)]
+        for number, part in enumerate(micro, start=1):
+            x = batch_inputs(train, part, self.manifest, rng)
+            if self.target.per_batch is not None:
+                x = self.target.per_batch(x)
+            y = train.targets[part]
+            share = len(part) / len(index)
+            if number < len(micro):
+                loss, logits = engine.accumulate(x, y, share)
+            elif len(micro) > 1:
+                loss, logits = engine.train_step(x, y, lr, share)
+            else:
+                loss, logits = engine.train_step(x, y, lr)
+            if not math.isfinite(loss):
+                raise _Diverged()
+            stats.add(loss, logits, y)
         if self._anchor is not None:
             self._pull_to_anchor(engine, lr)
-        stats.add(loss, logits, y)
 
     def _pull_to_anchor(self, engine, lr: float) -> None:
         """FedProx's proximal term mu/2·|w - w_global|², applied decoupled from Adam like AdamW's weight decay:
