@@ -43,14 +43,14 @@ class BenchCase:
 
 
 def run_case(bundle: Path, batch: int, threads: int, steps: int, warmup: int, split: bool = False,
-             engine: str = "auto", device: str = "cpu", inference: bool = True) -> dict:
+             engine: str = "auto", device: str = "cpu", inference: bool = True, accumulate: int = 1) -> dict:
     env = {**os.environ, **{name: str(threads) for name in THREAD_VARIABLES}}
     # `-m` puts the working folder first on sys.path: run from a neutral one, so that an installed edgeadapt is
     # not shadowed by a source checkout's `edgeadapt/` folder the user happens to stand in
     command = [sys.executable, "-m", "edgeadapt.devices.bench_case", str(Path(bundle).resolve()), str(batch),
                str(threads),
                str(steps), str(warmup), "--engine", engine, "--device", device] + (["--split"] if split else []) + \
-        ([] if inference else ["--no-inference"])
+        ([] if inference else ["--no-inference"]) + ["--accumulate", str(accumulate)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600, cwd=tempfile.gettempdir())
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["killed"])[-1]

@@ -50,14 +50,15 @@ def _batch(bundle, batch: int, seed: int = 0):
 
 
 def time_training(bundle, batch: int, threads: int, steps: int, warmup: int, engine: str = "auto",
-                  device: str = "cpu", split: bool = False) -> list[float]:
+                  device: str = "cpu", split: bool = False, accumulate: int = 1) -> list[float]:
     """Step times of the engine `train` would open (same factory, same session options). A split bundle's path in
-    an uncached epoch is prefix inference, then a suffix step."""
+    an uncached epoch is prefix inference, then a suffix step. `accumulate` > 1: each time is one update of that
+    many micro-batches of `batch` (`train --accumulate`)."""
     from edgeadapt.runtime.engines import open_engine
     from edgeadapt.runtime.prefix import PrefixRunner
     from edgeadapt.runtime.training_target import PREFIX_BATCH
 
-    opened = open_engine(bundle, bundle.graphs(split), engine, device, threads)
+    opened = open_engine(bundle, bundle.graphs(split, accumulating=accumulate > 1), engine, device, threads)
     state = bundle.load_state()
     opened.load(state)
     runner = PrefixRunner(bundle.read_graph(bundle.manifest.split.prefix_model), threads=threads,
@@ -67,8 +68,12 @@ def time_training(bundle, batch: int, threads: int, steps: int, warmup: int, eng
     times = []
     for i in range(warmup + steps):
         started = time.perf_counter()
-        inputs = np.concatenate([runner(x[j:j + chunk]) for j in range(0, len(x), chunk)]) if runner else x
-        opened.train_step(inputs, y, 1e-4)
+        for k in range(accumulate):
+            inputs = np.concatenate([runner(x[j:j + chunk]) for j in range(0, len(x), chunk)]) if runner else x
+            if k + 1 < accumulate:
+                opened.accumulate(inputs, y, 1 / accumulate)
+            else:
+                opened.train_step(inputs, y, 1e-4, 1 / accumulate)
         if i >= warmup:
             times.append((time.perf_counter() - started) * 1000)
     return times
@@ -135,7 +140,7 @@ def _option(argv: list[str], name: str, default: str) -> str:
 
 
 def main(argv: list[str]) -> None:  # imports inside the functions: the import cost is what is measured
-    """BUNDLE BATCH THREADS STEPS WARMUP [--split] [--no-inference] [--engine E] [--device D]"""
+    """BUNDLE BATCH THREADS STEPS WARMUP [--split] [--no-inference] [--engine E] [--device D] [--accumulate N]"""
     bundle_path, batch, threads, steps, warmup = argv[0], *map(int, argv[1:5])
     engine, device = _option(argv, "--engine", "auto"), _option(argv, "--device", "cpu")
     started = time.perf_counter()
@@ -147,7 +152,8 @@ def main(argv: list[str]) -> None:  # imports inside the functions: the import c
     import_s, import_rss = time.perf_counter() - started, rss_mb()
     bundle = Bundle.open(bundle_path)
     split = "--split" in argv and bundle.manifest.split is not None
-    times = time_training(bundle, batch, threads, steps, warmup, engine, device, split)
+    times = time_training(bundle, batch, threads, steps, warmup, engine, device, split,
+                          int(_option(argv, "--accumulate", "1")))
     peak = peak_rss_mb()
     result = {"step_ms": times, "import_s": import_s, "import_rss_mb": import_rss, "peak_rss_mb": peak}
     if "--no-inference" not in argv:

@@ -16,7 +16,7 @@ copies at once) and training (the resident constants, the state, the kept activa
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from edgeadapt.devices.profiles import load_profiles
 from edgeadapt.runtime.manifest import SUFFIX_PREFIX, Manifest, default_batch
@@ -56,22 +56,28 @@ class MemoryPlan:
 
 
 def price(trainable_params: int, total_params: int, moments: int, memory: dict[str, float], batch: int,
-          split: bool, kind: str = "image") -> MemoryPlan:
+          split: bool, kind: str = "image", accumulating: bool = False) -> MemoryPlan:
     """The one pricing function: the planned peak of training `trainable_params` of a model of `total_params` with
     `moments` optimizer moments and the memory record `memory` (per-sample bytes, as the manifest keeps them), as a
     whole graph or as a split run (the suffix trains while the prefix's inference session holds the frozen weights
     too). `inspect`, `train --profile/--auto-batch`, `--trainable auto` and `--trainable sparse` all price here.
-    `kind`: the input kind (manifest.input.kind), which picks the calibration."""
+    `kind`: the input kind (manifest.input.kind), which picks the calibration. `accumulating`: micro-batches of
+    `batch` accumulated (`--accumulate`): the step also holds the gradient sum it is fed and the one it gives."""
     if kind in SEQUENCE_KINDS and f"{SUFFIX_PREFIX if split else ''}constant_bytes" in memory:
-        return _sequence_plan(trainable_params, moments, memory, batch, SUFFIX_PREFIX if split else "")
-    frozen = total_params - trainable_params
-    weights_mb = (2 * frozen + trainable_params if split else total_params) * 4 / MB
-    return _plan_numbers(trainable_params, moments, memory, batch, weights_mb, SUFFIX_PREFIX if split else "")
+        plan = _sequence_plan(trainable_params, moments, memory, batch, SUFFIX_PREFIX if split else "")
+    else:
+        frozen = total_params - trainable_params
+        weights_mb = (2 * frozen + trainable_params if split else total_params) * 4 / MB
+        plan = _plan_numbers(trainable_params, moments, memory, batch, weights_mb, SUFFIX_PREFIX if split else "")
+    if not accumulating:
+        return plan
+    sums = 2 * trainable_params * 4 / MB
+    return replace(plan, gradients_mb=plan.gradients_mb + sums, total_mb=plan.total_mb + sums)
 
 
-def _plan(manifest: Manifest, batch: int, split: bool) -> MemoryPlan:
+def _plan(manifest: Manifest, batch: int, split: bool, accumulating: bool = False) -> MemoryPlan:
     return price(manifest.trainable_params, manifest.trainable_params + manifest.frozen_params,
-                 len(manifest.portable.state) - 1, manifest.memory, batch, split, manifest.input.kind)
+                 len(manifest.portable.state) - 1, manifest.memory, batch, split, manifest.input.kind, accumulating)
 
 
 def _sequence_plan(trainable_params: int, moments: int, memory: dict[str, float], batch: int,
@@ -117,18 +123,18 @@ def plan_split_memory(manifest: Manifest, batch_size: int) -> MemoryPlan:
     return _plan(manifest, batch_size, split=True)
 
 
-def planned_peak(manifest: Manifest, batch_size: int, split: bool = False) -> float:
-    """Predicted peak MB of whole-graph training, or of a split run when `split` (and the bundle is split)."""
-    plan = plan_split_memory if split and manifest.split is not None else plan_memory
-    return plan(manifest, batch_size).total_mb
+def planned_peak(manifest: Manifest, batch_size: int, split: bool = False, accumulating: bool = False) -> float:
+    """Predicted peak MB of whole-graph training, or of a split run when `split` (and the bundle is split), with
+    micro-batches of `batch_size` accumulated when `accumulating`."""
+    return _plan(manifest, batch_size, split and manifest.split is not None, accumulating).total_mb
 
 
 def largest_fitting_batch(manifest: Manifest, budget_mb: float, limit: int = 512,
-                          split: bool = False) -> tuple[int, float]:
+                          split: bool = False, accumulating: bool = False) -> tuple[int, float]:
     """(largest power-of-two batch size whose predicted peak fits `budget_mb`, its peak); (0, 0.0) if none."""
     best, peak, batch = 0, 0.0, 1
     while batch <= limit:
-        needed = planned_peak(manifest, batch, split)
+        needed = planned_peak(manifest, batch, split, accumulating)
         if needed > budget_mb:
             break
         best, peak, batch = batch, needed, batch * 2

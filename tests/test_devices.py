@@ -1,5 +1,6 @@
 """Device profiles, the memory planner, fitting a batch into a profile, and `edgeadapt bench`."""
 
+import functools
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from conftest import run_cli
 from edgeadapt.devices.fit import batch_for_profile
-from edgeadapt.devices.planner import plan_memory
+from edgeadapt.devices.planner import plan_memory, planned_peak
 from edgeadapt.devices.profiles import get_profile, load_profiles
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.errors import ConfigError, UnknownNameError
@@ -80,10 +81,12 @@ def test_profile_budget_refuses_or_picks_a_batch(mobilenet_bundles):
     full = mobilenet_bundles["full"]
     with pytest.raises(ConfigError, match="MB over raspberry-pi-4's budget"):
         batch_for_profile(full, "raspberry-pi-4", 32, auto=False, threads=None)
-    batch, threads = batch_for_profile(full, "raspberry-pi-4", 32, auto=True, threads=None)
+    fit = batch_for_profile(full, "raspberry-pi-4", 32, auto=True, threads=None)
     manifest = Bundle.open(full).manifest
-    assert plan_memory(manifest, batch).total_mb <= 1500 < plan_memory(manifest, batch * 2).total_mb
-    assert threads == 4
+    priced = functools.partial(planned_peak, manifest, accumulating=True)
+    assert priced(fit.batch_size) <= 1500 < priced(fit.batch_size * 2)
+    assert fit.batch_size * fit.accumulate == 32 and fit.accumulate > 1  # micro-batches up to the batch asked for
+    assert fit.threads == 4
 
 
 @pytest.mark.slow  # CLI subprocesses; CI runs it
@@ -162,9 +165,11 @@ def test_auto_picks_by_budget_and_each_pick_fits_when_measured(tmp_path):
         assert result.returncode == 0, result.stderr
         manifest = Bundle.open(out).manifest
         batch = int(manifest.hyperparameters["batch_size"])
+        accumulate = int(manifest.hyperparameters.get("accumulate", 1))  # micro-batches where memory forces them
         picks[name] = (manifest.preset, batch)
         assert any("trainable auto" in note for note in manifest.notes)
-        measured = run_case(out, batch, 2, steps=2, warmup=1)["peak_rss_mb"]
+        assert accumulate == 1 or (batch < 8 <= batch * accumulate and manifest.preset != "head"), manifest.notes
+        measured = run_case(out, batch, 2, steps=2, warmup=1, accumulate=accumulate)["peak_rss_mb"]
         assert measured <= budget, (name, manifest.preset, batch, measured)
     assert picks["small"] != picks["large"] and picks["large"] == ("full", 32)
     assert picks["sparse"][0] == "sparse" and picks["small"][0] != "sparse"

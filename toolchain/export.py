@@ -280,8 +280,8 @@ def _adapted_sources(opts: ExportOptions):
 def _choose_auto(opts: ExportOptions, source: Source, adapted) -> ExportOptions:
     if not opts.profile:
         raise ConfigError("--trainable auto needs --profile (a device profile name or TOML file) to fit.")
-    preset, batch, reasons = choose(source, opts, get_profile(opts.profile), adapted=adapted)
-    return replace(opts, trainable=preset, auto_notes=tuple(reasons), auto_batch=batch)
+    preset, batch, accumulate, reasons = choose(source, opts, get_profile(opts.profile), adapted=adapted)
+    return replace(opts, trainable=preset, auto_notes=tuple(reasons), auto_batch=batch, auto_accumulate=accumulate)
 
 
 def _auto_source(opts: ExportOptions, source: Source) -> tuple[ExportOptions, Source]:
@@ -296,10 +296,10 @@ def _auto_source(opts: ExportOptions, source: Source) -> tuple[ExportOptions, So
     try:
         return chosen, make_source(chosen)
     except ConfigError as exc:
-        preset, batch, reasons = choose(source, opts, get_profile(opts.profile), skip=(chosen.trainable,),
-                                        adapted=adapted)
+        preset, batch, accumulate, reasons = choose(source, opts, get_profile(opts.profile),
+                                                    skip=(chosen.trainable,), adapted=adapted)
         notes = (f"sparse: {exc}", *reasons)
-        return replace(opts, trainable=preset, auto_notes=notes, auto_batch=batch), source
+        return replace(opts, trainable=preset, auto_notes=notes, auto_batch=batch, auto_accumulate=accumulate), source
 
 
 def write_manifest(staging: Path, manifest: Manifest, sign_key: Path | None) -> None:

@@ -51,6 +51,7 @@ class ExportOptions:
     profile: str | None = None  # with trainable="auto": the device profile (name or TOML file) to fit
     auto_notes: tuple[str, ...] = ()  # why `auto` chose the preset (recorded in the manifest)
     auto_batch: int | None = None
+    auto_accumulate: int = 1  # micro-batches per update `auto` chose where memory forced a batch under MIN_BATCH
     budget_mb: float | None = None  # with trainable="sparse": planned peak training memory to fit (else the profile's)
     calibration: Path | None = None  # with trainable="sparse": labelled samples (the user's, or a proxy) to score
     threads: int | None = None  # torch's and the validation sessions' (None: export_threads)

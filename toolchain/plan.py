@@ -40,10 +40,12 @@ class TrainingSpec:
     epochs: int
     backbone_lr_ratio: float
     groups: list[ParamGroup]
+    accumulate: int = 1  # micro-batches of batch_size per update (`auto` on a small memory budget)
 
     def hyperparameters(self) -> dict[str, float]:
+        accumulate = {"accumulate": float(self.accumulate)} if self.accumulate > 1 else {}
         return {"lr": self.lr, "batch_size": float(self.batch_size), "epochs": float(self.epochs),
-                "weight_decay": self.weight_decay, "backbone_lr_ratio": self.backbone_lr_ratio}
+                "weight_decay": self.weight_decay, "backbone_lr_ratio": self.backbone_lr_ratio, **accumulate}
 
 
 def backbone_lr_ratio(requested: float | None, weights: str) -> float:
@@ -72,7 +74,7 @@ def parameter_groups(trainable: list[str], head: list[str], ranks: dict[str, int
 
 
 def training_spec(opts, weights: str, trainable: list[str], head: list[str], ranks: dict[str, int],
-                  batch_size: int | None = None, adapters: list[str] = ()) -> TrainingSpec:
+                  batch_size: int | None = None, adapters: list[str] = (), accumulate: int = 1) -> TrainingSpec:
     """The spec of an export with options `opts` (ExportOptions) over these tensors."""
     decay = opts.weight_decay if opts.optimizer == "adamw" else 0.0
     ratio = backbone_lr_ratio(opts.backbone_lr_ratio, weights)
@@ -80,7 +82,7 @@ def training_spec(opts, weights: str, trainable: list[str], head: list[str], ran
     base = (ADAPTED_BASE_LR if adapters else BASE_LR)[opts.optimizer]
     return TrainingSpec(loss=opts.loss, optimizer=opts.optimizer, lr=opts.lr or base,
                         weight_decay=decay, batch_size=batch_size or DEFAULT_BATCH, epochs=DEFAULT_EPOCHS,
-                        backbone_lr_ratio=ratio, groups=groups)
+                        backbone_lr_ratio=ratio, groups=groups, accumulate=accumulate)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ def make_plan(opts, source, lists) -> TrainingPlan:
     """The plan of an export with options `opts` (ExportOptions) over `source` (stages.Source)."""
     ranks = {init.name: len(init.dims) for init in source.graph.graph.initializer}
     adapters = [name for t in source.lora.targets for name in (t.a, t.b)] if source.lora else []
-    spec = training_spec(opts, source.weights, lists.trainable, source.head, ranks, opts.auto_batch, adapters)
+    spec = training_spec(opts, source.weights, lists.trainable, source.head, ranks, opts.auto_batch, adapters,
+                         opts.auto_accumulate)
     return TrainingPlan(opts.trainable, lists, spec, opts.bn, opts.split, opts.ort_format, tuple(opts.auto_notes),
                         opts.profile)

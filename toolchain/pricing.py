@@ -23,9 +23,9 @@ class Pricing:
     batch: int
     kind: str = "image"  # the input kind: picks the planner's calibration
 
-    def peak(self, trainable: int) -> float:
+    def peak(self, trainable: int, accumulating: bool = False) -> float:
         return price(trainable, self.total_params, self.moments, self.memory, self.batch, self.split,
-                     self.kind).total_mb
+                     self.kind, accumulating).total_mb
 
     @property
     def mb_per_param(self) -> float:
