@@ -94,8 +94,8 @@ def member_from_node(context: Context) -> Member:
     if "bundle" not in node or "data" not in node:
         raise ConfigError("this SuperNode has no bundle/data node config; start it with `edgeadapt fleet client "
                           "BUNDLE DATA --server HOST:PORT`.")
-    config = TrainConfig(engine=str(node.get("engine", "auto")), device=str(node.get("device", "cpu")),
-                         threads=int(node["threads"]) if "threads" in node else None)
+    counts = {key: int(node[key]) for key in ("threads", "batch_size", "accumulate") if key in node}
+    config = TrainConfig(engine=str(node.get("engine", "auto")), device=str(node.get("device", "cpu")), **counts)
     return Member.open(str(node["bundle"]), str(node["data"]), config)
 
 

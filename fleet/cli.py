@@ -16,6 +16,9 @@ _STRATEGY = typer.Option("fedavg", "--strategy", help="fedavg | fedprox (Flower'
 _MU = typer.Option(0.01, "--proximal-mu", help="FedProx's proximal weight.")
 _CLIP = typer.Option(0.0, "--clip", help="Clip each client's update to this L2 norm (0: no clipping).")
 _NOISE = typer.Option(0.0, "--dp-noise", help="With --clip: Gaussian noise multiplier (Flower's central DP).")
+_BATCH = typer.Option(None, "--batch-size", help="Each client's (micro-)batch (default: the bundle's).")
+_ACCUMULATE = typer.Option(None, "--accumulate", help="Micro-batches per update: an effective batch of N × batch "
+                           "within one micro-batch's memory (default: the bundle's).")
 _PERSONALIZE = typer.Option(1, "--personalize-epochs", help="Local epochs from the global model when evaluating.")
 
 
@@ -47,6 +50,7 @@ def simulate(bundle: Path = typer.Argument(..., help="Bundle folder (left unchan
              personalize_epochs: int = _PERSONALIZE, strategy: str = _STRATEGY, proximal_mu: float = _MU,
              clip: float = _CLIP, dp_noise: float = _NOISE, seed: int = typer.Option(0, "--seed"),
              engine: str = typer.Option("auto", "--engine"),
+             batch_size: Optional[int] = _BATCH, accumulate: Optional[int] = _ACCUMULATE,
              workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keep the clients' bundles here."),
              as_json: bool = typer.Option(False, "--json")):
     """Simulate a fleet on this machine with Flower's simulation engine; compare with clients training alone."""
@@ -55,8 +59,8 @@ def simulate(bundle: Path = typer.Argument(..., help="Bundle folder (left unchan
 
     options = SimulationOptions(clients=clients, rounds=rounds, local_epochs=local_epochs, alpha=non_iid,
                                 personalize_epochs=personalize_epochs, strategy=strategy, proximal_mu=proximal_mu,
-                                clip=clip, dp_noise=dp_noise, seed=seed, engine=engine,
-                                workdir=str(workdir) if workdir else None)
+                                clip=clip, dp_noise=dp_noise, seed=seed, engine=engine, batch_size=batch_size,
+                                accumulate=accumulate, workdir=str(workdir) if workdir else None)
     report = run(bundle, data, options)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
@@ -110,7 +114,8 @@ def client(bundle: Path = typer.Argument(..., help="This device's copy of the se
            data: Path = typer.Argument(..., help="This device's data (never leaves it)."),
            server: str = typer.Option(..., "--server", help="The fleet server's HOST:PORT."),
            engine: str = typer.Option("auto", "--engine"), device: str = typer.Option("cpu", "--device"),
-           threads: Optional[int] = typer.Option(None, "--threads")):
+           threads: Optional[int] = typer.Option(None, "--threads"),
+           batch_size: Optional[int] = _BATCH, accumulate: Optional[int] = _ACCUMULATE):
     """Join a fleet as a Flower SuperNode; runs until stopped (Ctrl-C)."""
     from edgeadapt.fleet import flower
 
@@ -119,7 +124,8 @@ def client(bundle: Path = typer.Argument(..., help="This device's copy of the se
 
     typer.echo(f"fleet client: joining {server} as a Flower SuperNode (Flower's log: {bundle / 'fleet_client.log'})",
                err=True)
-    raise typer.Exit(join(str(bundle), str(data), server, engine, device, threads))
+    raise typer.Exit(join(str(bundle), str(data), server, engine, device, threads, batch_size=batch_size,
+                          accumulate=accumulate))
 
 
 def register(app: typer.Typer) -> None:

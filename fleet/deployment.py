@@ -204,20 +204,23 @@ def _stop(process: subprocess.Popen, group: bool = False) -> None:
 
 
 def join(bundle: str, data: str, server: str, engine: str = "auto", device: str = "cpu",
-         threads: int | None = None, log_path: Path | None = None) -> int:
+         threads: int | None = None, log_path: Path | None = None, batch_size: int | None = None,
+         accumulate: int | None = None) -> int:
     """Run a SuperNode for this bundle and data until it is stopped (Ctrl-C), the SuperLink goes away, or the
     server's bundle turns out to differ from this one (then one line and exit code 2). Flower's own log goes to
     `log_path` (default: fleet_client.log in the bundle)."""
     from edgeadapt.fleet.apps import REFUSED_FILE
     from edgeadapt.fleet.local import Member
+    from edgeadapt.runtime.trainer import TrainConfig
 
-    Member.open(bundle, data)  # a wrong bundle or unusable data fails here, in one line, not inside Flower
+    settings = {key: value for key, value in (("threads", threads), ("batch_size", batch_size),
+                                              ("accumulate", accumulate)) if value}
+    Member.open(bundle, data, TrainConfig(**settings))  # a wrong bundle, unusable data or settings fail here, in
+    #                                                      one line, not inside Flower
     refused = Path(bundle) / REFUSED_FILE
     refused.unlink(missing_ok=True)
     node = {"bundle": str(Path(bundle).resolve()), "data": str(Path(data).resolve()), "engine": engine,
-            "device": device}
-    if threads:
-        node["threads"] = threads
+            "device": device, **settings}
     node_config = " ".join(f"{key}={_toml_value(value)}" for key, value in node.items())
     command = [_tool("flower-supernode"), "--insecure", "--superlink", server, "--node-config", node_config,
                "--port", str(free_port())]

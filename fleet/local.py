@@ -88,7 +88,11 @@ class Member:
         bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         dataset = data if isinstance(data, Dataset) else load_data(data, bundle)
         train, kept = split(dataset, held_out, seed=0)
-        return cls(bundle, train, kept, replace(config, val_split=0.0).for_bundle(bundle.manifest))
+        config = replace(config, val_split=0.0).for_bundle(bundle.manifest)
+        config.check()
+        if config.accumulate > 1:
+            bundle.graphs(accumulating=True)  # refused here, in one line, if the bundle has no accumulating step
+        return cls(bundle, train, kept, config)
 
     def train_on(self, arrays: dict[str, np.ndarray], epochs: int, seed: int = 0, proximal_mu: float = 0.0,
                  **settings) -> dict[str, np.ndarray]:

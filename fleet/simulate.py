@@ -50,6 +50,8 @@ class SimulationOptions:
     dp_noise: float = 0.0
     seed: int = 0
     engine: str = "auto"
+    batch_size: int | None = None  # each client's (micro-)batch; None: the bundle's
+    accumulate: int | None = None  # micro-batches per update; None: the bundle's
     workdir: str | None = None  # keep the clients' bundles here (default: a temporary folder)
     parallel: int | None = None  # clients trained at once (default: the CPU count)
 
@@ -91,7 +93,8 @@ def _threads(options: SimulationOptions) -> int:
 
 def simulation_member(root: Path, client: int, options: SimulationOptions) -> Member:
     folder = root / "clients" / str(client)
-    config = TrainConfig(engine=options.engine, threads=_threads(options))
+    config = TrainConfig(engine=options.engine, threads=_threads(options), batch_size=options.batch_size,
+                         accumulate=options.accumulate)
     return Member.open(folder / "bundle", folder / f"data{PREPARED}", config)
 
 

@@ -57,6 +57,26 @@ def test_member_round_moves_only_trainable_tensors_and_refuses_foreign_bundles(f
         check_fingerprint(bundle, fingerprint(other))
 
 
+def test_a_member_accumulates_micro_batches_as_its_node_config_says(bundle_factory, digits, tmp_path):
+    """`fleet client --batch-size 16 --accumulate 4` reaches the member as node config; its round trains as one at
+    batch 64 (to fp32 rounding), and an accumulation out of range is refused before Flower starts."""
+    from types import SimpleNamespace
+
+    from edgeadapt.fleet.apps import member_from_node
+
+    template = bundle_factory("tiny_mlp", "full", optimizer="adamw")
+    micro_path, big_path = (shutil.copytree(template, tmp_path / name) for name in ("micro", "big"))
+    node = {"bundle": str(micro_path), "data": str(digits["train"]), "batch_size": 16, "accumulate": 4}
+    micro = member_from_node(SimpleNamespace(node_config=node))
+    assert (micro.config.batch_size, micro.config.accumulate) == (16, 4)
+    big = Member.open(big_path, digits["train"], TrainConfig(batch_size=64))
+    start = trainable_arrays(micro.bundle)
+    by_micro, by_big = _flat(micro.train_on(start, epochs=2, seed=1)), _flat(big.train_on(start, epochs=2, seed=1))
+    assert np.linalg.norm(by_micro - by_big) <= 1e-5 * np.linalg.norm(by_big)
+    with pytest.raises(ConfigError, match="--accumulate"):
+        Member.open(big_path, digits["train"], TrainConfig(accumulate=5000))
+
+
 def test_proximal_term_keeps_local_training_near_the_global_model(fresh_bundle, digits):
     path = fresh_bundle("tiny_mlp", "full")
     bundle = Bundle.open(path)
