@@ -294,21 +294,25 @@ def test_node_cli_trains_text_and_speech_bundles_as_python_does(js_runtime, bund
         assert predicted[1].returncode == 0 and predicted[1].stdout == predicted[0].stdout
 
 
-@pytest.mark.parametrize("preset", ["head", "full"])
-def test_same_steps_give_the_same_state_file(js_runtime, bundle_factory, digit_image_npz, tmp_path, preset):
+@pytest.mark.parametrize("preset,accumulation", [("head", ()), ("full", ()), ("head", ("--accumulate", "3")),
+                                                ("full", ("--accumulate", "2"))])
+def test_same_steps_give_the_same_state_file(js_runtime, bundle_factory, digit_image_npz, tmp_path, preset,
+                                             accumulation):
     """20+ steps on each runtime from the same bundle: identical tensors and progress with the same onnxruntime
     release (the plugin's host); with another (a host without the plugin), tensors and losses as close as two releases'
-    kernels allow. Head trains a split bundle's suffix on prefix features in both."""
+    kernels allow. Head trains a split bundle's suffix on prefix features in both; with `--accumulate`, each update
+    is accumulated micro-batches (the accumulating step) in both."""
     import onnxruntime
 
     versions = json.loads(node("import ort from 'onnxruntime-node'; console.log(JSON.stringify(ort.env.versions))"))
     template = bundle_factory("tiny_cnn", preset, input_size=(16,))
     python, javascript = copies(template, tmp_path, "python", "javascript")
-    assert run_cli("train", python, digit_image_npz, *TRAIN, "--quiet").returncode == 0
-    done = js("train", javascript, digit_image_npz, *TRAIN)
+    assert run_cli("train", python, digit_image_npz, *TRAIN, *accumulation, "--quiet").returncode == 0
+    done = js("train", javascript, digit_image_npz, *TRAIN, *accumulation)
     assert done.returncode == 0, done.stderr
     (py_header, py_body, py_progress), (js_header, js_body, js_progress) = state_parts(python), state_parts(javascript)
-    assert py_progress["step"] >= 20
+    assert py_progress["step"] >= 20 and json.loads(py_progress["run_config"])["accumulate"] == \
+        int(accumulation[-1] if accumulation else 1)
     if versions["node"] == onnxruntime.__version__:
         assert js_header == py_header and js_body == py_body
         assert_same_progress(py_progress, js_progress)

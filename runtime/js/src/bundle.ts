@@ -30,7 +30,12 @@ export interface GraphFiles {
   inputName: string;
   trainStep: string;
   forward: string;
+  /** trainStep is the accumulating step (micro-batches: `PortableEngine.accumulate`) */
+  accumulates: boolean;
 }
+
+/** The accumulating step's extra inputs (its extra output is `grad_sum.new`). */
+export const GRAD_SUM = "grad_sum", GRAD_SHARE = "grad_share";
 
 export class Bundle {
   private constructor(readonly storage: BundleStorage, readonly manifest: Manifest, readonly crypto: CryptoProvider,
@@ -64,11 +69,17 @@ export class Bundle {
     return this.manifest.files[this.manifest.portable.train_step].slice(0, 16);
   }
 
-  graphs(split = false): GraphFiles {
-    const m = this.manifest;
+  /** The whole graph's files, or (split) the suffix's; `accumulating`: the accumulating step as the training step. */
+  graphs(split = false, accumulating = false): GraphFiles {
+    const m = this.manifest, p = m.portable;
+    if (accumulating && !p.accumulating_step) {
+      throw new ConfigError(`${this.location} was exported before gradient accumulation (edgeadapt < 0.4) and has ` +
+        "no accumulating step: train without accumulate or re-export the bundle.");
+    }
     const prefix = split && m.split ? m.split.suffix_prefix : "";
     return {inputName: split && m.split ? m.split.boundary : m.input.name,
-      trainStep: prefix + m.portable.train_step, forward: prefix + m.portable.forward};
+      trainStep: prefix + (accumulating ? p.accumulating_step : p.train_step), forward: prefix + p.forward,
+      accumulates: accumulating};
   }
 
   /** Every listed file is present and matches its sha256 (graphs: and their checks); the state is usable. ONNX
@@ -138,6 +149,10 @@ export class Bundle {
     if (m.split) targets.push([m.split.suffix_prefix, m.split.boundary]);
     for (const [prefix, input] of targets) {
       role(prefix + p.train_step, [input, "labels", "lr", "step", ...p.state, ...stats], true);
+      if (p.accumulating_step) {
+        role(prefix + p.accumulating_step, [input, "labels", "lr", "step", ...p.state, ...stats, GRAD_SUM, GRAD_SHARE],
+          true);
+      }
       role(prefix + p.forward, [input, "params", ...stats], true);
     }
     if (m.split) role(m.split.prefix_model, [m.input.name, ...stats], false);

@@ -2,11 +2,13 @@
  * The portable training step on an injected onnxruntime (onnxruntime-web, -node or -react-native: anything with
  * onnxruntime-common's `InferenceSession` and `Tensor`). The same graphs, feeds and state as the Python runtime's
  * onnxruntime engine: `train_step(input, [bn_stats], labels, lr, step, params, adam_m, adam_v)`, AdamW in the graph,
- * the step count fed as `t + 1`, a non-finite loss leaving the state unchanged.
+ * the step count fed as `t + 1`, a non-finite loss leaving the state unchanged. Over the accumulating step
+ * (`GraphFiles.accumulates`), `accumulate` adds a micro-batch's weighted gradient to a pending sum and the next
+ * `trainStep` updates with it, as the Python engines do.
  */
 
 import type {InferenceSession as CommonSession} from "onnxruntime-common";
-import type {Bundle, GraphFiles} from "./bundle.js";
+import {GRAD_SHARE, GRAD_SUM, type Bundle, type GraphFiles} from "./bundle.js";
 import {BackendError} from "./errors.js";
 import {asFloat32, asInteger, f32Tensor, i64Scalar, type RawTensor} from "./safetensors.js";
 import type {TrainState} from "./state.js";
@@ -73,10 +75,12 @@ export class PortableEngine {
   private values = new Map<string, Tensor>();
   private statistics: Tensor | null = null;
   private t = 0;
+  /** the weighted gradient of this update's earlier micro-batches (accumulating step only) */
+  private pending: Tensor | null = null;
 
   private constructor(private readonly ort: Ort, private readonly bundle: Bundle, private readonly inputName: string,
                       private readonly forward: InferenceSession, private readonly step: InferenceSession | null,
-                      options: EngineOptions) {
+                      options: EngineOptions, private readonly accumulates: boolean) {
     this.name = options.name ?? "onnxruntime";
   }
 
@@ -86,7 +90,7 @@ export class PortableEngine {
     const forward = await openSession(ort, await bundle.readGraph(graphs.forward), options, graphs.forward);
     const step = training ? await openSession(ort, await bundle.readGraph(graphs.trainStep), options, graphs.trainStep)
       : null;
-    return new PortableEngine(ort, bundle, graphs.inputName, forward, step, options);
+    return new PortableEngine(ort, bundle, graphs.inputName, forward, step, options, graphs.accumulates);
   }
 
   private get stateNames(): string[] {
@@ -107,6 +111,7 @@ export class PortableEngine {
     const step = state.optimizer.get("step");
     this.t = step ? asInteger(step) : 0;
     this.statistics = state.statistics ? this.vector(state.statistics.slice()) : null;
+    this.pending = null;
   }
 
   state(): TrainState {
@@ -135,8 +140,31 @@ export class PortableEngine {
     return feeds;
   }
 
-  /** Forward, backward and AdamW; a non-finite loss leaves the state unchanged. */
-  async trainStep(x: ModelInput, y: Int32Array | Float32Array, lr: number): Promise<{loss: number; logits: Float32Array}> {
+  /** Forward, backward and AdamW; a non-finite loss leaves the state unchanged. On the accumulating step the update
+   * uses the pending micro-batches' sum plus `share` × this batch's gradient. */
+  async trainStep(x: ModelInput, y: Int32Array | Float32Array, lr: number,
+                  share = 1): Promise<{loss: number; logits: Float32Array}> {
+    const {loss, logits, out} = await this.run(x, y, lr, share, true);
+    if (Number.isFinite(loss)) {
+      for (const name of this.stateNames) this.values.set(name, out[`${name}.new`]);
+      this.t += 1;
+      this.pending = null;
+    }
+    return {loss, logits};
+  }
+
+  /** Accumulating step only: add `share` × this micro-batch's gradient to the sum the next `trainStep` updates with;
+   * the parameters stay. */
+  async accumulate(x: ModelInput, y: Int32Array | Float32Array, share: number): Promise<{loss: number; logits: Float32Array}> {
+    const {loss, logits, out} = await this.run(x, y, 0, share, false);
+    if (Number.isFinite(loss)) this.pending = out[`${GRAD_SUM}.new`];
+    return {loss, logits};
+  }
+
+  private async run(x: ModelInput, y: Int32Array | Float32Array, lr: number, share: number, update: boolean) {
+    if (!this.accumulates && (share !== 1 || !update)) {
+      throw new Error("internal: micro-batches need an engine opened over the accumulating step");
+    }
     const step = this.step!;
     const feeds: Record<string, Tensor> = {
       [this.inputName]: this.input(x), labels: this.labels(y, x.dims[0]),
@@ -144,14 +172,15 @@ export class PortableEngine {
       step: new this.ort.Tensor("int64", BigInt64Array.of(BigInt(this.t + 1)), []),
     };
     for (const name of this.stateNames) feeds[name] = this.values.get(name)!;
+    if (this.accumulates) {
+      feeds[GRAD_SUM] = this.pending ?? this.vector(new Float32Array(1));  // [1] zero: broadcast, no zero vector
+      feeds[GRAD_SHARE] = new this.ort.Tensor("float32", Float32Array.of(share), []);
+    }
+    // every output: onnxruntime-node 1.19 pairs a list of fetches with the graph's first outputs, not by name
     const out = await step.run(this.withStatistics(feeds, step));
     const loss = (out.loss.data as Float32Array)[0];
     const logits = out[this.bundle.manifest.output_name].data as Float32Array;
-    if (Number.isFinite(loss)) {
-      for (const name of this.stateNames) this.values.set(name, out[`${name}.new`]);
-      this.t += 1;
-    }
-    return {loss, logits};
+    return {loss, logits, out};
   }
 
   async logits(x: ModelInput): Promise<Float32Array> {

@@ -69,6 +69,8 @@ export interface PortableSpec {
   state_file: string;
   statistics: TensorLayout[];
   statistics_graph: string;
+  /** gradient accumulation (0.4): the step that also takes `grad_sum` and `grad_share` ("" in older bundles) */
+  accumulating_step: string;
 }
 
 export interface SplitSpec {
@@ -182,6 +184,7 @@ function portableSpec(raw: unknown, source: string): PortableSpec {
     state_file: field(raw, "state_file", isString, "a string", where, STATE_FILE),
     statistics: raw.statistics === undefined ? [] : layoutList(raw.statistics, `${where}.statistics`),
     statistics_graph: field(raw, "statistics_graph", isString, "a string", where, ""),
+    accumulating_step: field(raw, "accumulating_step", isString, "a string", where, ""),
   };
 }
 
@@ -248,8 +251,10 @@ export function referencedFiles(m: Manifest): string[] {
   const p = m.portable;
   const names = [p.train_step, p.forward, p.state_file];
   if (p.statistics_graph) names.push(p.statistics_graph);
+  if (p.accumulating_step) names.push(p.accumulating_step);
   if (m.split) {
     names.push(m.split.prefix_model, m.split.suffix_prefix + p.train_step, m.split.suffix_prefix + p.forward);
+    if (p.accumulating_step) names.push(m.split.suffix_prefix + p.accumulating_step);
   }
   return names;
 }
@@ -287,6 +292,7 @@ function checked(m: Manifest, source: string): Manifest {
     ["lr" in hp && !(Number.isFinite(hp.lr) && hp.lr > 0), "the default lr is not positive"],
     [whole("batch_size", MAX_BATCH), "the default batch_size is not a whole number in range"],
     [whole("epochs", 1_000_000), "the default epochs is not a whole number in range"],
+    [whole("accumulate", MAX_ACCUMULATION), "the default accumulate is not a whole number in range"],
     [badName !== undefined, `file name '${badName}' is not a plain name inside the bundle folder`],
     [badName === undefined && unlisted !== undefined, `'${unlisted}' is read but not listed (and hashed) in files`],
     [Object.values(m.files).some((h) => !/^[0-9a-f]{64}$/.test(h)), "a sha256 in files is not 64 hex digits"],
@@ -301,6 +307,13 @@ function checked(m: Manifest, source: string): Manifest {
 
 export function defaultBatch(m: Manifest): number {
   return m.hyperparameters.batch_size ?? DEFAULT_BATCH;
+}
+
+export const MAX_ACCUMULATION = 1024;
+
+/** Micro-batches per update the export chose (`--trainable auto` on a small memory budget), else 1. */
+export function defaultAccumulation(m: Manifest): number {
+  return m.hyperparameters.accumulate ?? 1;
 }
 
 export function parameterCount(layout: TensorLayout[]): number {

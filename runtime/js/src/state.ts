@@ -199,11 +199,14 @@ function progressOf(text: string | undefined, source: string): Progress | null {
 }
 
 /** The interrupted run's progress, if `--resume` may continue it with these settings. */
+/** Settings that runs of older releases did not record, with the value they had (the Python runtime's). */
+const RECORDED_SINCE: Record<string, Json> = {accumulate: 1};
+
 export function resumable(progress: Progress | null, runConfig: Record<string, Json>): Progress {
   if (!progress || progress.finished) {
     throw new TrainingError("nothing to resume: the bundle has no unfinished run; start one without --resume.");
   }
-  const stored = pyLoads(progress.run_config) as Record<string, Json>;
+  const stored = {...RECORDED_SINCE, ...(pyLoads(progress.run_config) as Record<string, Json>)};
   const changed = Object.keys(runConfig).filter((k) => JSON.stringify(stored[k]) !== JSON.stringify(runConfig[k]));
   if (changed.length) {
     throw new TrainingError(`--resume needs the interrupted run's settings, but ${changed.join(", ")} changed (was ` +

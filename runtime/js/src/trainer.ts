@@ -13,7 +13,7 @@ import {batchInputs, size, split, type Dataset} from "./data.js";
 import {openSession, PortableEngine, type EngineOptions, type Ort} from "./engine.js";
 import {featureSpace, sampleKeys, SealedFeatures, type FeatureStore} from "./feature_cache.js";
 import {CancelledError, ConfigError, DataError, TrainingError} from "./errors.js";
-import {defaultBatch, DEFAULT_EPOCHS} from "./manifest.js";
+import {defaultAccumulation, defaultBatch, DEFAULT_EPOCHS, MAX_ACCUMULATION} from "./manifest.js";
 import {classificationMetrics, learningRate, meanLoss, RunningStats, SCHEDULES, type Metrics,
   type Schedule} from "./metrics.js";
 import {pyDumps, pyLoads, type Json} from "./pyjson.js";
@@ -26,6 +26,9 @@ export const PREFIX_BATCH = 16;
 export interface TrainConfig {
   epochs?: number;
   batchSize?: number;
+  /** micro-batches of batchSize per update: an effective batch of accumulate × batchSize in one micro-batch's
+   * memory (default: the bundle's, else 1) */
+  accumulate?: number;
   lr?: number;
   seed?: number;
   schedule?: Schedule;
@@ -64,6 +67,7 @@ export interface TrainSummary {
 interface Resolved {
   epochs: number;
   batchSize: number;
+  accumulate: number;
   lr: number | null;
   seed: number;
   schedule: Schedule;
@@ -78,12 +82,16 @@ function resolve(bundle: Bundle, config: TrainConfig): Resolved {
   const given = bundle.manifest.hyperparameters;
   const resolved: Resolved = {
     epochs: config.epochs ?? given.epochs ?? DEFAULT_EPOCHS, batchSize: config.batchSize ?? defaultBatch(bundle.manifest),
+    accumulate: config.accumulate ?? defaultAccumulation(bundle.manifest),
     lr: config.lr ?? null, seed: config.seed ?? 0, schedule: config.schedule ?? "cosine", warmup: config.warmup ?? 0.05,
     valSplit: config.valSplit ?? 0.1, patience: config.patience ?? null, checkpointEvery: config.checkpointEvery ?? 20,
     split: config.split ?? "auto",
   };
   const whole = (v: number) => Number.isInteger(v) && v >= 1;
   if (!whole(resolved.epochs) || !whole(resolved.batchSize)) throw new ConfigError("--epochs and --batch-size must be at least 1.");
+  if (!whole(resolved.accumulate) || resolved.accumulate > MAX_ACCUMULATION) {
+    throw new ConfigError(`--accumulate must be between 1 and ${MAX_ACCUMULATION} micro-batches per update.`);
+  }
   if (!SCHEDULES.includes(resolved.schedule)) throw new ConfigError(`unknown --schedule '${resolved.schedule}'; choose one of ${SCHEDULES.join(", ")}.`);
   if (!["auto", "on", "off"].includes(resolved.split)) throw new ConfigError(`unknown --split '${resolved.split}'; choose auto, on or off.`);
   if (!(resolved.valSplit >= 0 && resolved.valSplit < 1)) throw new ConfigError("--val-split must be in [0, 1).");
@@ -97,7 +105,7 @@ function resolve(bundle: Bundle, config: TrainConfig): Resolved {
 function runSettings(cfg: Resolved, trainSize: number): Record<string, Json> {
   return {epochs: cfg.epochs, batch_size: cfg.batchSize, lr: cfg.lr, seed: cfg.seed, schedule: cfg.schedule,
     warmup: cfg.warmup, val_split: cfg.valSplit, augment: false, split: cfg.split, prefix_device: "onnxruntime-cpu",
-    prefix_int8: false, engine: "onnxruntime", train_size: trainSize};
+    prefix_int8: false, engine: "onnxruntime", accumulate: cfg.accumulate, train_size: trainSize};
 }
 
 class Diverged extends Error {}
@@ -188,8 +196,8 @@ export class Trainer {
           Math.min(PREFIX_BATCH, this.cfg.batchSize), cache);
         if (cache) this.notes.push(...cache.notes);
       }
-      this.engine = await PortableEngine.create(this.ort, this.bundle, this.bundle.graphs(useSplit),
-        this.config.engine ?? {});
+      this.engine = await PortableEngine.create(this.ort, this.bundle,
+        this.bundle.graphs(useSplit, this.cfg.accumulate > 1), this.config.engine ?? {});
       try {
         const summary = await this.run(train, val, useSplit);
         summary.seconds = (performance.now() - started) / 1000;
@@ -283,11 +291,11 @@ export class Trainer {
   private async epochs(progress: Progress, train: Dataset, val: Dataset | null, summary: TrainSummary,
                        deadline: number | null, useSplit: boolean): Promise<TrainSummary["stopped"]> {
     const cfg = this.cfg, m = this.bundle.manifest;
-    const perEpoch = Math.ceil(size(train) / cfg.batchSize), total = cfg.epochs * perEpoch;
+    const effective = cfg.batchSize * cfg.accumulate;  // samples per update
+    const perEpoch = Math.ceil(size(train) / effective), total = cfg.epochs * perEpoch;
     const baseLr = cfg.lr ?? m.hyperparameters.lr;
     const currentLr = () => learningRate(baseLr * progress.lr_scale, progress.step, total, Math.trunc(cfg.warmup * total),
       cfg.schedule);
-    const per = train.targets.length / size(train);
     while (progress.epoch < cfg.epochs) {
       if (cfg.patience !== null && progress.bad_epochs >= cfg.patience) return "early_stopping";
       const epochStarted = performance.now(), stats = new RunningStats(m.loss === "cross_entropy");
@@ -298,12 +306,7 @@ export class Trainer {
           throw new CancelledError("training was cancelled; the last committed state is kept: continue with --resume.");
         }
         lr = currentLr();
-        const index = order.slice(batch * cfg.batchSize, (batch + 1) * cfg.batchSize);
-        const targets = new (train.targets.constructor as any)(index.length * per) as Int32Array | Float32Array;
-        index.forEach((i, k) => targets.set(train.targets.subarray(i * per, (i + 1) * per), k * per));
-        const {loss, logits} = await this.engine.trainStep(batchInputs(train, index, m), targets, lr);
-        if (!Number.isFinite(loss)) throw new Diverged();
-        stats.add(loss, logits, targets, index.length);
+        await this.update(train, order.slice(batch * effective, (batch + 1) * effective), lr, stats);
         progress.step += 1;
         progress.batch = batch + 1;
         this.config.onBatch?.(progress.step, total, stats.loss, stats.accuracy);
@@ -318,6 +321,24 @@ export class Trainer {
     }
     if (cfg.patience !== null && progress.bad_epochs >= cfg.patience) return "early_stopping";
     return "completed";
+  }
+
+  /** One update from the effective batch `index`: micro-batches of batchSize accumulated, each weighted by its share
+   * of the samples (the Python trainer's `_step`). */
+  private async update(train: Dataset, index: number[], lr: number, stats: RunningStats): Promise<void> {
+    const m = this.bundle.manifest, per = train.targets.length / size(train), micro = this.cfg.batchSize;
+    for (let start = 0; start < index.length; start += micro) {
+      const part = index.slice(start, start + micro), share = part.length / index.length;
+      const targets = new (train.targets.constructor as any)(part.length * per) as Int32Array | Float32Array;
+      part.forEach((i, k) => targets.set(train.targets.subarray(i * per, (i + 1) * per), k * per));
+      const x = batchInputs(train, part, m);
+      const last = start + micro >= index.length;
+      const {loss, logits} = !last ? await this.engine.accumulate(x, targets, share)
+        : index.length > micro ? await this.engine.trainStep(x, targets, lr, share)
+          : await this.engine.trainStep(x, targets, lr);
+      if (!Number.isFinite(loss)) throw new Diverged();
+      stats.add(loss, logits, targets, part.length);
+    }
   }
 
   private async endEpoch(progress: Progress, val: Dataset | null, stats: RunningStats, lr: number, seconds: number,

@@ -12,7 +12,7 @@ import {evaluate, predict} from "../inference.js";
 import {Trainer, type TrainConfig, type TrainSummary} from "../trainer.js";
 import {loadDataset, loadInputs, nodeOrt, openBundle} from "./index.js";
 
-const USAGE = `usage: edgeadapt-js train BUNDLE DATA [--epochs N] [--batch-size N] [--lr X] [--seed N] [--schedule cosine|linear|constant]
+const USAGE = `usage: edgeadapt-js train BUNDLE DATA [--epochs N] [--batch-size N] [--accumulate N] [--lr X] [--seed N] [--schedule cosine|linear|constant]
                     [--warmup F] [--val-split F] [--patience N] [--max-minutes X] [--checkpoint-every N] [--resume]
                     [--split auto|on|off] [--threads N] [--trusted-key PEM] [--json] [--quiet]
        edgeadapt-js evaluate BUNDLE DATA [--batch-size N] [--threads N] [--trusted-key PEM] [--json]
@@ -22,7 +22,7 @@ DATA: a folder of class subfolders of images (needs sharp), an .npz with x and y
       of .wav files.`;
 
 const OPTIONS = {
-  epochs: {type: "string"}, "batch-size": {type: "string"}, lr: {type: "string"}, seed: {type: "string"},
+  epochs: {type: "string"}, "batch-size": {type: "string"}, accumulate: {type: "string"}, lr: {type: "string"}, seed: {type: "string"},
   schedule: {type: "string"}, warmup: {type: "string"}, "val-split": {type: "string"}, patience: {type: "string"},
   "max-minutes": {type: "string"}, "checkpoint-every": {type: "string"}, resume: {type: "boolean"},
   split: {type: "string"}, threads: {type: "string"}, "trusted-key": {type: "string"}, json: {type: "boolean"},
@@ -77,7 +77,8 @@ async function main(argv: string[]): Promise<number> {
     const controller = new AbortController();
     process.once("SIGINT", () => controller.abort());
     const config: TrainConfig = {
-      epochs: number(values, "epochs", true), batchSize: number(values, "batch-size", true), lr: number(values, "lr"),
+      epochs: number(values, "epochs", true), batchSize: number(values, "batch-size", true),
+      accumulate: number(values, "accumulate", true), lr: number(values, "lr"),
       seed: number(values, "seed", true), schedule: values.schedule as TrainConfig["schedule"],
       warmup: number(values, "warmup"), valSplit: number(values, "val-split"), patience: number(values, "patience", true),
       maxMinutes: number(values, "max-minutes"), checkpointEvery: number(values, "checkpoint-every", true),
