@@ -189,10 +189,12 @@ class TorchSteps:
     COMPATIBILITY.md documents (SGD, or AdamW with ε outside √v and the decoupled decay after the update), each
     tensor at its group's rate and decay. `step(params)` first loads `params` (flat, in `trainable` order): checking
     an engine step by step from its own parameters keeps fp32/float64 differences from compounding (a ReLU input
-    that crosses zero in one and not the other sends two 20-step trajectories apart)."""
+    that crosses zero in one and not the other sends two 20-step trajectories apart). `head`: the name of the
+    module that gives the model's output, when only its parameters train: its input is computed once (the frozen
+    backbone in eval mode gives the same features every step) and each step runs the head alone."""
 
     def __init__(self, module, trainable: list[str], groups: dict[str, tuple[float, float]], optimizer: str,
-                 lr: float, x: np.ndarray, y: np.ndarray, dtype: str = "float64"):
+                 lr: float, x: np.ndarray, y: np.ndarray, dtype: str = "float64", head: str | None = None):
         import copy
 
         import torch
@@ -206,13 +208,29 @@ class TorchSteps:
         self.inputs, self.labels = torch_input(x, self.params[0].dtype), torch.from_numpy(y).long()
         self.t = 0
         self.zero_gradients: set[str] = set()
+        self.head = self.model.get_submodule(head) if head else None
+        assert head is None or all(n.startswith(f"{head}.") for n in trainable), "only the head may train"
+        self._features = None
+
+    def _logits(self):
+        if self.head is None:
+            return self.model(self.inputs)
+        if self._features is None:
+            captured = []
+            hook = self.head.register_forward_pre_hook(lambda _, args: captured.append(args))
+            with self.torch.no_grad():
+                whole = self.model(self.inputs)
+            hook.remove()
+            self._features = captured[0]
+            assert self.torch.equal(self.head(*self._features), whole), "the head's output is not the model's"
+        return self.head(*self._features)
 
     def step(self, params: np.ndarray | None = None) -> tuple[float, np.ndarray]:
         torch = self.torch
         if params is not None:
             self._load(params)
         self.t += 1
-        loss = torch.nn.functional.cross_entropy(self.model(self.inputs), self.labels)
+        loss = torch.nn.functional.cross_entropy(self._logits(), self.labels)
         grads = torch.autograd.grad(loss, self.params)
         largest = max(float(g.norm()) for g in grads)
         # zero in exact arithmetic (attention's key bias: softmax ignores a per-row shift); fp32 leaves rounding

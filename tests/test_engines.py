@@ -199,11 +199,12 @@ def test_twenty_steps_match_torch_float64(bundle_factory, backbone, preset, opti
     from edgeadapt.models.registry import get_entry
 
     module = _module(backbone, preset)
-    groups = expected_groups(module, get_entry(backbone).spec.head, backbone in PRETRAINED and preset != "scratch",
-                             optimizer)
+    head = get_entry(backbone).spec.head
+    groups = expected_groups(module, head, backbone in PRETRAINED and preset != "scratch", optimizer)
     x, y = fixed_batch(bundle)
     for engine in ENGINES:
-        reference = TorchSteps(module, bundle.manifest.trainable, groups, optimizer, lr, x, y)
+        reference = TorchSteps(module, bundle.manifest.trainable, groups, optimizer, lr, x, y,
+                               head=head if preset == "head" else None)
         opened = open_engine(bundle, bundle.graphs(), engine)
         opened.load(bundle.load_state())
         for step in range(STEPS):
