@@ -487,29 +487,16 @@ def test_a_torn_log_line_is_not_joined_to_the_next(mlp, digits):
     assert [json.loads(line)["epoch"] for line in lines[1:]] == [1, 2]
 
 
-def _take_lock_and_report(path: str, barrier, results) -> None:
-    from edgeadapt.runtime.errors import TrainingError
-    from edgeadapt.runtime.lock import bundle_lock
-
-    barrier.wait()
-    try:
-        with bundle_lock(Path(path)):
-            started = time.monotonic()
-            content = Path(path).read_text()
-            time.sleep(0.3)
-            results.put(("won", started, time.monotonic(), content == str(os.getpid())))
-    except TrainingError:
-        results.put(("refused", 0.0, 0.0, True))
-
-
 @pytest.mark.rule("S12")
 def test_racing_trainers_never_both_get_the_lock(tmp_path):
     import multiprocessing
 
+    from lock_worker import take_lock_and_report
+
     context = multiprocessing.get_context("spawn")
     for _ in range(3):
         barrier, results = context.Barrier(4), context.Queue()
-        workers = [context.Process(target=_take_lock_and_report, args=(str(tmp_path / "train.lock"), barrier,
+        workers = [context.Process(target=take_lock_and_report, args=(str(tmp_path / "train.lock"), barrier,
                                                                           results)) for _ in range(4)]
         for worker in workers:
             worker.start()
