@@ -50,7 +50,9 @@ export interface ModelInput {
 }
 
 function sessionOptions(options: EngineOptions): SessionOptions {
-  const out: SessionOptions = {graphOptimizationLevel: "all"};
+  // no memory pattern, as the Python runtime's sessions (runtime/ort.py): a run then holds what it needs, not a
+  // planned block on top of it
+  const out: SessionOptions = {graphOptimizationLevel: "all", enableMemPattern: false};
   if (options.executionProviders) out.executionProviders = options.executionProviders;
   if (options.threads) {
     out.intraOpNumThreads = options.threads;
