@@ -1,5 +1,6 @@
-"""The portable training step on OpenVINO: CPU, GPU or NPU (f32 throughout). GPU and NPU get static shapes: one
-compiled step per batch size seen (the last, smaller batch of an epoch compiles once more)."""
+"""The portable training step on OpenVINO: CPU, GPU or NPU (f32 throughout), with static shapes: one compiled step
+per batch size seen (the last, smaller batch of an epoch compiles once more). On CPU a dynamic batch needed 1.6-1.7×
+the memory of a static one and ran 10-15% slower (MobileNetV2 full, 224 px, batch 8: 1922 vs 1228 MB)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,6 @@ class OpenVinoEngine:
         self._config = {"INFERENCE_PRECISION_HINT": "f32"}
         if threads and self._target == "CPU":
             self._config["INFERENCE_NUM_THREADS"] = threads
-        self._static = self._target != "CPU"
         # the verified bytes, never the path: what was hashed is what runs
         self._graphs = {"forward": bundle.read_graph(graphs.forward)}
         if training:
@@ -54,13 +54,12 @@ class OpenVinoEngine:
         self._pending: np.ndarray | None = None  # the weighted gradient of this step's earlier micro-batches
 
     def _request(self, graph: str, batch: int):
-        key = (graph, batch if self._static else -1)
+        key = (graph, batch)
         if key not in self._compiled:
             model = self._core.read_model(self._graphs[graph])
             if self._statistics is not None:  # frozen during training: constants, folded into the weights
                 model = with_constant_input(model, STATISTICS_INPUT, self._statistics)
-            if self._static:
-                model.reshape({p.get_any_name(): _batched(p, batch, self._size) for p in model.inputs})
+            model.reshape({p.get_any_name(): _batched(p, batch, self._size) for p in model.inputs})
             request = self._core.compile_model(model, self._target, self._config).create_infer_request()
             names = {name for port in request.model_inputs for name in port.get_names()}
             self._compiled[key] = (request, names)  # names: the inputs the compiled graph kept (unused are pruned)
