@@ -183,6 +183,18 @@ def test_auto_needs_a_profile(tmp_path):
                                   tmp_path / "b"), "needs --profile")
 
 
+@pytest.mark.ort_training
+def test_bench_times_every_engine_train_opens(bundle_factory):
+    """bench's loop drives each engine through the one engine interface, ONNX Runtime training's included."""
+    from edgeadapt.devices.bench_case import time_training
+
+    bundle = Bundle.open(bundle_factory("tiny_cnn", "full", input_size=(16,), validate=False, split=False,
+                                        backbone_lr_ratio=1.0, decay_norms=True, head=HeadRequest(num_classes=3)))
+    for engine in ("onnxruntime", "ort-training"):
+        times = time_training(bundle, 4, 1, steps=2, warmup=1, engine=engine)
+        assert len(times) == 2 and all(t > 0 for t in times), engine
+
+
 def test_bench_and_train_open_sessions_the_same_way(fresh_bundle, digits, monkeypatch):
     """`bench` times the engine `train` runs: both go through the runtime's engine factory and its session options
     (memory pattern off, threads), nothing of their own."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeadapt.runtime.engines import check_share
 from edgeadapt.runtime.errors import BackendError, BundleError
 from edgeadapt.runtime.manifest import is_uniform
 from edgeadapt.runtime.ort import available_providers, session_options, training_api
@@ -132,7 +133,8 @@ class OrtTrainingEngine:
             raise BackendError("this bundle's BN statistics were re-estimated (adapt-bn), and the ort-training "
                                "engine can only use the exported ones: use --engine onnxruntime or openvino.")
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, np.ndarray]:
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float, share: float = 1.0) -> tuple[float, np.ndarray]:
+        check_share(False, share, update=True)  # a whole batch: create() refused accumulation
         self.module.train()
         self.optimizer.set_learning_rate(float(lr))
         loss, logits = self.module(x, y)
