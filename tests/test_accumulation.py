@@ -34,7 +34,9 @@ def test_micro_batches_update_as_one_big_batch(bundle_factory, backbone, preset,
     batch's — SGD after three updates (its update is the gradient: the accumulated gradient itself), AdamW after
     one, or within twice what reordering the big batch's own samples changes (fp32's summation-order floor: AdamW
     divides each gradient element by its own root mean square, so a near-zero element's rounding becomes a
-    visible update, most of all in LoRA's B, which starts at zero)."""
+    visible update, most of all in LoRA's B, which starts at zero). OpenVINO compiles each batch shape on its own
+    (static shapes), so its micro-batches also sum in another kernel's order than any permutation of the big batch:
+    four times the floor there (measured: 2.3×, LoRA B, AdamW)."""
     bundle = Bundle.open(bundle_factory(backbone, preset, input_size=(32,), validate=False, optimizer=optimizer,
                                         split=False, head=HeadRequest(num_classes=5)))
     x, y = fixed_batch(bundle, 12)
@@ -56,7 +58,8 @@ def test_micro_batches_update_as_one_big_batch(bundle_factory, backbone, preset,
         errors = _tensor_errors(bundle, micro.state().params, reference)
         floors = [_tensor_errors(bundle, opened.state().params, reference) for opened in reordered]
         floor = {n: max(f[n] for f in floors) for n in errors}
-        over = {n: (e, floor[n]) for n, e in errors.items() if e > max(1e-6, 2 * floor[n] * (optimizer == "adamw"))}
+        slack = (4 if engine == "openvino" else 2) * (optimizer == "adamw")
+        over = {n: (e, floor[n]) for n, e in errors.items() if e > max(1e-6, slack * floor[n])}
         assert not over, (engine, over)
         assert np.array_equal(micro.state().optimizer["step"], big.state().optimizer["step"])
 
