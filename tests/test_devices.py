@@ -40,7 +40,7 @@ def test_unknown_profile():
 @pytest.fixture(scope="module")
 def mobilenet_bundles(bundle_factory):
     return {p: bundle_factory("mobilenet_v2", p, weights="imagenet", head=HeadRequest(num_classes=10))
-            for p in ("head", "last:2", "full")}
+            for p in ("head", "last:2", "bias", "full")}
 
 
 @pytest.mark.slow
@@ -50,6 +50,11 @@ def test_planner_grows_with_batch_and_trainable_set(mobilenet_bundles):
     for by_batch in plans.values():
         assert by_batch[32].total_mb > by_batch[8].total_mb
     assert plans["head"][32].total_mb < plans["last:2"][32].total_mb < plans["full"][32].total_mb
+    # bias keeps about the activations full keeps, but only ReLU6's gradient masks read them: priced lower
+    bias, full = (Bundle.open(mobilenet_bundles[p]).manifest.memory for p in ("bias", "full"))
+    assert bias["masked_bytes_per_sample"] > 0.9 * bias["kept_bytes_per_sample"]
+    assert full["masked_bytes_per_sample"] < 0.05 * full["kept_bytes_per_sample"]  # weight gradients read them
+    assert plans["bias"][32].activations_mb < 0.6 * plans["full"][32].activations_mb
     # the state terms from the training graph itself: its flat `params` input and one moment per optimizer input
     import onnx
 
@@ -64,7 +69,7 @@ def test_planner_grows_with_batch_and_trainable_set(mobilenet_bundles):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["head", "full"])
+@pytest.mark.parametrize("preset", ["head", "bias", "full"])
 def test_planner_predicts_the_measured_peak(mobilenet_bundles, preset):
     """The plan against a real training process's peak RSS (VmHWM), MobileNetV2 224 px, batch 8 and 16."""
     from edgeadapt.devices.bench import run_case

@@ -92,5 +92,6 @@ def write_portable(graph: onnx.ModelProto, trainable: list[str], spec, out_dir: 
 def memory_record(graphs, prefix: str = "") -> dict[str, float]:
     """The planner's per-sample bytes of one training graph (devices/planner.py), keyed for the manifest."""
     return {f"{prefix}kept_bytes_per_sample": float(graphs.kept_bytes_per_sample),
+            f"{prefix}masked_bytes_per_sample": float(graphs.masked_bytes_per_sample),
             f"{prefix}largest_bytes_per_sample": float(graphs.largest_bytes_per_sample),
             f"{prefix}constant_bytes": float(graphs.constant_bytes)}

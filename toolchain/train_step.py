@@ -46,6 +46,7 @@ class PortableGraphs:
     #                          initializers (frozen weights, the backward's private copies) and the per-element
     #                          group vectors the engine folds at load
     accumulating_step: onnx.ModelProto | None = None
+    masked_bytes_per_sample: int = 0  # the part of the kept bytes that only gradient masks and Shape read
 
 
 def state_layout(model: onnx.ModelProto, trainable: list[str]) -> list[StateLayout]:
@@ -192,11 +193,11 @@ def build_train_step(model: onnx.ModelProto, trainable: list[str], loss: str, op
     outputs = [helper.make_tensor_value_info("loss", TensorProto.FLOAT, []), *bw.base.graph.output,
                *(_vector(f"{n}.new", total) for n in state_names)]
     step = _finish(bw.base, b, bw.head, inputs, outputs)
-    kept, largest = _activation_bytes(step, bw.base, b, bw.shapes)
+    kept, masked, largest = _activation_bytes(step, bw.base, b, bw.shapes)
     forward = build_forward(model, bw.layout, statistics)
     constants = initializer_bytes(step) + initializer_bytes(forward) + 4 * total * len(b.per_element_vectors)
     return PortableGraphs(step, forward, bw.layout, state_names, kept, largest, constants,
-                          accumulating(step, bw.flat_grad, total) if with_accumulating else None)
+                          accumulating(step, bw.flat_grad, total) if with_accumulating else None, masked)
 
 
 def accumulating(step: onnx.ModelProto, flat_grad: str, total: int) -> onnx.ModelProto:
@@ -235,18 +236,31 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
                for init in model.graph.initializer)
 
 
-def _activation_bytes(step: onnx.ModelProto, base: onnx.ModelProto, b: GraphBuilder, shapes: dict) -> tuple[int, int]:
-    """Per-sample bytes of the forward tensors that backward nodes read, and of the largest forward tensor."""
+# Backward readers that only compare a forward tensor or take its shape (an activation's gradient mask, a reshape's
+# target): no working set of the backward pass grows with what they read, unlike a weight gradient's.
+MASK_READERS = frozenset({"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "Sign", "Shape"})
+
+
+def _activation_bytes(step: onnx.ModelProto, base: onnx.ModelProto, b: GraphBuilder,
+                      shapes: dict) -> tuple[int, int, int]:
+    """Per-sample bytes of the forward tensors that backward nodes read, of those of them that only mask readers
+    read, and of the largest forward tensor."""
     forward = {o for n in base.graph.node for o in n.output} | {i.name for i in base.graph.input}
     backward = {n.name for n in b.nodes}
-    read = {name for n in step.graph.node if n.name in backward for name in n.input if name in forward}
+    readers: dict[str, set[str]] = {}
+    for node in step.graph.node:
+        if node.name in backward:
+            for name in node.input:
+                if name in forward:
+                    readers.setdefault(name, set()).add(node.op_type)
 
     def per_sample(name: str) -> int:
         dims = shapes.get(name) or []
         if "batch" not in dims:
             return 0
         return 4 * int(np.prod([d for d in dims if isinstance(d, int)]))
-    return sum(per_sample(n) for n in read), max((per_sample(n) for n in forward), default=0)
+    masked = sum(per_sample(name) for name, ops in readers.items() if ops <= MASK_READERS)
+    return sum(per_sample(name) for name in readers), masked, max((per_sample(n) for n in forward), default=0)
 
 
 def _labels_input(loss: str, logits_shape: list) -> onnx.ValueInfoProto:
