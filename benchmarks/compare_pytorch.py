@@ -71,9 +71,10 @@ def run(engine: str, bundle: Path, batch: int, threads: int, steps: int, warmup:
 
 def sgemm_gflops(threads: int) -> float:
     """This machine's float32 matrix-multiply throughput at `threads` (numpy's BLAS, best of five 2048² products)."""
-    code = ("import time, numpy as np; a = np.ones((N, N), np.float32); b = a.copy(); a @ b; best = 1e9\n"
+    n = SGEMM_N
+    code = (f"import time, numpy as np; a = np.ones(({n}, {n}), np.float32); b = a.copy(); a @ b; best = 1e9\n"
             "for _ in range(5):\n t = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t)\n"
-            "print(2 * N ** 3 / best / 1e9)").replace("N", str(SGEMM_N))
+            f"print(2 * {n} ** 3 / best / 1e9)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_threads_env(threads),
                           check=True)
     return float(done.stdout)
