@@ -28,7 +28,7 @@ from edgeadapt.toolchain.pricing import pricing
 
 MIN_BATCH, MAX_BATCH = 8, 32
 MIN_MICRO_BATCH = 2  # below it a step's fixed costs dominate and the planner is least accurate
-HEADROOM = 0.8  # plan to 80% of the budget: the planner is within ±13% of the measured peak (devices/planner.py)
+HEADROOM = 0.8  # plan to 80% of the budget: the planner is −10% … +16% off the measured peak (devices/planner.py)
 
 
 def _planner(source, opts, preset: str):

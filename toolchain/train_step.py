@@ -197,7 +197,8 @@ def build_train_step(model: onnx.ModelProto, trainable: list[str], loss: str, op
     forward = build_forward(model, bw.layout, statistics)
     constants = initializer_bytes(step) + initializer_bytes(forward) + 4 * total * len(b.per_element_vectors)
     return PortableGraphs(step, forward, bw.layout, state_names, kept, largest, constants,
-                          accumulating(step, bw.flat_grad, total) if with_accumulating else None, masked)
+                          accumulating(step, bw.flat_grad, total) if with_accumulating else None,
+                          masked_bytes_per_sample=masked)
 
 
 def accumulating(step: onnx.ModelProto, flat_grad: str, total: int) -> onnx.ModelProto:
