@@ -141,6 +141,21 @@ def digit_images(tmp_path_factory) -> Path:
     return root
 
 
+def run_graph(engine: str, model, feed: dict, output: str) -> np.ndarray:
+    """One output of a standalone ONNX graph (a gradient graph, a rule under test) on onnxruntime or OpenVINO (f32)."""
+    data = model.SerializeToString()
+    if engine == "onnxruntime":
+        from edgeadapt.runtime.ort import onnxruntime_module
+
+        session = onnxruntime_module().InferenceSession(data, providers=["CPUExecutionProvider"])
+        return session.run([output], feed)[0]
+    from edgeadapt.runtime.ov import openvino_device
+
+    core = openvino_device("CPU")
+    compiled = core.compile_model(core.read_model(data, b""), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return compiled(feed)[compiled.output(output)]
+
+
 def run_without_torch(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter where `import torch` fails, as on a device."""
     prelude = "import sys\nsys.modules['torch'] = None\n"

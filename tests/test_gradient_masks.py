@@ -10,6 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import run_graph
 from edgeadapt.toolchain.gradients import backward
 from edgeadapt.toolchain.graph_builder import GraphBuilder
 
@@ -48,18 +49,6 @@ def _gradient_graph(op: str, bounds: list) -> onnx.ModelProto:
     return model
 
 
-def _run(engine: str, model: onnx.ModelProto, feeds: dict) -> np.ndarray:
-    if engine == "onnxruntime":
-        import onnxruntime
-        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        return session.run(None, feeds)[0]
-    import openvino
-    core = openvino.Core()
-    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
-                                  {"INFERENCE_PRECISION_HINT": "f32"})
-    return compiled(feeds)[compiled.outputs[0]]
-
-
 def _values() -> np.ndarray:
     """Random values around the bounds, with exact 0, 6, -1, 2.5, tiny and saturated ones mixed in."""
     rng = np.random.default_rng(7)
@@ -79,7 +68,8 @@ def test_masked_activation_gradient_equals_the_float_one_exactly(engine, activat
     source = torch.from_numpy(x.copy()).requires_grad_()
     reference(source).backward(torch.from_numpy(dy))
     expected = source.grad.numpy()
-    got = _run(engine, _gradient_graph(op, bounds), {"x": x, "dy": dy})
+    model = _gradient_graph(op, bounds)
+    got = run_graph(engine, model, {"x": x, "dy": dy}, model.graph.output[0].name)
     assert got.dtype == np.float32 and got.shape == expected.shape
     assert np.array_equal(got, expected), (activation, engine, int((got != expected).sum()))
     assert 0 < np.count_nonzero(expected) < expected.size  # both sides of the mask are exercised

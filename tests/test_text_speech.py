@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, run_without_torch, spoken_folder, wordnet_csv
+from conftest import run_cli, run_graph, run_without_torch, spoken_folder, wordnet_csv
 from edgeadapt.runtime.audio import clip_features, read_wav, resample
 from edgeadapt.runtime.bundle import Bundle
 from edgeadapt.runtime.engines import available, open_engine
@@ -187,27 +187,13 @@ def test_new_gradient_rule_matches_torch_float64_on_both_engines(tmp_path, op):
     grads = dict(reference.named_parameters())
     largest = max(float(np.linalg.norm(p.grad.numpy())) for p in grads.values() if p.grad is not None)
     for engine in ENGINES:
-        flat = _run_gradients(engine, step, tmp_path, {"input": x, "labels": y, "params": params.astype(np.float32)})
+        flat = run_graph(engine, step, {"input": x, "labels": y, "params": params.astype(np.float32)},
+                         "gradients").astype(np.float64)
         for p in layout:
             expected = grads[p.name].grad.numpy().ravel()
             got = flat[p.offset:p.offset + p.size]
             floor = 1e-6 * largest  # fp32 rounding where the exact gradient is zero
             assert np.linalg.norm(got - expected) <= 1e-5 * max(np.linalg.norm(expected), floor), (engine, p.name)
-
-
-def _run_gradients(engine: str, step, tmp_path: Path, feed: dict) -> np.ndarray:
-    path = tmp_path / "gradients.onnx"
-    path.write_bytes(step.SerializeToString())
-    if engine == "onnxruntime":
-        from edgeadapt.runtime.ort import onnxruntime_module
-
-        session = onnxruntime_module().InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return session.run(["gradients"], feed)[0].astype(np.float64)
-    from edgeadapt.runtime.ov import openvino_device
-
-    compiled = openvino_device("CPU").compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    result = compiled(feed)
-    return np.asarray(result[compiled.output("gradients")], np.float64)
 
 
 # ---- LoRA --------------------------------------------------------------------------------------------------
@@ -583,7 +569,7 @@ def test_auto_on_a_transformer_plans_lora_where_full_does_not_fit(tmp_path):
     assert planned_peak(m, int(m.hyperparameters["batch_size"]), split=m.split is not None) <= 0.8 * 1400
 
 
-def test_gelu_op_of_opset_20_matches_torch_float64(tmp_path):
+def test_gelu_op_of_opset_20_matches_torch_float64():
     """ONNX's own Gelu (opset 20; torch exports GELU as Erf at opset 17) between two trainable MatMuls."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -605,8 +591,8 @@ def test_gelu_op_of_opset_20_matches_torch_float64(tmp_path):
     torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)).backward()
     expected = np.concatenate([w.grad.numpy().ravel() for w in weights])
     for engine in ENGINES:
-        got = _run_gradients(engine, step, tmp_path, {"input": x, "labels": y,
-                                                      "params": np.concatenate([w1.ravel(), w2.ravel()])})
+        feed = {"input": x, "labels": y, "params": np.concatenate([w1.ravel(), w2.ravel()])}
+        got = run_graph(engine, step, feed, "gradients").astype(np.float64)
         assert np.linalg.norm(got - expected) <= 1e-5 * np.linalg.norm(expected), engine
 
 
