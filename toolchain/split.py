@@ -56,12 +56,10 @@ def find_boundary(model: onnx.ModelProto, trainable: list[str]) -> list[str] | N
     return sorted(frontier)
 
 
-def _measured_shape(model: onnx.ModelProto, name: str, shapes: dict | None = None) -> list[int]:
-    """`name`'s shape with -1 for the batch, measured by running the graph (static inference loses sizes behind
-    shape arithmetic such as EfficientNet's SAME padding); `shapes`: graph_builder.inferred_shapes(model)."""
-    from edgeadapt.toolchain.graph_builder import inferred_shapes
-
-    return [-1 if d == "batch" else int(d) for d in (shapes or inferred_shapes(model))[name]]
+def _measured_shape(name: str, shapes: dict) -> list[int]:
+    """`name`'s shape with -1 for the batch, from graph_builder.inferred_shapes (measured by running the graph:
+    static inference loses sizes behind shape arithmetic such as EfficientNet's SAME padding)."""
+    return [-1 if d == "batch" else int(d) for d in shapes[name]]
 
 
 def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str],
@@ -128,7 +126,10 @@ def split_suffix(model: onnx.ModelProto, trainable: list[str], shapes: dict | No
     crossing = find_boundary(inferred, trainable)
     if crossing is None:
         return None
-    measured = {name: _measured_shape(model, name, shapes) for name in crossing}
+    from edgeadapt.toolchain.graph_builder import inferred_shapes
+
+    shapes = shapes or inferred_shapes(model)  # once: a run of the whole graph
+    measured = {name: _measured_shape(name, shapes) for name in crossing}
     # shape arithmetic (no batch axis: a Reshape's target) is recomputed in the suffix from the tensors that cross
     crossing = [name for name in crossing if measured[name] and measured[name][0] == -1]
     if not crossing:
