@@ -36,24 +36,33 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def fields(data: bytes) -> list[tuple[int, int, bytes]]:
-    """(field number, wire type, raw bytes of the whole field) for each top-level field of a message."""
-    out, pos = [], 0
-    while pos < len(data):
-        start = pos
+def _spans(data: bytes, start: int, end: int):
+    """(field number, wire type, field start, content start, end) for each field of the message data[start:end],
+    as offsets into `data` (nothing is copied); a length-delimited field's content is data[content start:end]. A
+    field running past `end` raises ValueError."""
+    pos = start
+    while pos < end:
+        first = pos
         key, pos = _read_varint(data, pos)
-        number, wire = key >> 3, key & 7
-        if wire == _VARINT:
+        wire = key & 7
+        content = pos
+        if wire == _LENGTH:
+            size, content = _read_varint(data, pos)
+            pos = content + size
+        elif wire == _VARINT:
             _, pos = _read_varint(data, pos)
-        elif wire == _LENGTH:
-            size, pos = _read_varint(data, pos)
-            pos += size
         elif wire in (1, 5):
             pos += 8 if wire == 1 else 4
         else:
             raise ValueError(f"unsupported wire type {wire}")
-        out.append((number, wire, data[start:pos]))
-    return out
+        if pos > end:
+            raise ValueError("a field runs past the end of its message")
+        yield key >> 3, wire, first, content, pos
+
+
+def fields(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(field number, wire type, raw bytes of the whole field) for each top-level field of a message."""
+    return [(number, wire, data[first:stop]) for number, wire, first, _, stop in _spans(data, 0, len(data))]
 
 
 def payload(field: bytes) -> bytes:
@@ -163,20 +172,21 @@ class GraphInterface:
 
 def graph_interface(model: bytes) -> GraphInterface:
     """Parse `model` (a serialized ModelProto) just far enough to say what it reads, runs and references; any
-    malformed protobuf raises ValueError."""
-    found = _Found()
+    malformed protobuf raises ValueError. It walks offsets into `model` and copies only names: a graph's weights
+    are skipped, not read."""
+    found = _Found(model)
     try:
-        for number, wire, raw in fields(model):
+        for number, wire, _, start, end in _spans(model, 0, len(model)):
             if wire != _LENGTH:
                 continue
             if number == 7:
-                found.graph(payload(raw), top=True)
+                found.graph(start, end, top=True)
             elif number == 8:
-                found.domains.add(_text(payload(raw), 1) or "")
+                found.domains.add(found.text(start, end, 1) or "")
             elif number == 25:
-                for f_number, f_wire, f_raw in fields(payload(raw)):
+                for f_number, f_wire, _, f_start, f_end in _spans(model, start, end):
                     if f_number == 7 and f_wire == _LENGTH:
-                        found.node(payload(f_raw))
+                        found.node(f_start, f_end)
     except (IndexError, UnicodeDecodeError) as exc:
         raise ValueError(f"malformed protobuf ({type(exc).__name__})") from None
     return GraphInterface(found.inputs, found.outputs, frozenset(found.initializers), frozenset(found.domains),
@@ -184,81 +194,89 @@ def graph_interface(model: bytes) -> GraphInterface:
 
 
 class _Found:
-    def __init__(self):
+    """What graph_interface collects, walking messages as (start, end) spans of one serialized model."""
+
+    def __init__(self, data: bytes):
+        self.data = data
         self.inputs: dict = {}
         self.outputs: dict = {}
         self.initializers: set[str] = set()
         self.domains: set[str] = set()
         self.external = False
 
-    def graph(self, graph: bytes, top: bool = False) -> None:
-        for number, wire, raw in fields(graph):
+    def graph(self, start: int, end: int, top: bool = False) -> None:
+        for number, wire, _, s, e in _spans(self.data, start, end):
             if wire != _LENGTH:
                 continue
-            content = payload(raw)
             if number == 1:
-                self.node(content)
+                self.node(s, e)
             elif number == 5:
-                self.tensor(content)
+                name = self.tensor(s, e)
                 if top:
-                    self.initializers.add(_text(content, 8) or "")
+                    self.initializers.add(name)
             elif number == 15:
-                self.sparse(content)
+                self.sparse(s, e)
             elif top and number in (11, 12):
-                name, typed = _value_info(content)
+                name, typed = self.value_info(s, e)
                 (self.inputs if number == 11 else self.outputs)[name] = typed
 
-    def node(self, node: bytes) -> None:
-        self.domains.add(_text(node, 7) or "")
-        for number, wire, raw in fields(node):
-            if number == 5 and wire == _LENGTH:
-                self.attribute(payload(raw))
+    def node(self, start: int, end: int) -> None:
+        domain = ""
+        for number, wire, _, s, e in _spans(self.data, start, end):
+            if wire != _LENGTH:
+                continue
+            if number == 5:
+                self.attribute(s, e)
+            elif number == 7:
+                domain = self.data[s:e].decode()
+        self.domains.add(domain)
 
-    def attribute(self, attribute: bytes) -> None:
-        for number, wire, raw in fields(attribute):
+    def attribute(self, start: int, end: int) -> None:
+        for number, wire, _, s, e in _spans(self.data, start, end):
             if wire != _LENGTH:
                 continue
             if number in (5, 10):
-                self.tensor(payload(raw))
+                self.tensor(s, e)
             elif number in (6, 11):
-                self.graph(payload(raw))
+                self.graph(s, e)
             elif number in (22, 23):
-                self.sparse(payload(raw))
+                self.sparse(s, e)
 
-    def sparse(self, sparse: bytes) -> None:
-        for number, wire, raw in fields(sparse):
+    def sparse(self, start: int, end: int) -> None:
+        for number, wire, _, s, e in _spans(self.data, start, end):
             if number in (1, 2) and wire == _LENGTH:
-                self.tensor(payload(raw))
+                self.tensor(s, e)
 
-    def tensor(self, tensor: bytes) -> None:
-        for number, wire, raw in fields(tensor):
-            if number == 13 or (number == 14 and wire == _VARINT and _read_varint(raw, 1)[0] != 0):
+    def tensor(self, start: int, end: int) -> str:
+        """The tensor's name; notes whether it keeps its data outside the model."""
+        name = ""
+        for number, wire, _, s, e in _spans(self.data, start, end):
+            if number == 13 or (number == 14 and wire == _VARINT and _read_varint(self.data, s)[0] != 0):
                 self.external = True
+            elif number == 8 and wire == _LENGTH:
+                name = self.data[s:e].decode()
+        return name
 
+    def last(self, start: int, end: int, number: int, wire: int = _LENGTH) -> tuple[int, int] | None:
+        """The span of the message's field `number` of type `wire` (the last one, as protobuf parsers read a
+        repeated singular field); the whole message is checked."""
+        found = [(s, e) for n, w, _, s, e in _spans(self.data, start, end) if n == number and w == wire]
+        return found[-1] if found else None
 
-def _text(message: bytes, number: int) -> str | None:
-    for field_number, wire, raw in fields(message):
-        if field_number == number and wire == _LENGTH:
-            return payload(raw).decode()
-    return None
+    def text(self, start: int, end: int, number: int) -> str | None:
+        span = self.last(start, end, number)
+        return None if span is None else self.data[span[0]:span[1]].decode()
 
+    def varint(self, start: int, end: int, number: int, default: int) -> int:
+        span = self.last(start, end, number, _VARINT)
+        return default if span is None else _read_varint(self.data, span[0])[0]
 
-def _submessage(message: bytes, number: int) -> bytes:
-    for field_number, wire, raw in fields(message):
-        if field_number == number and wire == _LENGTH:
-            return payload(raw)
-    return b""
-
-
-def _value_info(info: bytes) -> tuple[str, tuple[str, tuple[int, ...]]]:
-    tensor_type = _submessage(_submessage(info, 2), 1)
-    element = next((_read_varint(raw, 1)[0] for n, w, raw in fields(tensor_type) if n == 1 and w == _VARINT), 0)
-    dims = []
-    for number, wire, raw in fields(_submessage(tensor_type, 2)):
-        if number == 1 and wire == _LENGTH:
-            value = next((_read_varint(r, 1)[0] for n, w, r in fields(payload(raw)) if n == 1 and w == _VARINT), -1)
-            dims.append(value)
-    return _text(info, 1) or "", (ELEMENT_TYPES.get(element, f"type {element}"), tuple(dims))
+    def value_info(self, start: int, end: int) -> tuple[str, tuple[str, tuple[int, ...]]]:
+        tensor_type = self.last(*(self.last(start, end, 2) or (start, start)), 1) or (start, start)
+        element = self.varint(*tensor_type, 1, 0)
+        dims = [self.varint(s, e, 1, -1) for n, w, _, s, e in
+                _spans(self.data, *(self.last(*tensor_type, 2) or (start, start))) if n == 1 and w == _LENGTH]
+        return self.text(start, end, 1) or "", (ELEMENT_TYPES.get(element, f"type {element}"), tuple(dims))
 
 
 # ---- a trailing metadata entry (ModelProto.metadata_props, field 14: key 1, value 2) ------------------------------
@@ -270,11 +288,16 @@ def with_metadata(model: bytes, key: str, value: str) -> bytes:
 
 def trailing_metadata(model: bytes, key: str) -> tuple[bytes, str | None]:
     """(the bytes before the last field, its value) when the last field is metadata entry `key`, else (model, None)."""
+    last = None
     try:
-        last = fields(model)[-1]
+        for last in _spans(model, 0, len(model)):
+            pass
     except (ValueError, IndexError):
         return model, None
-    number, wire, raw = last
-    if number != 14 or wire != _LENGTH or _text(payload(raw), 1) != key:
+    if last is None:
         return model, None
-    return model[:len(model) - len(raw)], _text(payload(raw), 2)
+    number, wire, first, start, end = last
+    entry = model[start:end]
+    if number != 14 or wire != _LENGTH or _name(entry, 1) != key:
+        return model, None
+    return model[:first], _name(entry, 2)

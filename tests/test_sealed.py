@@ -164,6 +164,35 @@ def test_external_data_is_refused_and_never_followed(fresh_bundle, digits, tmp_p
     assert snapshot(mlp) == before and not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.rule("S3")
+@pytest.mark.parametrize("backbone, preset", [("tiny_cnn", "head"), ("tiny_bert", "lora:2")])
+def test_the_wire_reader_sees_each_graph_as_onnx_does_and_refuses_a_cut_one(bundle_factory, backbone, preset):
+    """What the device's own protobuf reader (runtime/onnx_wire.py, no `onnx` package) says a graph reads and runs
+    equals what the `onnx` package parses, for every graph of an image and a text bundle; a graph cut anywhere
+    inside its GraphProto is malformed, never read as a smaller graph."""
+    from edgeadapt.runtime.onnx_wire import graph_interface
+
+    bundle = bundle_factory(backbone, preset, input_size=(16,))
+    graphs = sorted(bundle.glob("*.onnx"))
+    assert len(graphs) >= 4
+    for path in graphs:
+        data = path.read_bytes()
+        model, seen = onnx.load_from_string(data), graph_interface(data)
+        dims = lambda value: tuple(d.dim_value if d.HasField("dim_value") else -1  # noqa: E731
+                                   for d in value.type.tensor_type.shape.dim)
+        assert {v.name: dims(v) for v in model.graph.input} == {n: d for n, (_, d) in seen.inputs.items()}, path
+        assert {v.name: dims(v) for v in model.graph.output} == {n: d for n, (_, d) in seen.outputs.items()}, path
+        assert seen.initializers == {i.name for i in model.graph.initializer}, path
+        assert seen.domains == {n.domain for n in model.graph.node} | {o.domain for o in model.opset_import}, path
+        assert not seen.external_data
+        graph = model.graph.SerializeToString()
+        start = data.find(graph)  # the graph field's content
+        assert start > 0, path
+        for cut in np.linspace(start + 1, start + len(graph) - 1, 25).astype(int):
+            with pytest.raises(ValueError):
+                graph_interface(data[:cut])
+
+
 @pytest.mark.rule("S1")
 @pytest.mark.parametrize("field, value", [
     ("portable.forward", "../outside"), ("portable.forward", "{outside}"), ("portable.train_step", "../outside"),
