@@ -22,6 +22,7 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _WHITESPACE = frozenset(" \t\n\r\u00a0\u1680\u2028\u2029\u202f\u205f\u3000" + "".join(map(chr, range(0x2000, 0x200b))))
 _CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
         (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+_CJK_LOWEST = min(low for low, _ in _CJK)  # most text never reaches the ranges' test
 
 
 @lru_cache(maxsize=4096)
@@ -38,7 +39,7 @@ def _is_punctuation(char: str) -> bool:
 
 def _is_cjk(char: str) -> bool:
     code = ord(char)
-    return any(low <= code <= high for low, high in _CJK)
+    return code >= _CJK_LOWEST and any(low <= code <= high for low, high in _CJK)
 
 
 def normalize(text: str, lowercase: bool = True) -> str:
