@@ -77,9 +77,9 @@ def _length_field(number: int, content: bytes) -> bytes:
 
 
 def _name(message: bytes, number: int) -> str | None:
-    for field_number, wire, raw in fields(message):
+    for field_number, wire, _, start, end in _spans(message, 0, len(message)):
         if field_number == number and wire == _LENGTH:
-            return payload(raw).decode()
+            return message[start:end].decode()
     return None
 
 
