@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
-from onnx.utils import Extractor
 
 from edgeadapt.runtime.errors import InternalError
 from edgeadapt.runtime.manifest import SUFFIX_PREFIX, SplitSpec
@@ -62,9 +61,40 @@ def _measured_shape(name: str, shapes: dict) -> list[int]:
     return [-1 if d == "batch" else int(d) for d in shapes[name]]
 
 
+def _reachable_nodes(graph: onnx.GraphProto, inputs: list[str], outputs: list[str]) -> list[onnx.NodeProto]:
+    """The nodes `outputs` need, walking back from them and stopping at `inputs`, in the graph's order (one pass
+    over the graph: onnx.utils' Extractor scans every node per tensor, quadratic in a backbone's thousands)."""
+    producer = {name: index for index, node in enumerate(graph.node) for name in node.output}
+    stop, seen, reached = set(inputs), set(), set()
+    pending = list(outputs)
+    while pending:
+        name = pending.pop()
+        if name in stop or name in seen:
+            continue
+        seen.add(name)
+        index = producer.get(name)
+        if index is not None and index not in reached:
+            reached.add(index)
+            pending.extend(graph.node[index].input)
+    return [graph.node[index] for index in sorted(reached)]
+
+
 def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str],
              input_shapes: list[list[int]] | None = None) -> onnx.ModelProto:
-    part = Extractor(model).extract_model(inputs, outputs)
+    """The subgraph of the shape-inferred `model` from `inputs` to `outputs`, with the weights it reads. ValueError
+    where it would read a tensor that is none of these, or an input or output has no inferred type."""
+    graph = model.graph
+    typed = {v.name: v for v in [*graph.value_info, *graph.input, *graph.output]}
+    nodes = _reachable_nodes(graph, inputs, outputs)
+    weights = [t for t in graph.initializer if t.name in {name for node in nodes for name in node.input}]
+    known = {*inputs, *(t.name for t in weights), *(name for node in nodes for name in node.output), ""}
+    missing = ({name for node in nodes for name in node.input} - known) | ({*inputs, *outputs} - typed.keys())
+    if missing:
+        raise ValueError(f"the part from {inputs} to {outputs} also needs {sorted(missing)}")
+    part = helper.make_model(
+        helper.make_graph(nodes, f"{graph.name} extracted", [typed[n] for n in inputs], [typed[n] for n in outputs],
+                          initializer=weights),
+        ir_version=model.ir_version, opset_imports=model.opset_import, functions=model.functions)
     for value, shape in zip(part.graph.input, input_shapes or [[] for _ in inputs]):
         dims = value.type.tensor_type.shape.dim
         for dim, size in zip(dims, shape):
@@ -137,7 +167,7 @@ def split_suffix(model: onnx.ModelProto, trainable: list[str], shapes: dict | No
     measured = [measured[name] for name in crossing]
     try:
         suffix = copy_fold_record(model, _extract(inferred, crossing, [OUTPUT], measured))
-    except Exception:  # onnx's Extractor: the suffix needs more than the tensors that cross
+    except ValueError:  # the suffix needs more than the tensors that cross, or one has no inferred type
         return None
     if {i.name for i in suffix.graph.input} != set(crossing) or \
             not set(trainable) <= {init.name for init in suffix.graph.initializer}:
