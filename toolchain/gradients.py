@@ -594,10 +594,7 @@ def _taps_by_conv(b: GraphBuilder, x: str, c_in: int, geo: dict) -> str:
     """taps[n, i·K + t, p]: a grouped convolution of X with one one-hot kernel per tap."""
     kernel = geo["kernel"]
     taps_per = int(np.prod(kernel))
-    one_hot = np.zeros((c_in * taps_per, 1, *kernel), np.float32)
-    for channel in range(c_in):
-        for tap in range(taps_per):
-            one_hot[(channel * taps_per + tap, 0, *np.unravel_index(tap, kernel))] = 1.0
+    one_hot = np.tile(np.eye(taps_per, dtype=np.float32), (c_in, 1)).reshape(c_in * taps_per, 1, *kernel)
     return b.op("Conv", [x, b.const(one_hot)], strides=geo["strides"], pads=geo["pads"], dilations=geo["dilations"],
                 group=c_in)
 
