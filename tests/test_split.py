@@ -28,6 +28,28 @@ def test_split_only_when_the_frozen_part_is_a_prefix(bundle_factory, preset, bou
         assert {"prefix.onnx", "suffix_train_step.onnx", "suffix_forward.onnx"} <= set(manifest["files"])
 
 
+def test_a_part_is_cut_with_what_it_reads_and_refused_where_it_reads_more():
+    """x → Relu → a → Mul(a, w) → b → Add(b, x) → y: the part from a to b holds Mul and its weight; the part from a
+    to y would also read x, which does not cross, so it is refused rather than written without it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+    from edgeadapt.toolchain.split import _extract
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Mul", ["a", "w"], ["b"]),
+                               helper.make_node("Add", ["b", "x"], ["y"])], "g", [x], [y],
+                              [numpy_helper.from_array(np.ones(3, np.float32), "w"),
+                               numpy_helper.from_array(np.ones(3, np.float32), "unused")])
+    model = shape_inference.infer_shapes(helper.make_model(graph))
+    part = _extract(model, ["a"], ["b"])
+    assert [n.op_type for n in part.graph.node] == ["Mul"] and [t.name for t in part.graph.initializer] == ["w"]
+    onnx.checker.check_model(part)
+    with pytest.raises(ValueError, match="'x'"):
+        _extract(model, ["a"], ["y"])
+
+
 def _copy(bundle_factory, tmp_path, name, preset="head"):
     target = tmp_path / name
     shutil.copytree(bundle_factory("tiny_cnn", preset, input_size=(16,)), target)
