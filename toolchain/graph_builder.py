@@ -104,6 +104,32 @@ class GraphBuilder:
         return [d if isinstance(d, int) else -1 for d in dims]
 
 
+SHAPE_ARITHMETIC_ELEMENTS = 1024  # initializers up to this size may be shape arithmetic's operands (shapes, scales)
+
+
+def shape_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with onnx's inferred value_info, as `onnx.shape_inference.infer_shapes` gives it, without serializing
+    the weights for it (0.55 s -> 0.01 s for MiniLM's 124 MB step): initializers larger than any shape arithmetic's
+    operands enter the inference as typed graph inputs, since only their types bear on shapes."""
+    graph = model.graph
+    big = [t for t in graph.initializer if np.prod(t.dims) > SHAPE_ARITHMETIC_ELEMENTS]
+    listed = {value.name for value in graph.input}
+    as_inputs = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in big if t.name not in listed]
+    skipped = {t.name for t in big}
+    light = helper.make_model(
+        helper.make_graph(graph.node, graph.name, [*graph.input, *as_inputs], graph.output,
+                          initializer=[t for t in graph.initializer if t.name not in skipped],
+                          value_info=graph.value_info),
+        ir_version=model.ir_version, opset_imports=model.opset_import, functions=model.functions)
+    typed = onnx.shape_inference.infer_shapes(light).graph
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    for field in ("value_info", "output"):
+        del getattr(result.graph, field)[:]
+        getattr(result.graph, field).extend(getattr(typed, field))
+    return result
+
+
 def inferred_shapes(model: onnx.ModelProto, batches: tuple[int, int] = (2, 3)) -> dict[str, list[Dim]]:
     """Shapes of every tensor, measured: the graph runs at two batch sizes; a dimension that follows the batch is
     symbolic ("batch"), the rest are static. (Static inference loses sizes behind shape arithmetic such as
@@ -112,7 +138,7 @@ def inferred_shapes(model: onnx.ModelProto, batches: tuple[int, int] = (2, 3)) -
 
     onnxruntime = onnxruntime_module()
 
-    typed = onnx.shape_inference.infer_shapes(model)
+    typed = shape_inferred(model)
     types = {v.name: v.type for v in [*typed.graph.value_info, *typed.graph.output]}
     probe = copy.deepcopy(model)
     del probe.graph.output[:]

@@ -46,14 +46,12 @@ class GraphShapes:
 
     @classmethod
     def of(cls, graph: onnx.ModelProto) -> "GraphShapes":
-        from onnx import shape_inference
-
-        from edgeadapt.toolchain.graph_builder import inferred_shapes
+        from edgeadapt.toolchain.graph_builder import inferred_shapes, shape_inferred
 
         measured = inferred_shapes(graph)
         largest = max(4.0 * float(np.prod([d for d in dims if d != "batch"])) for dims in measured.values()
                       if "batch" in dims)
-        return cls(measured, shape_inference.infer_shapes(graph), largest)
+        return cls(measured, shape_inferred(graph), largest)
 
 
 def pricing(graph: onnx.ModelProto, trainable: list[str], opts, batch: int, total_params: int,
