@@ -12,8 +12,8 @@ import onnx
 from onnx import numpy_helper
 
 
-def _constant_nodes(model: onnx.ModelProto, variable: set[str]) -> tuple[list, set[str]]:
-    """Nodes computable from initializers outside `variable` alone, and the tensors they produce."""
+def _constant_nodes(model: onnx.ModelProto, variable: set[str]) -> list:
+    """Nodes computable from initializers outside `variable` alone."""
     constant = {init.name for init in model.graph.initializer if init.name not in variable}
     nodes = []
     for node in model.graph.node:
@@ -22,7 +22,7 @@ def _constant_nodes(model: onnx.ModelProto, variable: set[str]) -> tuple[list, s
         if all(not name or name in constant for name in node.input):
             nodes.append(node)
             constant.update(node.output)
-    return nodes, constant
+    return nodes
 
 
 def fold_constants(model: onnx.ModelProto, variable: set[str]) -> onnx.ModelProto:
@@ -31,7 +31,7 @@ def fold_constants(model: onnx.ModelProto, variable: set[str]) -> onnx.ModelProt
 
     onnxruntime = onnxruntime_module()
 
-    nodes, constant = _constant_nodes(model, variable)
+    nodes = _constant_nodes(model, variable)
     folded = {id(n) for n in nodes}
     produced = {o for n in nodes for o in n.output}
     kept_nodes = [n for n in model.graph.node if id(n) not in folded]
@@ -39,13 +39,14 @@ def fold_constants(model: onnx.ModelProto, variable: set[str]) -> onnx.ModelProt
                       {o.name for o in model.graph.output if o.name in produced})
     if not frontier:
         return model
+    read = {name for n in nodes for name in n.input}  # only these: not every frozen weight of the model
     probe = onnx.helper.make_graph(nodes, "constants", [], [onnx.helper.make_empty_tensor_value_info(n)
                                                              for n in frontier],
-                                   initializer=[i for i in model.graph.initializer if i.name in constant])
+                                   initializer=[i for i in model.graph.initializer if i.name in read])
     probe_model = onnx.helper.make_model(probe, opset_imports=model.opset_import)
     probe_model.ir_version = model.ir_version
     options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3  # the probe holds initializers it does not use: no warnings for that
+    options.log_severity_level = 3
     values = onnxruntime.InferenceSession(probe_model.SerializeToString(), options,
                                           providers=["CPUExecutionProvider"]).run(frontier, {})
     result = copy.deepcopy(model)
