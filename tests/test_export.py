@@ -283,3 +283,26 @@ def test_no_graph_node_touches_more_tensors_than_webgpu_binds(bundle_factory, ba
             {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
         widest = max(len([i for i in n.input if i and i not in constants]) + len(n.output) for n in model.graph.node)
         assert widest <= MAX_NODE_TENSORS, (graph.name, widest)
+
+
+@pytest.mark.parametrize("backbone,preset", [("tiny_cnn", "full"), ("tiny_whisper", "full"), ("tiny_bert", "lora:2")])
+def test_shape_inference_without_the_weights_infers_what_onnx_infers(bundle_factory, monkeypatch, backbone, preset):
+    """The export's shape inference leaves large weights out of onnx's inference (their types enter as inputs): every
+    graph of a bundle gets the same value_info and outputs as `onnx.shape_inference.infer_shapes`, weights intact.
+    The tiny models stand for backbones: with the size limit lowered to 64 elements their weights are left out."""
+    import onnx
+
+    from edgeadapt.toolchain import graph_builder
+
+    monkeypatch.setattr(graph_builder, "SHAPE_ARITHMETIC_ELEMENTS", 64)
+    bundle = bundle_factory(backbone, preset, input_size=(16,) if backbone == "tiny_cnn" else None)
+    left_out = 0
+    for graph in sorted(bundle.glob("*.onnx")):
+        model = onnx.load(graph)
+        del model.graph.value_info[:]
+        left_out += sum(np.prod(t.dims) > 64 for t in model.graph.initializer)
+        ours, theirs = graph_builder.shape_inferred(model), onnx.shape_inference.infer_shapes(model)
+        for field in ("value_info", "output", "input", "initializer", "node"):
+            assert [v.SerializeToString() for v in getattr(ours.graph, field)] == \
+                [v.SerializeToString() for v in getattr(theirs.graph, field)], (graph.name, field)
+    assert left_out > 0  # the test saw weights left out of the inference
