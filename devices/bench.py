@@ -17,6 +17,7 @@ import numpy as np
 from edgeadapt.devices.planner import planned_peak
 from edgeadapt.devices.profiles import DeviceProfile
 from edgeadapt.runtime.bundle import Bundle
+from edgeadapt.runtime.engines import resolve_engine
 from edgeadapt.runtime.errors import EdgeAdaptError
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -70,7 +71,7 @@ def bench(bundles: list[Path], batch_sizes: list[int], profile: DeviceProfile, s
         is_split = split and m.split is not None
         for batch in batch_sizes:
             raw = run_case(bundle.path, batch, profile.threads, steps, warmup, is_split, engine, device)
-            predicted = planned_peak(m, batch, is_split)
+            predicted = planned_peak(m, batch, is_split, engine=resolve_engine(engine, device))
             p50 = float(np.median(raw["step_ms"]))
             cases.append(BenchCase(
                 str(path), m.backbone, m.preset + (" (split)" if is_split else ""), batch, m.input.shape[1:],

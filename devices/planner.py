@@ -9,10 +9,12 @@ bundle's suffix and `prefix_largest_bytes_per_sample` for its prefix; since 0.4 
 step's and forward graph's sessions hold whatever the batch), `prefix_constant_bytes` and
 `masked_bytes_per_sample` (the part of the kept bytes that only gradient masks read, priced lower).
 
-Two calibrations, by model family. Image and feature-row models (convolutions; activations dominate): the original
-linear plan. Token and audio models (transformers: weights and constants dominate, activations are small): the
-peak is the larger of loading the sessions (onnxruntime holds a model's bytes, its initializers and their prepacked
-copies at once) and training (the resident constants, the state, the kept activations and the largest transient).
+Calibrations by model family and engine. Image and feature-row models (convolutions; activations dominate): the
+linear plan, with one set of factors for onnxruntime and one for OpenVINO's CPU plugin. Token and audio models
+(transformers: weights and constants dominate, activations are small): the peak is the larger of loading the
+sessions (onnxruntime holds a model's bytes, its initializers and their prepacked copies at once) and training (the
+resident constants, the state, the kept activations and the largest transient); calibrated on onnxruntime only, and
+priced so for every engine.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ MASKED_FACTOR = 0.95
 # Transformers (benchmarks/README.md, "planner calibration"): fitted on all-MiniLM-L6-v2 (32 tokens) and Whisper-tiny's
 # encoder (2 s) × head, last:1, lora:8, full × batch 8, 32 × whole and split on the same host: within ±9% of the
 # measured peak RSS in every cell.
+# OpenVINO's CPU plugin (2026.4, f32, static shapes: runtime/ov.py) keeps about twice onnxruntime's memory for a
+# full step, in its compiled model. Fitted for the smallest worst error on the same host (peak RSS after five steps,
+# whole graph): MobileNetV2 head, last:2, bias, full × 128, 224 px × batch 8, 32, ResNet-18 and EfficientNet-Lite0
+# head and full at 128 px × batch 8, 32: within −12% … +11% of all 24 cells (benchmarks/README.md, "OpenVINO's
+# planner"; onnxruntime's image factors, fitted on MobileNetV2, under-price the weight-heavy ResNet-18 by up to 54%).
+OPENVINO_IMAGE = {"runtime_mb": 192.0, "weights": 3.2, "state": 3.6, "kept": 3.4, "masked": 1.4, "transient": 1.1}
+ONNXRUNTIME_IMAGE = {"runtime_mb": RUNTIME_BASE_MB, "weights": 1.0, "state": 1.0, "kept": KEPT_FACTOR,
+                     "masked": MASKED_FACTOR, "transient": TRANSIENT_FACTOR}
 SEQUENCE = {"runtime_mb": 52.4, "load_constants": 3.70, "load_prefix_constants": 4.79, "constants": 2.91,
             "prefix_constants": 2.73, "state": 1.87, "kept": 0.78, "transient": 3.66}
 SEQUENCE_KINDS = ("tokens", "audio")
@@ -63,28 +73,35 @@ class MemoryPlan:
 
 
 def price(trainable_params: int, total_params: int, moments: int, memory: dict[str, float], batch: int,
-          split: bool, kind: str = "image", accumulating: bool = False) -> MemoryPlan:
+          split: bool, kind: str = "image", accumulating: bool = False, engine: str = "onnxruntime") -> MemoryPlan:
     """The one pricing function: the planned peak of training `trainable_params` of a model of `total_params` with
     `moments` optimizer moments and the memory record `memory` (per-sample bytes, as the manifest keeps them), as a
     whole graph or as a split run (the suffix trains while the prefix's inference session holds the frozen weights
     too). `inspect`, `train --profile/--auto-batch`, `--trainable auto` and `--trainable sparse` all price here.
     `kind`: the input kind (manifest.input.kind), which picks the calibration. `accumulating`: micro-batches of
-    `batch` accumulated (`--accumulate`): the step also holds the gradient sum it is fed and the one it gives."""
+    `batch` accumulated (`--accumulate`): the step also holds the gradient sum it is fed and the one it gives.
+    `engine`: the one that trains (openvino has image factors of its own; any other is priced as onnxruntime)."""
+    state_factor = 1.0
     if kind in SEQUENCE_KINDS and f"{SUFFIX_PREFIX if split else ''}constant_bytes" in memory:
         plan = _sequence_plan(trainable_params, moments, memory, batch, SUFFIX_PREFIX if split else "")
     else:
         frozen = total_params - trainable_params
         weights_mb = (2 * frozen + trainable_params if split else total_params) * 4 / MB
-        plan = _plan_numbers(trainable_params, moments, memory, batch, weights_mb, SUFFIX_PREFIX if split else "")
+        factors = OPENVINO_IMAGE if engine == "openvino" else ONNXRUNTIME_IMAGE
+        state_factor = factors["state"]
+        plan = _plan_numbers(trainable_params, moments, memory, batch, weights_mb, SUFFIX_PREFIX if split else "",
+                             factors)
     if not accumulating:
         return plan
-    sums = 2 * trainable_params * 4 / MB
+    sums = state_factor * 2 * trainable_params * 4 / MB
     return replace(plan, gradients_mb=plan.gradients_mb + sums, total_mb=plan.total_mb + sums)
 
 
-def _plan(manifest: Manifest, batch: int, split: bool, accumulating: bool = False) -> MemoryPlan:
+def _plan(manifest: Manifest, batch: int, split: bool, accumulating: bool = False,
+          engine: str = "onnxruntime") -> MemoryPlan:
     return price(manifest.trainable_params, manifest.trainable_params + manifest.frozen_params,
-                 len(manifest.portable.state) - 1, manifest.memory, batch, split, manifest.input.kind, accumulating)
+                 len(manifest.portable.state) - 1, manifest.memory, batch, split, manifest.input.kind, accumulating,
+                 engine)
 
 
 def _sequence_plan(trainable_params: int, moments: int, memory: dict[str, float], batch: int,
@@ -107,19 +124,21 @@ def _sequence_plan(trainable_params: int, moments: int, memory: dict[str, float]
 
 
 def _plan_numbers(trainable_params: int, moments: int, memory: dict[str, float], batch: int, weights_mb: float,
-                  graph: str = "") -> MemoryPlan:
-    trainable = trainable_params * 4 / MB
+                  graph: str = "", factors: dict = ONNXRUNTIME_IMAGE) -> MemoryPlan:
+    trainable = factors["state"] * trainable_params * 4 / MB
     optimizer = 2 * moments * trainable  # the moments and the step's fresh copies of them
     gradients = 2 * trainable  # the flat gradient and the step's fresh parameters
     kept = memory.get(f"{graph}kept_bytes_per_sample", 0.0)
     masked = memory.get(f"{graph}masked_bytes_per_sample", 0.0)  # 0 in bundles before 0.4: priced as kept
-    activations = (KEPT_FACTOR * (kept - masked) + MASKED_FACTOR * masked) * batch / MB
+    activations = (factors["kept"] * (kept - masked) + factors["masked"] * masked) * batch / MB
     largest = memory.get(f"{graph}largest_bytes_per_sample", 0.0) * batch
     if graph:
         largest = max(largest, memory.get("prefix_largest_bytes_per_sample", 0.0) * min(PREFIX_BATCH, batch))
-    transient = TRANSIENT_FACTOR * largest / MB
-    total = weights_mb + gradients + optimizer + activations + transient + RUNTIME_BASE_MB
-    return MemoryPlan(batch, weights_mb, gradients, optimizer, activations, transient, RUNTIME_BASE_MB, total)
+    transient = factors["transient"] * largest / MB
+    weights_mb *= factors["weights"]
+    runtime = factors["runtime_mb"]
+    total = weights_mb + gradients + optimizer + activations + transient + runtime
+    return MemoryPlan(batch, weights_mb, gradients, optimizer, activations, transient, runtime, total)
 
 
 def plan_memory(manifest: Manifest, batch_size: int) -> MemoryPlan:
@@ -132,18 +151,19 @@ def plan_split_memory(manifest: Manifest, batch_size: int) -> MemoryPlan:
     return _plan(manifest, batch_size, split=True)
 
 
-def planned_peak(manifest: Manifest, batch_size: int, split: bool = False, accumulating: bool = False) -> float:
-    """Predicted peak MB of whole-graph training, or of a split run when `split` (and the bundle is split), with
-    micro-batches of `batch_size` accumulated when `accumulating`."""
-    return _plan(manifest, batch_size, split and manifest.split is not None, accumulating).total_mb
+def planned_peak(manifest: Manifest, batch_size: int, split: bool = False, accumulating: bool = False,
+                 engine: str = "onnxruntime") -> float:
+    """Predicted peak MB of whole-graph training on `engine`, or of a split run when `split` (and the bundle is
+    split), with micro-batches of `batch_size` accumulated when `accumulating`."""
+    return _plan(manifest, batch_size, split and manifest.split is not None, accumulating, engine).total_mb
 
 
-def largest_fitting_batch(manifest: Manifest, budget_mb: float, limit: int = 512,
-                          split: bool = False, accumulating: bool = False) -> tuple[int, float]:
+def largest_fitting_batch(manifest: Manifest, budget_mb: float, limit: int = 512, split: bool = False,
+                          accumulating: bool = False, engine: str = "onnxruntime") -> tuple[int, float]:
     """(largest power-of-two batch size whose predicted peak fits `budget_mb`, its peak); (0, 0.0) if none."""
     best, peak, batch = 0, 0.0, 1
     while batch <= limit:
-        needed = planned_peak(manifest, batch, split, accumulating)
+        needed = planned_peak(manifest, batch, split, accumulating, engine)
         if needed > budget_mb:
             break
         best, peak, batch = batch, needed, batch * 2

@@ -136,7 +136,7 @@ def train(
 
         wanted = batch_size or default_batch(opened.manifest)
         fit = batch_for_profile(bundle, profile, wanted, auto_batch, threads, split,
-                                accumulate or default_accumulation(opened.manifest))
+                                accumulate or default_accumulation(opened.manifest), engine, device)
         batch_size, accumulate, threads = fit.batch_size, fit.accumulate, fit.threads
         typer.echo(f"profile {profile}: {fit.describe()}")
 

@@ -82,6 +82,21 @@ def test_planner_predicts_the_measured_peak(mobilenet_bundles, preset):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("preset, batch", [("full", 8), ("head", 16)])
+def test_planner_predicts_openvinos_measured_peak(mobilenet_bundles, preset, batch):
+    """OpenVINO's CPU plugin has factors of its own (it keeps about twice onnxruntime's memory for a full step): the
+    plan for it against a real training process's peak RSS on OpenVINO, MobileNetV2 224 px."""
+    from edgeadapt.devices.bench import run_case
+
+    manifest = Bundle.open(mobilenet_bundles[preset]).manifest
+    measured = run_case(mobilenet_bundles[preset], batch, 2, steps=3, warmup=2, engine="openvino",
+                        inference=False)["peak_rss_mb"]
+    planned = planned_peak(manifest, batch, engine="openvino")
+    assert abs(planned - measured) / measured < 0.15, (preset, batch, planned, measured)
+    assert planned > 1.2 * planned_peak(manifest, batch)  # not onnxruntime's price
+
+
+@pytest.mark.slow
 def test_profile_budget_refuses_or_picks_a_batch(mobilenet_bundles):
     full = mobilenet_bundles["full"]
     with pytest.raises(ConfigError, match="MB over raspberry-pi-4's budget"):
@@ -148,6 +163,26 @@ def _profile(tmp_path, name, budget_mb):
                     'inference_backends = ["onnxruntime-cpu"]\nprefix_backend = "onnxruntime-cpu"\n'
                     'sources = ["test"]\n')
     return path
+
+
+def test_a_profile_prices_the_engine_that_will_train(bundle_factory, tmp_path):
+    """`train --profile P --engine openvino` is priced with OpenVINO's factors: a budget that onnxruntime's batch
+    fits is refused for OpenVINO, and --auto-batch picks a smaller batch there."""
+    bundle = bundle_factory("tiny_cnn", "full", input_size=(16,))
+    manifest = Bundle.open(bundle).manifest
+    budget = int(planned_peak(manifest, 32) + 1)
+    assert planned_peak(manifest, 32, engine="openvino") > budget
+    profile = _profile(tmp_path, "edge", budget)
+    assert batch_for_profile(bundle, str(profile), 32, auto=False, threads=None).batch_size == 32
+    with pytest.raises(ConfigError, match="over edge's budget"):
+        batch_for_profile(bundle, str(profile), 32, auto=False, threads=None, engine="openvino")
+    roomy_mb = int(planned_peak(manifest, 64, engine="openvino") + 1)
+    roomy = _profile(tmp_path, "roomy", roomy_mb)
+    on_ort = batch_for_profile(bundle, str(roomy), 8, auto=True, threads=None)
+    on_openvino = batch_for_profile(bundle, str(roomy), 8, auto=True, threads=None, engine="openvino")
+    assert 64 <= on_openvino.batch_size < on_ort.batch_size
+    assert planned_peak(manifest, on_openvino.batch_size, engine="openvino") <= roomy_mb < \
+        planned_peak(manifest, 2 * on_openvino.batch_size, engine="openvino")
 
 
 @pytest.mark.slow
