@@ -87,9 +87,10 @@ def _extract(model: onnx.ModelProto, inputs: list[str], outputs: list[str],
     graph = model.graph
     typed = {v.name: v for v in [*graph.value_info, *graph.input, *graph.output]}
     nodes = _reachable_nodes(graph, inputs, outputs)
-    weights = [t for t in graph.initializer if t.name in {name for node in nodes for name in node.input}]
+    read = {name for node in nodes for name in node.input}
+    weights = [t for t in graph.initializer if t.name in read]
     known = {*inputs, *(t.name for t in weights), *(name for node in nodes for name in node.output), ""}
-    missing = ({name for node in nodes for name in node.input} - known) | ({*inputs, *outputs} - typed.keys())
+    missing = (read - known) | ({*inputs, *outputs} - typed.keys())
     if missing:
         raise ValueError(f"the part from {inputs} to {outputs} also needs {sorted(missing)}")
     part = helper.make_model(
