@@ -70,7 +70,7 @@ class FeatureCache:
                     "feature_cache", record["mac"], self.space.encode(), b"\0", record["index"].encode(), b"\0",
                     hashlib.sha256(data).hexdigest().encode()):
                 raise ValueError("not authenticated by this device")
-            stored = np.load(io.BytesIO(data), allow_pickle=False)
+            stored = _array_view(data)
             index = json.loads(record["index"])
             if not isinstance(index, dict) or not all(isinstance(v, int) and 0 <= v < len(stored)
                                                       for v in index.values()):
@@ -91,8 +91,11 @@ class FeatureCache:
             fresh = compute(samples[[first[key] for key in missing]])
             index, stored = self._store(index, stored, missing, fresh)
         if stored is None:  # over the size limit: served from memory for this run
-            return self._memory[[self._memory_index[k] for k in keys]]
-        return np.asarray(stored[[index[k] for k in keys]])
+            stored, index = self._memory, self._memory_index
+        rows = [index[k] for k in keys]
+        if rows == list(range(len(stored))):  # the whole store in its order (a first run): no copy of it
+            return stored
+        return stored[rows]
 
     def _store(self, index, stored, new_keys, fresh):
         existing = 0 if stored is None else len(stored)
@@ -103,14 +106,43 @@ class FeatureCache:
             self._memory = np.concatenate([previous, fresh])
             self._memory_index = {**index, **{k: existing + i for i, k in enumerate(new_keys)}}
             return self._memory_index, None
-        combined = fresh if stored is None else np.concatenate([np.asarray(stored), fresh])
-        buffer = io.BytesIO()
-        np.save(buffer, combined)
-        data = buffer.getvalue()
+        combined = fresh if stored is None else np.concatenate([stored, fresh])
+        digest = hashlib.sha256()
+
+        def write(tmp: Path) -> None:  # streamed in numpy's chunks: no second copy of the features in memory
+            with open(tmp, "xb") as fh:
+                np.save(_Hashing(fh, digest), combined)
+
+        atomic_write(self.folder / "features.npy", write)
         index = {**index, **{k: existing + i for i, k in enumerate(new_keys)}}
         index_text = json.dumps(index)
-        record = {"index": index_text, "mac": self._tag(index_text, hashlib.sha256(data).hexdigest())}
-        atomic_write(self.folder / "features.npy", lambda tmp: tmp.write_bytes(data))
+        record = {"index": index_text, "mac": self._tag(index_text, digest.hexdigest())}
         atomic_write_text(self.folder / "index.json", json.dumps(record))
         return index, combined
+
+
+class _Hashing:
+    """A file object that also feeds what is written to a hash."""
+
+    def __init__(self, fh, digest):
+        self.fh, self.digest = fh, digest
+
+    def write(self, chunk) -> int:
+        self.digest.update(chunk)
+        return self.fh.write(chunk)
+
+
+def _array_view(data: bytes) -> np.ndarray:
+    """The .npy array in `data` as a read-only view of those (authenticated) bytes, not a second copy; ValueError
+    for anything but a plain C-ordered array that fills the file exactly."""
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"npy format {version}")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(stream)
+    count = int(np.prod(shape))
+    if fortran_order or dtype.hasobject or len(data) - stream.tell() != count * dtype.itemsize:
+        raise ValueError("not a plain array of its stated size")
+    return np.frombuffer(data, dtype, count, stream.tell()).reshape(shape)
 

@@ -31,9 +31,14 @@ class TrainingTarget:
 def features_of(data: Dataset, bundle: Bundle, runner: PrefixRunner, cache: FeatureCache | None,
                 batch_size: int = PREFIX_BATCH) -> Dataset:
     """Prefix outputs of `data` (small batches: a prefix's early activations are its largest tensors)."""
-    def compute(samples: np.ndarray) -> np.ndarray:
-        return np.concatenate([runner(preprocess(samples[i:i + batch_size], bundle.manifest, data.is_image))
-                               for i in range(0, len(samples), batch_size)])
+    def compute(samples: np.ndarray) -> np.ndarray:  # filled in place: the chunks are never held twice
+        features = None
+        for start in range(0, len(samples), batch_size):
+            chunk = runner(preprocess(samples[start:start + batch_size], bundle.manifest, data.is_image))
+            if features is None:
+                features = np.empty((len(samples), *chunk.shape[1:]), chunk.dtype)
+            features[start:start + len(chunk)] = chunk
+        return features
 
     values = cache.features(data.samples, compute) if cache else compute(data.samples)
     return Dataset(values, data.targets, False, data.skipped, data.names, features=True)

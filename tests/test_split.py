@@ -3,6 +3,8 @@ with the same result as training the whole graph."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -87,6 +89,29 @@ def test_feature_cache_reuses_and_invalidates(tmp_path):
     assert calls == [6, 2, 2]  # another bundle's (or device's) cache is not trusted: recomputed
     small = FeatureCache(tmp_path, "space-c", max_bytes=64, seal=seal)
     assert np.array_equal(small.features(samples, compute), samples * 2.0) and small.notes
+
+
+def test_feature_cache_holds_its_features_once(tmp_path):
+    """Caching 128 MB of features, and reading them back in a new process, peaks at about one copy of them above
+    the process's footprint (it was two: the array, its serialised bytes and their copy)."""
+    code = """
+import re, sys, numpy as np
+from pathlib import Path
+from edgeadapt.runtime.feature_cache import FeatureCache
+from edgeadapt.runtime.signing import DeviceSeal
+def peak_mb():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+root, samples = Path(sys.argv[1]), np.arange(1024, dtype=np.float32).reshape(1024, 1)
+cache = FeatureCache(root, "space", 1 << 30, DeviceSeal(root, "bundle-id"))
+base = peak_mb()
+features = cache.features(samples, lambda s: np.ones((len(s), 128, 256), np.float32))
+print(features.nbytes / 2**20, peak_mb() - base, len(cache.notes))
+"""
+    for run in ("first", "cached"):
+        result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                                timeout=120)
+        size, grown, notes = map(float, result.stdout.split())
+        assert size == 128 and notes == 0 and grown < 1.3 * size, (run, grown, result.stderr[-2000:])
 
 
 def test_augmentation_bypasses_the_cache(bundle_factory, tmp_path, digit_image_npz):
