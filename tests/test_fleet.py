@@ -108,9 +108,9 @@ def test_simulation_global_model_is_the_clients_clipped_update_and_a_normal_bund
     server = Bundle.open(workdir / "server")
     client_data = workdir / "clients" / "0" / "data.fleet.npz"
     replay = Bundle.open(shutil.copytree(path, tmp_path / "replay"))
-    start = _flat(trainable_arrays(Bundle.open(path))).astype(np.float64)
-    update = _flat(Member.open(replay, client_data).train_on(trainable_arrays(Bundle.open(path)), epochs=2,
-                                                              seed=1)) - start
+    initial = trainable_arrays(Bundle.open(path))
+    start = _flat(initial).astype(np.float64)
+    update = _flat(Member.open(replay, client_data).train_on(initial, epochs=2, seed=1)) - start
     assert np.linalg.norm(update) > 4 * clip  # the clipping is at work
     expected = start + update * (clip / np.linalg.norm(update))
     np.testing.assert_allclose(_flat(trainable_arrays(server)), expected, rtol=0, atol=1e-6)
