@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 
 from edgeadapt.runtime.manifest import StateLayout
 from edgeadapt.runtime.state import STATISTICS_INPUT
-from edgeadapt.toolchain.graph_builder import GraphBuilder, shape_inferred
+from edgeadapt.toolchain.graph_builder import GraphBuilder, with_inferred_types
 
 BN_POLICIES = ("fold", "affine", "ort")
 
@@ -128,7 +128,7 @@ def _fold_into_conv(model, conv, bn, new_nodes, math_nodes, prefix) -> None:
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = shape_inferred(model)
+    inferred = with_inferred_types(model)
     values = [*inferred.graph.input, *inferred.graph.value_info]
     return {v.name: len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")}
 

@@ -107,7 +107,7 @@ class GraphBuilder:
 SHAPE_ARITHMETIC_ELEMENTS = 1024  # initializers up to this size may be shape arithmetic's operands (shapes, scales)
 
 
-def shape_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+def with_inferred_types(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with onnx's inferred value_info, as `onnx.shape_inference.infer_shapes` gives it, without serializing
     the weights for it (0.55 s -> 0.01 s for MiniLM's 124 MB step): initializers larger than any shape arithmetic's
     operands enter the inference as typed graph inputs, since only their types bear on shapes."""
@@ -130,15 +130,16 @@ def shape_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
     return result
 
 
-def inferred_shapes(model: onnx.ModelProto, batches: tuple[int, int] = (2, 3)) -> dict[str, list[Dim]]:
+def inferred_shapes(model: onnx.ModelProto, batches: tuple[int, int] = (2, 3),
+                    typed: onnx.ModelProto | None = None) -> dict[str, list[Dim]]:
     """Shapes of every tensor, measured: the graph runs at two batch sizes; a dimension that follows the batch is
     symbolic ("batch"), the rest are static. (Static inference loses sizes behind shape arithmetic such as
-    TensorFlow-style 'SAME' padding.)"""
+    TensorFlow-style 'SAME' padding.) `typed`: the model with its inferred types, where the caller has it."""
     from edgeadapt.runtime.ort import onnxruntime_module
 
     onnxruntime = onnxruntime_module()
 
-    typed = shape_inferred(model)
+    typed = typed or with_inferred_types(model)
     types = {v.name: v.type for v in [*typed.graph.value_info, *typed.graph.output]}
     probe = copy.deepcopy(model)
     del probe.graph.output[:]

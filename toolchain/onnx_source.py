@@ -18,7 +18,7 @@ from edgeadapt.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from edgeadapt.runtime.errors import ConfigError
 from edgeadapt.runtime.manifest import InputSpec
 from edgeadapt.toolchain.bn import fold_batchnorm, fold_constants_of
-from edgeadapt.toolchain.graph_builder import shape_inferred
+from edgeadapt.toolchain.graph_builder import with_inferred_types
 from edgeadapt.toolchain.stages import INPUT_NAME, OUTPUT_NAME, Source
 
 
@@ -108,7 +108,7 @@ def _rename_io(model: onnx.ModelProto, output: str, num_outputs: int) -> None:
 
 def attach_linear_head(model: onnx.ModelProto, features: str, num_outputs: int, seed: int) -> list[str]:
     """Cut at `features`, flatten, add Gemm(head.weight, head.bias) → logits."""
-    inferred = shape_inferred(model)
+    inferred = with_inferred_types(model)
     info = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
     if features not in info:
         raise ConfigError(f"--feature-output {features} is not a tensor of the model (or its shape is unknown); "

@@ -46,12 +46,13 @@ class GraphShapes:
 
     @classmethod
     def of(cls, graph: onnx.ModelProto) -> "GraphShapes":
-        from edgeadapt.toolchain.graph_builder import inferred_shapes, shape_inferred
+        from edgeadapt.toolchain.graph_builder import inferred_shapes, with_inferred_types
 
-        measured = inferred_shapes(graph)
+        typed = with_inferred_types(graph)
+        measured = inferred_shapes(graph, typed=typed)
         largest = max(4.0 * float(np.prod([d for d in dims if d != "batch"])) for dims in measured.values()
                       if "batch" in dims)
-        return cls(measured, shape_inferred(graph), largest)
+        return cls(measured, typed, largest)
 
 
 def pricing(graph: onnx.ModelProto, trainable: list[str], opts, batch: int, total_params: int,

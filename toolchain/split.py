@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgeadapt.runtime.errors import InternalError
 from edgeadapt.runtime.manifest import SUFFIX_PREFIX, SplitSpec
 from edgeadapt.toolchain.bn import copy_fold_record, statistics_as_input
-from edgeadapt.toolchain.graph_builder import inferred_shapes, shape_inferred
+from edgeadapt.toolchain.graph_builder import inferred_shapes, with_inferred_types
 from edgeadapt.toolchain.stages import INPUT_NAME as INPUT
 from edgeadapt.toolchain.stages import OUTPUT_NAME as OUTPUT
 
@@ -154,11 +154,11 @@ def split_suffix(model: onnx.ModelProto, trainable: list[str], shapes: dict | No
                  inferred: onnx.ModelProto | None = None):
     """(shape-inferred model, boundary, its shape, suffix graph) when the frozen part is a prefix holding none of
     `trainable`, else None. `shapes` and `inferred`, when given, are the model's measured and inferred shapes."""
-    inferred = inferred or shape_inferred(model)
+    inferred = inferred or with_inferred_types(model)
     crossing = find_boundary(inferred, trainable)
     if crossing is None:
         return None
-    shapes = shapes or inferred_shapes(model)  # once: a run of the whole graph
+    shapes = shapes or inferred_shapes(model, typed=inferred)  # once: a run of the whole graph
     measured = {name: _measured_shape(name, shapes) for name in crossing}
     # shape arithmetic (no batch axis: a Reshape's target) is recomputed in the suffix from the tensors that cross
     crossing = [name for name in crossing if measured[name] and measured[name][0] == -1]
