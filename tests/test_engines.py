@@ -249,6 +249,33 @@ def test_each_parameter_group_updates_at_its_own_rate_and_decay(bundle_factory, 
             assert moved == pytest.approx(head_rate * grouped[p.name][0], rel=1e-2), p.name
 
 
+def test_states_given_to_or_taken_from_an_engine_stay_the_callers(bundle_factory):
+    """An engine copies the state it loads and the state it gives: writing to either afterwards, or training on
+    (onnxruntime writes each step into the set the step before read), changes neither the engine's steps nor a
+    state taken earlier. Four AdamW steps with the caller's arrays overwritten match four untouched ones."""
+    bundle = Bundle.open(bundle_factory("tiny_mlp", "full", validate=False, optimizer="adamw", split=False,
+                                        head=HeadRequest(num_classes=5)))
+    x, y = fixed_batch(bundle)
+    for engine in ENGINES:
+        reference_losses, reference = trajectory(bundle, engine, 1e-2, steps=4)
+        opened = open_engine(bundle, bundle.graphs(), engine)
+        given = bundle.load_state()
+        opened.load(given)
+        given.params[:] = 0.0
+        for moment in given.optimizer.values():
+            moment[...] = 0
+        losses, taken = [], []
+        for _ in range(4):
+            losses.append(opened.train_step(x, y, 1e-2)[0])
+            taken.append(opened.state())
+            taken[-1].params[:] = np.nan  # a caller scribbling over what it was given
+        earlier = opened.state().params.copy()
+        first = opened.state()
+        opened.train_step(x, y, 1e-2)
+        assert np.array_equal(first.params, earlier), engine
+        assert np.array_equal(np.array(losses), reference_losses) and np.array_equal(earlier, reference), engine
+
+
 @pytest.mark.ort_training
 @pytest.mark.parametrize("backbone,preset", [("tiny_cnn", "full"), ("tiny_mlp", "bias")])
 def test_ort_training_artifacts_train_like_the_portable_step(bundle_factory, backbone, preset):

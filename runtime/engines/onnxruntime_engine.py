@@ -62,34 +62,44 @@ class OnnxRuntimeEngine:
         kind = device.lower().partition(":")[0]
         self._where = (kind, index) if kind in _ON_DEVICE else ("cpu", 0)
         self._state_names = list(manifest.portable.state)
+        # parameters and moments in two engine-owned sets, outside the session's arena: a step reads one and writes
+        # the other, then they swap, so the arena holds only a step's transient tensors
         self._values: dict = {}
+        self._spare: dict = {}
         self._statistics: dict = {}  # {"bn_stats": OrtValue} when the graphs take BN statistics
         self._t = 0
         self._accumulates = graphs.accumulates
-        self._pending = None  # the weighted gradient of this step's earlier micro-batches (OrtValue)
+        self._sums: list = []  # the two buffers the weighted gradient sum alternates between
+        self._pending = None  # the weighted gradient of this step's earlier micro-batches (one of _sums)
         self._no_sum = self._ortvalue(np.zeros(1, np.float32)) if self._accumulates else None
 
     def _ortvalue(self, array: np.ndarray):
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), *self._where)
 
+    def _buffer(self, shape, dtype):
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, *self._where)
+
     def load(self, state: TrainState) -> None:
         moments, self._t = optimizer_vectors(state, self._state_names[1:])
-        self._values = {name: self._ortvalue(value) for name, value in {"params": state.params, **moments}.items()}
-        self._statistics = {STATISTICS_INPUT: self._ortvalue(state.statistics)} if state.statistics is not None \
-            else {}
+        arrays = {"params": state.params, **moments}
+        # copies: the set a step writes into is the engine's own, never the caller's arrays
+        self._values = {name: self._ortvalue(np.array(value)) for name, value in arrays.items()}
+        self._spare = self._spare or {name: self._buffer(value.shape, value.dtype) for name, value in arrays.items()}
+        statistics = state.statistics
+        self._statistics = {STATISTICS_INPUT: self._ortvalue(np.array(statistics))} if statistics is not None else {}
         self._pending = None
 
     def state(self) -> TrainState:
-        optimizer = {name: self._values[name].numpy() for name in self._state_names[1:]}
+        optimizer = {name: self._values[name].numpy().copy() for name in self._state_names[1:]}
         optimizer["step"] = np.asarray(self._t, np.int64)
-        statistics = self._statistics[STATISTICS_INPUT].numpy() if self._statistics else None
-        return TrainState(self._values["params"].numpy(), optimizer, statistics=statistics)
+        statistics = self._statistics[STATISTICS_INPUT].numpy().copy() if self._statistics else None
+        return TrainState(self._values["params"].numpy().copy(), optimizer, statistics=statistics)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float, share: float = 1.0) -> tuple[float, np.ndarray]:
         outputs = self._run_step(x, y, lr, share, update=True)
         loss, logits = float(outputs[0].numpy()), outputs[1].numpy()
         if math.isfinite(loss):
-            self._values = dict(zip(self._state_names, outputs[2:]))
+            self._values, self._spare = self._spare, self._values
             self._t += 1
             self._pending = None
         return loss, logits
@@ -98,7 +108,7 @@ class OnnxRuntimeEngine:
         outputs = self._run_step(x, y, 0.0, share, update=False)
         loss, logits = float(outputs[0].numpy()), outputs[1].numpy()
         if math.isfinite(loss):
-            self._pending = outputs[2]
+            self._pending = self._next_sum()
         return loss, logits
 
     def _run_step(self, x: np.ndarray, y: np.ndarray, lr: float, share: float, update: bool) -> list:
@@ -117,11 +127,18 @@ class OnnxRuntimeEngine:
             binding.bind_ortvalue_input(GRAD_SUM, self._pending or self._no_sum)
             binding.bind_cpu_input(GRAD_SHARE, np.asarray(share, np.float32))
         if not update:
-            binding.bind_output(f"{GRAD_SUM}.new", *self._where)
+            binding.bind_ortvalue_output(f"{GRAD_SUM}.new", self._next_sum())
         for name in self._state_names if update else ():
-            binding.bind_output(f"{name}.new", *self._where)
+            binding.bind_ortvalue_output(f"{name}.new", self._spare[name])
         self._step.run_with_iobinding(binding)
         return binding.get_outputs()
+
+    def _next_sum(self):
+        """The gradient-sum buffer the next micro-batch writes: the one that is not the pending sum."""
+        if not self._sums:
+            params = self._values["params"]
+            self._sums = [self._buffer(params.shape(), np.float32) for _ in range(2)]
+        return self._sums[1] if self._pending is self._sums[0] else self._sums[0]
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         binding = self._forward.io_binding()

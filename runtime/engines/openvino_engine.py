@@ -67,8 +67,10 @@ class OpenVinoEngine:
 
     def load(self, state: TrainState) -> None:
         moments, self._t = optimizer_vectors(state, self._state_names[1:])
-        self._values = {"params": np.ascontiguousarray(state.params, np.float32), **moments}
-        statistics = None if state.statistics is None else np.ascontiguousarray(state.statistics, np.float32)
+        # copies: a caller's later writes to `state` must not reach the engine
+        arrays = {"params": state.params, **moments}
+        self._values = {name: np.array(value, np.float32) for name, value in arrays.items()}
+        statistics = None if state.statistics is None else np.array(state.statistics, np.float32)
         if not _same(statistics, self._statistics):
             self._compiled.clear()  # compiled with other statistics
         self._statistics = statistics
