@@ -7,6 +7,7 @@ import numpy as np
 
 from edgeadapt.runtime.data import as_model_input
 from edgeadapt.runtime.errors import BackendError, ConfigError
+from edgeadapt.runtime.heap import release_freed
 from edgeadapt.runtime.ort import available_providers, onnxruntime_module, session_options
 from edgeadapt.runtime.ov import openvino_device, with_constant_input
 from edgeadapt.runtime.state import STATISTICS_INPUT
@@ -35,6 +36,7 @@ class PrefixRunner:
             if statistics is not None and STATISTICS_INPUT in self._inputs else {}
         if STATISTICS_INPUT in self._inputs and not self._extra:
             raise ConfigError("the prefix reads BN statistics: give the bundle's (its state file) to run it.")
+        release_freed()  # the graph's parsed copy
 
     def _onnxruntime(self, model: bytes, provider: str, threads: int | None):
         if provider not in available_providers():

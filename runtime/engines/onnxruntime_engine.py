@@ -10,6 +10,7 @@ import numpy as np
 from edgeadapt.runtime.data import as_model_input
 from edgeadapt.runtime.engines import check_share
 from edgeadapt.runtime.errors import BackendError
+from edgeadapt.runtime.heap import release_freed
 from edgeadapt.runtime.losses import mean_loss
 from edgeadapt.runtime.manifest import GRAD_SHARE, GRAD_SUM
 from edgeadapt.runtime.ort import available_providers, onnxruntime_module, session_options
@@ -59,6 +60,7 @@ class OnnxRuntimeEngine:
         self._forward = ort.InferenceSession(bundle.read_graph(graphs.forward), options, providers=providers)
         self._step = ort.InferenceSession(bundle.read_graph(graphs.train_step), options, providers=providers) \
             if training else None
+        release_freed()  # the graphs' parsed copies
         kind = device.lower().partition(":")[0]
         self._where = (kind, index) if kind in _ON_DEVICE else ("cpu", 0)
         self._state_names = list(manifest.portable.state)

@@ -11,6 +11,7 @@ import numpy as np
 from edgeadapt.runtime.data import as_model_input
 from edgeadapt.runtime.engines import check_share
 from edgeadapt.runtime.errors import BackendError
+from edgeadapt.runtime.heap import release_freed
 from edgeadapt.runtime.losses import mean_loss
 from edgeadapt.runtime.manifest import GRAD_SHARE, GRAD_SUM
 from edgeadapt.runtime.ov import openvino_module, with_constant_input
@@ -61,6 +62,8 @@ class OpenVinoEngine:
                 model = with_constant_input(model, STATISTICS_INPUT, self._statistics)
             model.reshape({p.get_any_name(): _batched(p, batch, self._size) for p in model.inputs})
             request = self._core.compile_model(model, self._target, self._config).create_infer_request()
+            del model
+            release_freed()  # the graph's parsed copy and the compiler's scratch
             names = {name for port in request.model_inputs for name in port.get_names()}
             self._compiled[key] = (request, names)  # names: the inputs the compiled graph kept (unused are pruned)
         return self._compiled[key]
