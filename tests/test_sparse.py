@@ -25,9 +25,9 @@ from edgeadapt.toolchain.build import HeadRequest
 from edgeadapt.toolchain.export import ExportOptions, build, export_bundle
 
 LABELS = tuple(str(i) for i in range(10))
-# tiny_cnn at 32 px, batch 32, over the runtime's own footprint: head + the last biases need ~0.95-1.67 MB, all of
-# features.3 ~1.87 MB (from ~1.84 MB its conv trains part of its channels); more reaches back (all of it at ~3.4 MB).
-BUDGETS = tuple(RUNTIME_BASE_MB + extra for extra in (1.5, 1.855, 3.0, 3.5))
+# tiny_cnn at 32 px, batch 32, over the runtime's own footprint: head + the last biases need up to ~1.7 MB, all of
+# features.3 ~1.78 MB (from ~1.75 MB its conv trains part of its channels); more reaches back (all of it at ~3.4 MB).
+BUDGETS = tuple(RUNTIME_BASE_MB + extra for extra in (1.5, 1.76, 3.0, 3.5))
 
 
 def _export(out, budget, calibration, backbone="tiny_cnn", **extra):
