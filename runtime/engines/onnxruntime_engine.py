@@ -110,7 +110,7 @@ class OnnxRuntimeEngine:
         outputs = self._run_step(x, y, 0.0, share, update=False)
         loss, logits = float(outputs[0].numpy()), outputs[1].numpy()
         if math.isfinite(loss):
-            self._pending = self._next_sum()
+            self._pending = self._next_sum()  # the buffer this run wrote
         return loss, logits
 
     def _run_step(self, x: np.ndarray, y: np.ndarray, lr: float, share: float, update: bool) -> list:
