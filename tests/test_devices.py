@@ -93,7 +93,8 @@ def test_planner_predicts_openvinos_measured_peak(mobilenet_bundles, preset, bat
                         inference=False)["peak_rss_mb"]
     planned = planned_peak(manifest, batch, engine="openvino")
     assert abs(planned - measured) / measured < 0.15, (preset, batch, planned, measured)
-    assert planned > 1.2 * planned_peak(manifest, batch)  # not onnxruntime's price
+    onnxruntimes = planned_peak(manifest, batch)
+    assert abs(planned - measured) < abs(onnxruntimes - measured), (planned, onnxruntimes, measured)  # its own price
 
 
 @pytest.mark.slow
