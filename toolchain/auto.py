@@ -23,6 +23,7 @@ import numpy as np
 
 from edgeadapt.devices.profiles import DeviceProfile
 from edgeadapt.runtime.errors import ConfigError
+from edgeadapt.toolchain.plan import make_plan
 from edgeadapt.toolchain.presets import HEAD, auto_ranking, preset_of, resolve_lists
 from edgeadapt.toolchain.pricing import pricing
 
@@ -37,7 +38,8 @@ def _planner(source, opts, preset: str):
     sizes = {i.name: int(np.prod(i.dims)) for i in source.graph.graph.initializer}
     total = sum(sizes[n] for n in lists.trainable + lists.frozen)
     trainable = sum(sizes[n] for n in lists.trainable)
-    measured = pricing(source.graph, lists.trainable, opts, 1, total, kind=source.input.kind)  # per sample
+    groups = make_plan(opts, source, lists).training.groups  # the groups the export will give the step
+    measured = pricing(source.graph, lists.trainable, opts, 1, total, kind=source.input.kind, groups=groups)
     return lambda batch, accumulating=False: replace(measured, batch=batch).peak(trainable, accumulating)
 
 

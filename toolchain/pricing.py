@@ -56,16 +56,17 @@ class GraphShapes:
 
 
 def pricing(graph: onnx.ModelProto, trainable: list[str], opts, batch: int, total_params: int,
-            shapes: GraphShapes | None = None, kind: str = "image") -> Pricing:
+            shapes: GraphShapes | None = None, kind: str = "image", groups=()) -> Pricing:
     """The planner's inputs for training `trainable` of `graph` (BN policy applied), split when the frozen part is a
-    prefix — computed as the export computes them (artifacts.write_portable, split.build_split). With `shapes` (a
-    search over many trainable sets), a split graph's prefix is priced by its largest tensor alone."""
+    prefix — computed as the export computes them (artifacts.write_portable, split.build_split), with the export's
+    parameter `groups` (their per-element rate and decay vectors are constants a transformer's plan prices). With
+    `shapes` (a search over many trainable sets), a split graph's prefix is priced by its largest tensor alone."""
     from edgeadapt.toolchain.artifacts import memory_record
     from edgeadapt.toolchain.split import SUFFIX, split_suffix
     from edgeadapt.toolchain.train_step import build_train_step, initializer_bytes
 
     def measured(model, prefix=""):
-        graphs = build_train_step(model, trainable, opts.loss, opts.optimizer)
+        graphs = build_train_step(model, trainable, opts.loss, opts.optimizer, groups)
         return len(graphs.state_names) - 1, memory_record(graphs, prefix)
     found = split_suffix(graph, trainable, shapes and shapes.measured, shapes and shapes.inferred) \
         if opts.split else None
