@@ -56,7 +56,7 @@ class GraphShapes:
 
 
 def pricing(graph: onnx.ModelProto, trainable: list[str], opts, batch: int, total_params: int,
-            shapes: GraphShapes | None = None, kind: str = "image", groups=()) -> Pricing:
+            shapes: GraphShapes | None = None, kind: str = "image", groups: tuple | list = ()) -> Pricing:
     """The planner's inputs for training `trainable` of `graph` (BN policy applied), split when the frozen part is a
     prefix — computed as the export computes them (artifacts.write_portable, split.build_split), with the export's
     parameter `groups` (their per-element rate and decay vectors are constants a transformer's plan prices). With
